@@ -1,0 +1,390 @@
+"""Engine benchmarks: is a turn's cost independent of history length, and how
+close is the library to raw sqlite3?
+
+    python bench/bench_engine.py            # full run (about 1-2 minutes)
+    python bench/bench_engine.py --quick    # a smoke run: smaller history, fewer runs
+
+Everything runs on one SQLite file in a temporary folder, opened by the
+library (WAL, synchronous=FULL, foreign_keys, busy_timeout) and, for the raw
+baselines, by plain ``sqlite3`` with the same pragmas, on the same disk, with
+the same message texts. Messages are generated deterministically (10-200
+words each, alternating user/assistant) and counted by the library's counter.
+Each timed pair is measured interleaved (A, B, A, B, ...) after a warm-up, so
+drift in the machine hits both sides alike.
+
+Figures and targets (DESIGN.md, "Cost independent of history length"):
+
+1. ``context()`` with a 4,000-token budget on a 100-message and on a
+   100,000-message conversation; medians and their ratio (target <= 1.5x).
+2. A whole turn (append the user message, build the context, append the
+   reply) on a 2,000-turn conversation, against raw sqlite3 doing the same two
+   inserts (each in its own ``BEGIN IMMEDIATE`` transaction, as the library
+   does) plus a newest-first read of as many tail rows as the library's
+   context sends; medians and the ratio (target <= 3x).
+3. Appending one message in its own transaction against the same raw insert:
+   messages per second and the ratio (target >= 50%).
+4. Peak Python memory (tracemalloc) while building the context of the 100k
+   versus the 100-message conversation; the difference (target <= 50 MB).
+   tracemalloc sees Python allocations only, not SQLite's page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from conversation_memory.engine import Conversation, Memory
+from conversation_memory.messages import dumps
+
+MODEL = "gpt-4o-mini"
+BUDGET = 4000
+USER = "bench"
+SYSTEM = "You are a helpful assistant. Answer briefly and precisely."
+WHEN = datetime(2024, 1, 1, tzinfo=UTC).isoformat()
+
+_WORDS = """
+the of and to a in is it you that he was for on are with as I his they be at one
+have this from or had by hot word but what some we can out other were all there
+when up use your how said an each she which do their time if will way about many
+then them write would like so these her long make thing see him two has look more
+day could go come did number sound no most people my over know water than call
+first who may down side been now find any new work part take get place made live
+where after back little only round man year came show every good me give our under
+name very through just form sentence great think say help low line differ turn
+cause much mean before move right boy old too same tell does set three want air well
+also play small end put home read hand port large spell add even land here must big
+high such follow act why ask men change went light kind off need house picture try
+us again animal point mother world near build self earth father database context
+window token budget summary message conversation assistant model request latency
+retry transaction index query function return value error timeout server client
+def class import async await lambda yield None True False self.items dict[str, Any]
+SELECT * FROM messages WHERE position > 42 ORDER BY position DESC LIMIT 32;
+https://example.com/docs?page=3 2024-06-07 12:34:56 3.14159 1,000,000 #42 @user
+café naïve résumé 東京 München Ωmega 🙂 👍 — “quoted” ‘text’ … (parenthetical) [1]
+"""
+VOCABULARY = tuple(_WORDS.split())
+
+
+def make_message(rng: random.Random, position: int) -> dict[str, str]:
+    role = "user" if position % 2 == 0 else "assistant"
+    words = rng.choices(VOCABULARY, k=rng.randint(10, 200))
+    return {"role": role, "content": " ".join(words)}
+
+
+def messages_for(seed: int, count: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [make_message(rng, position) for position in range(count)]
+
+
+def export_text(conversation_id: str, messages: list[dict[str, str]], system: str | None) -> str:
+    """A JSONL export, as ``Conversation.export()`` writes it, for ``import_conversation``."""
+    header = {
+        "convmem": 1,
+        "type": "conversation",
+        "id": conversation_id,
+        "user": USER,
+        "title": None,
+        "model": MODEL,
+        "system": system,
+        "settings": {},
+        "created_at": WHEN,
+        "updated_at": WHEN,
+    }
+    extra = {"convmem": {"created_at": WHEN}}
+    return "\n".join([dumps(header), *(dumps({**m, **extra}) for m in messages)]) + "\n"
+
+
+def load(memory: Memory, conversation_id: str, messages: list[dict[str, str]], system: str | None):
+    memory.import_conversation(export_text(conversation_id, messages, system))
+    return memory.conversation(id=conversation_id, user=USER, budget=BUDGET, model=MODEL)
+
+
+# -- raw sqlite3 baseline ----------------------------------------------------------
+
+
+def raw_connection(path: Path) -> sqlite3.Connection:
+    """The library's pragmas, on a plain sqlite3 connection with explicit transactions."""
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA busy_timeout = 30000")
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("PRAGMA foreign_keys = ON")
+    con.execute("PRAGMA synchronous = FULL")
+    return con
+
+
+class RawLog:
+    """Appends and tail reads on the library's own tables, with hand-written SQL."""
+
+    INSERT = (
+        "INSERT INTO messages (conversation_id, position, role, content, tokens, created_at,"
+        " complete, pinned) VALUES (?, ?, ?, ?, ?, ?, 1, 0)"
+    )
+    TAIL = (
+        "SELECT position, role, content, parts, name, tool_calls, tool_call_id, tokens,"
+        " pinned, complete FROM messages WHERE conversation_id = ?"
+        " ORDER BY position DESC LIMIT ?"
+    )
+
+    def __init__(self, con: sqlite3.Connection, conversation_id: str) -> None:
+        self.con = con
+        self.id = conversation_id
+        (count,) = con.execute(
+            "SELECT count(*) FROM messages WHERE conversation_id = ?", (conversation_id,)
+        ).fetchone()
+        self.next = count
+
+    def append(self, message: dict[str, str], tokens: int) -> None:
+        con = self.con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            con.execute(
+                self.INSERT,
+                (
+                    self.id,
+                    self.next,
+                    message["role"],
+                    message["content"],
+                    tokens,
+                    # What SQLAlchemy's SQLite DateTime stores: naive UTC text.
+                    str(datetime.now(UTC).replace(tzinfo=None)),
+                ),
+            )
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+        self.next += 1
+
+    def tail(self, n: int) -> list[Any]:
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            rows = con.execute(self.TAIL, (self.id, n)).fetchall()
+        finally:
+            con.execute("COMMIT")
+        rows.reverse()
+        return rows
+
+
+# -- measuring ------------------------------------------------------------------------
+
+
+def interleaved(
+    a: Callable[[int], object], b: Callable[[int], object], runs: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """Time ``a(i)`` and ``b(i)`` alternately; return both lists of seconds."""
+    for i in range(warmup):
+        a(i)
+        b(i)
+    times_a: list[float] = []
+    times_b: list[float] = []
+    clock = time.perf_counter
+    for i in range(warmup, warmup + runs):
+        start = clock()
+        a(i)
+        times_a.append(clock() - start)
+        start = clock()
+        b(i)
+        times_b.append(clock() - start)
+    return times_a, times_b
+
+
+def peak_mb(conversation: Conversation) -> float:
+    """Peak Python memory allocated while building one context, in MB."""
+    conversation.context()  # warm: nothing first-use-only in the figure
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        context = conversation.context()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del context
+    return (peak - base) / 1e6
+
+
+@dataclass
+class Row:
+    name: str
+    value: str
+    target: str = ""
+    ok: bool | None = None
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+@dataclass
+class Setup:
+    memory: Memory
+    path: Path
+    system: str | None
+    big_size: int
+    runs: int
+    append_runs: int
+    turns: int = 2_000
+
+    def count(self, messages: list[dict[str, str]]) -> list[int]:
+        counter = self.memory.conversation(user=USER, model=MODEL).counter
+        return [counter.count_message(m) for m in messages]
+
+
+def bench_context(setup: Setup) -> tuple[list[Row], Conversation, Conversation]:
+    """1. ``context()`` on a 100-message and on a long conversation."""
+    rows = []
+    small = load(setup.memory, "small-100", messages_for(1, 100), setup.system)
+    fill = time.perf_counter()
+    big = load(setup.memory, "big", messages_for(2, setup.big_size), setup.system)
+    fill = time.perf_counter() - fill
+    rows.append(Row(f"import {setup.big_size:,} messages (one transaction)", f"{fill:.1f} s"))
+    small_times, big_times = interleaved(
+        lambda _: small.context(), lambda _: big.context(), setup.runs, warmup=5
+    )
+    for conversation, times, size in ((small, small_times, 100), (big, big_times, setup.big_size)):
+        report = conversation.context().report
+        if report.total > BUDGET:
+            raise AssertionError(f"context of {size} messages is over budget: {report}")
+        rows.append(
+            Row(
+                f"context(), {size:,} msgs ({report.sent} sent, {report.total} tok)",
+                ms(statistics.median(times)),
+            )
+        )
+    ratio = statistics.median(big_times) / statistics.median(small_times)
+    rows.append(Row("  ratio long / 100", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5))
+    return rows, small, big
+
+
+def bench_turn(setup: Setup) -> list[Row]:
+    """2. A whole turn on a 2,000-turn conversation: library vs raw sqlite3."""
+    history = messages_for(3, 2 * setup.turns)
+    lib = load(setup.memory, "turns-lib", history, setup.system)
+    load(setup.memory, "turns-raw", history, setup.system)
+    con = raw_connection(setup.path)
+    raw = RawLog(con, "turns-raw")
+    new = messages_for(4, 2 * (setup.runs + 10))
+    tokens = setup.count(new)
+    tail_rows = lib.context().report.sent
+
+    def lib_turn(i: int) -> None:
+        lib.append(new[2 * i])
+        lib.context()
+        lib.append(new[2 * i + 1])
+
+    def raw_turn(i: int) -> None:
+        raw.append(new[2 * i], tokens[2 * i])
+        raw.tail(tail_rows)
+        raw.append(new[2 * i + 1], tokens[2 * i + 1])
+
+    try:
+        lib_times, raw_times = interleaved(lib_turn, raw_turn, setup.runs, warmup=5)
+    finally:
+        con.close()
+    m_lib, m_raw = statistics.median(lib_times), statistics.median(raw_times)
+    ratio = m_lib / m_raw
+    return [
+        Row(f"turn, library ({setup.turns:,} turns, {tail_rows} tail rows)", ms(m_lib)),
+        Row("turn, raw sqlite3 (2 inserts + tail read)", ms(m_raw)),
+        Row("  ratio library / raw", f"{ratio:.2f}x", "<= 3x", ratio <= 3),
+    ]
+
+
+def bench_append(setup: Setup) -> list[Row]:
+    """3. One message per transaction: throughput, library vs raw sqlite3."""
+    lib = setup.memory.conversation(user=USER, model=MODEL)
+    con = raw_connection(setup.path)
+    raw = RawLog(con, setup.memory.conversation(user=USER, model=MODEL).id)
+    payload = messages_for(5, setup.append_runs + 20)
+    tokens = setup.count(payload)
+    try:
+        lib_times, raw_times = interleaved(
+            lambda i: lib.append(payload[i]),
+            lambda i: raw.append(payload[i], tokens[i]),
+            setup.append_runs,
+            warmup=20,
+        )
+    finally:
+        con.close()
+    lib_rate, raw_rate = len(lib_times) / sum(lib_times), len(raw_times) / sum(raw_times)
+    share = lib_rate / raw_rate
+    return [
+        Row("append, library", f"{lib_rate:,.0f} msg/s"),
+        Row("append, raw sqlite3 (same insert, own transaction)", f"{raw_rate:,.0f} msg/s"),
+        Row("  library / raw", f"{share:.0%}", ">= 50%", share >= 0.5),
+    ]
+
+
+def bench_memory(small: Conversation, big: Conversation, big_size: int) -> list[Row]:
+    """4. Peak Python memory while building a context."""
+    small_peak, big_peak = peak_mb(small), peak_mb(big)
+    diff = big_peak - small_peak
+    return [
+        Row("peak memory, context() of 100 msgs", f"{small_peak:.2f} MB"),
+        Row(f"peak memory, context() of {big_size:,} msgs", f"{big_peak:.2f} MB"),
+        Row("  difference", f"{diff:.2f} MB", "<= 50 MB", diff <= 50),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small history, few runs (smoke)")
+    parser.add_argument(
+        "--system",
+        default=SYSTEM,
+        help="system prompt of the benchmarked conversations ('' for none)",
+    )
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="convmem-bench-") as folder:
+        path = Path(folder) / "bench.db"
+        with Memory(str(path), model=MODEL) as memory:
+            setup = Setup(
+                memory=memory,
+                path=path,
+                system=args.system or None,
+                big_size=20_000 if args.quick else 100_000,
+                runs=15 if args.quick else 60,
+                append_runs=100 if args.quick else 600,
+            )
+            print(f"filling 100 + {setup.big_size:,} messages ...", file=sys.stderr)
+            rows, small, big = bench_context(setup)
+            print("turns ...", file=sys.stderr)
+            rows += bench_turn(setup)
+            print("appends ...", file=sys.stderr)
+            rows += bench_append(setup)
+            rows += bench_memory(small, big, setup.big_size)
+    print_table(rows, quick=args.quick, runs=setup.runs, seconds=time.perf_counter() - started)
+    return 0 if all(row.ok is not False for row in rows) else 1
+
+
+def print_table(rows: list[Row], *, quick: bool, runs: int, seconds: float) -> None:
+    width = max(len(row.name) for row in rows)
+    vwidth = max(len(row.value) for row in rows)
+    print(
+        f"conversation_memory engine bench ({'quick' if quick else 'full'}; "
+        f"medians of {runs} runs; SQLite {sqlite3.sqlite_version}; Python "
+        f"{sys.version.split()[0]})"
+    )
+    print(f"{'measure':<{width}}  {'value':>{vwidth}}  {'target':<8}  result")
+    print("-" * (width + vwidth + 20))
+    for row in rows:
+        verdict = "" if row.ok is None else ("PASS" if row.ok else "FAIL")
+        print(f"{row.name:<{width}}  {row.value:>{vwidth}}  {row.target:<8}  {verdict}")
+    print(f"(total {seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The one place that reads environment variables.
+
+Everything else receives these values as arguments, which is what keeps the
+rest injectable and testable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+DEFAULT_MODEL = "gpt-4o-mini"
+"""Model used when neither the caller nor ``CONVMEM_MODEL`` names one."""
+
+APP_NAME = "conversation-memory"
+
+
+def environ(env: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    return os.environ if env is None else env
+
+
+def default_db_path(env: Mapping[str, str] | None = None) -> str:
+    """``CONVMEM_DB`` if set, else one file in the platform's user data folder."""
+    value = environ(env).get("CONVMEM_DB")
+    if value:
+        return value
+    import platformdirs
+
+    return str(Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "convmem.db")
+
+
+def default_model(env: Mapping[str, str] | None = None) -> str:
+    return environ(env).get("CONVMEM_MODEL") or DEFAULT_MODEL

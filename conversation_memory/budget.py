@@ -1,0 +1,697 @@
+"""What one request may hold, and the rules every request obeys.
+
+A request is assembled in three steps. A strategy (``strategies.py``) reads a
+:class:`~conversation_memory.types.State` and returns a :class:`Selection`:
+the stored items to send, the summary to send, and what it left out.
+:func:`build` turns that into the exact message list, checks it with
+:func:`validate` and reports what each part costs. Everything here is pure:
+no I/O, no clock, and work linear in the number of messages read.
+
+The accounting is the one the server applies: the prompt is the sum of each
+sent message's stored token count (per-message overhead included), the
+summary message's count, and :data:`REPLY_PRIMING`; it must pass
+``budget.fits`` (which applies the calibration correction).
+
+Tool calls make some messages inseparable. An assistant message with
+``tool_calls`` and the run of tool messages right after it that answer those
+calls form a *unit*: it is sent whole or not at all. History is not always
+tidy (a crash between a call and its results, a user who typed before the
+results came), so units are *repaired* before they are sent: calls that were
+never answered are taken out of ``tool_calls`` (the key goes when none are
+left, and the whole message when it then says nothing). Tool messages that
+answer no call of their unit are *orphans* and are never sent. Repairs change
+only what is sent, never what is stored, and the report lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from conversation_memory.errors import BudgetExceeded, ConfigurationError, InvalidPayload
+from conversation_memory.registry import default_registry, get_model
+from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
+from conversation_memory.types import Budget, Item, Message, State, Summary
+
+if TYPE_CHECKING:
+    from conversation_memory.strategies import StrategyLike
+
+__all__ = [
+    "MAX_RESERVE",
+    "Context",
+    "Report",
+    "Selection",
+    "Unit",
+    "budget_for",
+    "build",
+    "explain",
+    "fit",
+    "group_units",
+    "summary_message",
+    "validate",
+]
+
+MAX_RESERVE = 4096
+"""Default reply reserve: the model's output limit, but at most this much."""
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_PARTS = {
+    "system": frozenset({"text"}),
+    "developer": frozenset({"text"}),
+    "tool": frozenset({"text"}),
+    "user": frozenset({"text", "image_url", "input_audio", "file"}),
+    "assistant": frozenset({"text", "refusal"}),
+}
+
+
+# --- the payload validator ------------------------------------------------------------
+
+
+def _bad(index: int, field: str, problem: str) -> InvalidPayload:
+    return InvalidPayload(f"message {index}: {field} {problem}", index=index, field=field)
+
+
+def _check_content(index: int, role: str, message: Mapping[str, Any]) -> None:
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and message.get("tool_calls"):
+            return
+        raise _bad(
+            index,
+            "content",
+            "is missing; only an assistant message with tool_calls may have no content",
+        )
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list | tuple):
+        raise _bad(index, "content", f"is a {type(content).__name__}, not a string or parts")
+    if not content:
+        raise _bad(index, "content", "is an empty list of parts")
+    allowed = _PARTS[role]
+    for n, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind not in allowed:
+            raise _bad(
+                index,
+                f"content[{n}]",
+                f"has type {kind!r}; a {role} message allows {', '.join(sorted(allowed))}",
+            )
+        if kind in ("text", "refusal") and not isinstance(part.get(kind), str):
+            raise _bad(index, f"content[{n}].{kind}", "must be a string")
+
+
+def _check_calls(index: int, calls: Any) -> list[str]:
+    if not isinstance(calls, list | tuple) or not calls:
+        raise _bad(index, "tool_calls", "must be a non-empty list (leave the key out instead)")
+    ids: list[str] = []
+    seen: set[str] = set()
+    for n, call in enumerate(calls):
+        call_id = call.get("id") if isinstance(call, Mapping) else None
+        if not isinstance(call_id, str) or not call_id:
+            raise _bad(index, f"tool_calls[{n}].id", "must be a non-empty string")
+        if call_id in seen:
+            raise _bad(index, f"tool_calls[{n}].id", f"repeats {call_id!r} within one message")
+        function = call.get("function")
+        if call.get("type", "function") != "function" or not isinstance(function, Mapping):
+            raise _bad(index, f"tool_calls[{n}]", "must be a function call with a 'function'")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise _bad(index, f"tool_calls[{n}].function.name", "must be a non-empty string")
+        if not isinstance(function.get("arguments"), str):
+            raise _bad(index, f"tool_calls[{n}].function.arguments", "must be a string")
+        seen.add(call_id)
+        ids.append(call_id)
+    return ids
+
+
+def validate(messages: Sequence[Message]) -> None:
+    """Raise :class:`InvalidPayload` unless the API would accept ``messages`` as they are.
+
+    Checks each message's role, content type and tool calls, and the order rule:
+    an assistant message with ``tool_calls`` is followed at once by tool messages
+    answering each of its calls exactly once (in any order), and every tool
+    message answers a call of the assistant message just before its run.
+    """
+    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
+        raise InvalidPayload(
+            f"messages must be a list of message dicts, got {type(messages).__name__}"
+        )
+    if not messages:
+        raise InvalidPayload("messages is empty; a request needs at least one message")
+    caller = -1  # index of the assistant message whose calls are being answered
+    pending: set[str] = set()
+    answered: set[str] = set()
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidPayload(
+                f"message {index}: is a {type(message).__name__}, not a dict", index=index
+            )
+        role = message.get("role")
+        if role not in ROLES:
+            raise _bad(index, "role", f"is {role!r}; use one of {', '.join(sorted(ROLES))}")
+        if pending and role != "tool":
+            raise _bad(
+                index,
+                "role",
+                f"is {role!r}, but the tool calls {sorted(pending)} of message {caller} "
+                "are not answered; their tool messages must come first",
+            )
+        _check_content(index, role, message)
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise _bad(index, "name", "must be a string")
+        calls = message.get("tool_calls")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _bad(index, "tool_call_id", "must name the call this tool message answers")
+            if caller < 0:
+                raise _bad(
+                    index,
+                    "tool_call_id",
+                    f"{call_id!r}: a tool message must follow the assistant message that "
+                    "made the call (or another answer to it)",
+                )
+            if call_id in answered:
+                raise _bad(
+                    index, "tool_call_id", f"{call_id!r} answers a call that is already answered"
+                )
+            if call_id not in pending:
+                raise _bad(
+                    index,
+                    "tool_call_id",
+                    f"{call_id!r} answers no call of the assistant message {caller}",
+                )
+            pending.discard(call_id)
+            answered.add(call_id)
+            continue
+        caller = -1
+        if calls is not None:
+            if role != "assistant":
+                raise _bad(index, "tool_calls", f"is not allowed on a {role} message")
+            pending = set(_check_calls(index, calls))
+            answered = set()
+            caller = index
+    if pending:
+        raise _bad(
+            caller,
+            "tool_calls",
+            f"{sorted(pending)} are not answered by tool messages before the end",
+        )
+
+
+# --- units and repair -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """Stored messages that are sent together or not at all."""
+
+    source: tuple[Item, ...]
+    """The stored items, as read."""
+    items: tuple[Item, ...]
+    """What may be sent: ``source`` after repair; empty for an orphan."""
+    tokens: int
+    """Tokens of ``items`` (a repaired message keeps its stored count: an upper bound)."""
+    pinned: bool
+    """Some item of the unit is pinned, so the whole unit is kept."""
+    has_user: bool
+    """The unit is a user message: a turn starts here."""
+    repaired: tuple[int, ...] = ()
+    """Positions of assistant messages whose unanswered calls were taken out."""
+
+
+def _unit(
+    source: tuple[Item, ...], items: tuple[Item, ...], repaired: tuple[int, ...] = ()
+) -> Unit:
+    return Unit(
+        source=source,
+        items=items,
+        tokens=sum(item.tokens for item in items),
+        pinned=any(item.pinned for item in source),
+        has_user=source[0].message.get("role") == "user",
+        repaired=repaired,
+    )
+
+
+def _call_id(call: Any) -> Any:
+    return call.get("id") if isinstance(call, Mapping) else None
+
+
+def _tool_unit(caller: Item, run: Sequence[Item]) -> Unit:
+    """The unit of ``caller`` and the tool messages in ``run`` right after it."""
+    calls = caller.message.get("tool_calls") or ()
+    wanted = {_call_id(call) for call in calls}
+    answers: list[Item] = []
+    seen: set[Any] = set()
+    for item in run:
+        call_id = item.message.get("tool_call_id")
+        if isinstance(call_id, str) and call_id in wanted and call_id not in seen:
+            seen.add(call_id)
+            answers.append(item)
+    source = (caller, *run)
+    if calls and len(seen) == len(calls):  # each call answered once, ids distinct
+        return _unit(source, (caller, *answers))
+    kept_calls = []
+    for call in calls:
+        call_id = _call_id(call)
+        if call_id in seen:
+            seen.discard(call_id)  # a repeated id keeps only its first call
+            kept_calls.append(call)
+    message = dict(caller.message)
+    if kept_calls:
+        message["tool_calls"] = kept_calls
+    else:
+        del message["tool_calls"]
+    head: tuple[Item, ...] = ()
+    if kept_calls or message.get("content") not in (None, "", [], ()):
+        head = (replace(caller, message=message),)
+    return _unit(source, (*head, *answers), (caller.position,))
+
+
+def group_units(items: Sequence[Item]) -> list[Unit]:
+    """Split consecutive stored items into units, repairing broken tool-call units.
+
+    Every item lands in exactly one unit's ``source``, in order. Tool messages
+    that answer no call of their unit are in its ``source`` but not its ``items``;
+    a tool message with no assistant message before its run is a unit of its own
+    with nothing to send.
+    """
+    units: list[Unit] = []
+    n = len(items)
+    i = 0
+    while i < n:
+        item = items[i]
+        message = item.message
+        role = message.get("role")
+        if role == "assistant" and "tool_calls" in message:
+            j = i + 1
+            while j < n and items[j].message.get("role") == "tool":
+                j += 1
+            units.append(_tool_unit(item, items[i + 1 : j]))
+            i = j
+        elif role == "tool":
+            units.append(_unit((item,), ()))
+            i += 1
+        else:
+            units.append(_unit((item,), (item,)))
+            i += 1
+    return units
+
+
+# --- the summary message --------------------------------------------------------------
+
+
+def summary_message(summary: Summary) -> dict[str, Any]:
+    """The message that carries ``summary`` (its stored ``tokens`` must count this message).
+
+    A system message of its own, never merged into the system prompt, and
+    marked by a fixed header so neither the model nor a reader takes it for
+    something anyone said.
+    """
+    return {
+        "role": "system",
+        "content": (
+            f"Summary of the earlier conversation (messages {summary.start} to {summary.end}):"
+            f"\n{summary.text}"
+        ),
+    }
+
+
+# --- selections, reports, contexts ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """What a strategy chose to send."""
+
+    items: tuple[Item, ...]
+    """Messages to send, in order: system, older pinned, then the kept tail (after repair)."""
+    summary: Summary | None
+    """Summary to send, placed after the system prompt and older pinned messages."""
+    dropped: tuple[Item, ...]
+    """Tail items left out to fit, oldest first (a prefix of the tail, pinned ones excepted)."""
+    to_summarize: tuple[Item, ...] = ()
+    """Items a summarizing strategy wants folded into the summary."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Where the tokens of one request go, and what was left out."""
+
+    strategy: str
+    system: int
+    pinned: int
+    summary: int
+    messages: int
+    """Tokens of the sent tail messages that are not pinned."""
+    priming: int
+    tools: int
+    """Tokens of the tool definitions; already taken off ``limit``, not part of ``total``."""
+    total: int
+    """system + pinned + summary + messages + priming: what is checked against ``limit``."""
+    corrected: int
+    """``total`` after the calibration correction (what the server is expected to count)."""
+    limit: int
+    window: int
+    reserve: int
+    margin: int
+    cap: int | None
+    utilization: float
+    """``corrected / limit``."""
+    sent: int
+    """Number of messages in the payload (the summary included)."""
+    pinned_sent: int
+    """Number of pinned messages sent."""
+    messages_sent: int
+    """Number of tail messages sent that are not pinned."""
+    dropped: int
+    first_dropped: int | None
+    last_dropped: int | None
+    repaired: tuple[int, ...] = ()
+    """Positions of assistant messages sent with unanswered tool calls taken out (or left out)."""
+    orphaned: tuple[int, ...] = ()
+    """Positions of tool messages left out because their call is not sent with them."""
+    covered: int = 0
+    """Tail messages left out because the summary already covers them."""
+    summary_omitted: bool = False
+    """A summary exists but did not fit next to what must be sent."""
+
+    @property
+    def prompt(self) -> int:
+        """``total`` plus the tool definitions: the prompt size as the server reports it."""
+        return self.total + self.tools
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """The next request: the exact messages, where they came from, and the report."""
+
+    messages: list[dict[str, Any]]
+    items: tuple[Item, ...]
+    summary: Summary | None
+    report: Report
+
+
+def _limit_terms(budget: Budget) -> str:
+    terms = f"window {budget.window} - reserve {budget.reserve}"
+    if budget.tools:
+        terms += f" - tools {budget.tools}"
+    if budget.margin:
+        terms += f" - margin {budget.margin}"
+    if budget.cap is not None:
+        terms += f", capped at {budget.cap}"
+    return terms
+
+
+def too_big(budget: Budget, *, system: int, pinned: int, newest: int) -> BudgetExceeded:
+    """The error for a request whose must-send part alone is over the limit."""
+    total = system + pinned + newest + REPLY_PRIMING
+    corrected = budget.correction.apply(total)
+    shown = f"{total}" if corrected == total else f"{total} ({corrected} after calibration)"
+    return BudgetExceeded(
+        f"the system prompt ({system} tokens), pinned messages ({pinned}), the newest turn "
+        f"({newest}) and reply priming ({REPLY_PRIMING}) need {shown} prompt tokens, but the "
+        f"limit is {budget.limit} ({_limit_terms(budget)}). Give a bigger budget or a model "
+        "with a larger window, a smaller reply reserve, a shorter system prompt or newest "
+        "message, or unpin messages.",
+        needed=corrected,
+        limit=budget.limit,
+        system=system,
+        pinned=pinned,
+        newest=newest,
+    )
+
+
+def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> Context:
+    """Run ``strategy`` on ``state`` and assemble, check and report the next request.
+
+    Raises :class:`BudgetExceeded` when the system prompt, pinned messages and
+    newest turn cannot fit, and :class:`InvalidPayload` when the strategy's
+    choice breaks the API's rules.
+    """
+    from conversation_memory.strategies import as_strategy
+
+    chosen = as_strategy(strategy)
+    selection = chosen.select(state, budget)
+    if not isinstance(selection, Selection):
+        raise ConfigurationError(
+            f"strategy {chosen.name!r} returned {type(selection).__name__}, not a Selection",
+            strategy=chosen.name,
+        )
+    items = selection.items
+    summary = selection.summary
+    tail_start = state.tail[0].position if state.tail else None
+    messages: list[dict[str, Any]] = []
+    previous: int | None = None
+    placed = summary is None
+    for item in items:
+        if previous is not None and item.position <= previous:
+            raise InvalidPayload(
+                f"strategy {chosen.name!r} put position {item.position} after {previous}; "
+                "messages must keep their order",
+                index=len(messages),
+            )
+        previous = item.position
+        if (
+            not placed
+            and tail_start is not None
+            and item.position >= tail_start
+            and item is not state.system
+        ):
+            messages.append(summary_message(summary))  # type: ignore[arg-type]
+            placed = True
+        messages.append(dict(item.message))
+    if not placed:
+        messages.append(summary_message(summary))  # type: ignore[arg-type]
+    if state.system is not None and (not items or items[0] is not state.system):
+        raise InvalidPayload(
+            f"strategy {chosen.name!r} left out the system prompt or did not put it first",
+            index=0,
+        )
+    validate(messages)
+    total = sum(item.tokens for item in items) + REPLY_PRIMING
+    total += summary.tokens if summary is not None else 0
+    if not budget.fits(total):
+        raise BudgetExceeded(
+            f"strategy {chosen.name!r} chose {total} prompt tokens, over the limit of "
+            f"{budget.limit} ({_limit_terms(budget)})",
+            needed=total,
+            limit=budget.limit,
+            strategy=chosen.name,
+        )
+    report = _report(
+        state, budget, strategy=chosen.name, selection=selection, messages=messages, total=total
+    )
+    return Context(messages=messages, items=items, summary=summary, report=report)
+
+
+def _report(
+    state: State,
+    budget: Budget,
+    *,
+    strategy: str,
+    selection: Selection,
+    messages: list[dict[str, Any]],
+    total: int,
+) -> Report:
+    sent = {item.position: item for item in selection.items}
+    dropped = {item.position for item in selection.dropped}
+    end = state.summary.end if state.summary is not None else -1
+    repaired: list[int] = []
+    orphaned: list[int] = []
+    covered = 0
+    for item in (*state.pinned, *state.tail):
+        out = sent.get(item.position)
+        if out is not None:
+            if out.message is not item.message and "tool_calls" in item.message:
+                repaired.append(item.position)
+        elif item.position in dropped:
+            continue
+        elif item.position <= end and not item.pinned:
+            covered += 1
+        elif item.message.get("role") == "tool":
+            orphaned.append(item.position)
+        elif "tool_calls" in item.message:
+            repaired.append(item.position)
+    system = pinned = pinned_sent = 0
+    for i in selection.items:
+        if i is state.system:
+            system += i.tokens
+        elif i.pinned:
+            pinned += i.tokens
+            pinned_sent += 1
+    summary = selection.summary.tokens if selection.summary is not None else 0
+    corrected = budget.correction.apply(total)
+    limit = budget.limit
+    return Report(
+        strategy=strategy,
+        system=system,
+        pinned=pinned,
+        summary=summary,
+        messages=total - system - pinned - summary - REPLY_PRIMING,
+        priming=REPLY_PRIMING,
+        tools=budget.tools,
+        total=total,
+        corrected=corrected,
+        limit=limit,
+        window=budget.window,
+        reserve=budget.reserve,
+        margin=budget.margin,
+        cap=budget.cap,
+        utilization=corrected / limit if limit > 0 else float("inf"),
+        sent=len(messages),
+        pinned_sent=pinned_sent,
+        messages_sent=len(selection.items) - pinned_sent - (state.system is not None),
+        dropped=len(selection.dropped) + state.older,
+        first_dropped=(
+            state.older_from
+            if state.older
+            else selection.dropped[0].position
+            if selection.dropped
+            else None
+        ),
+        last_dropped=(
+            selection.dropped[-1].position
+            if selection.dropped
+            else state.tail[0].position - 1
+            if state.older and state.tail
+            else None
+        ),
+        repaired=tuple(repaired),
+        orphaned=tuple(orphaned),
+        covered=covered,
+        summary_omitted=state.summary is not None and selection.summary is None,
+    )
+
+
+def _messages(count: int) -> str:
+    return f"{count} message" + ("" if count == 1 else "s")
+
+
+def _positions(positions: Sequence[int]) -> str:
+    shown = ", ".join(str(p) for p in positions[:10])
+    return shown + (f" and {len(positions) - 10} more" if len(positions) > 10 else "")
+
+
+def explain(context: Context) -> str:
+    """A human-readable account of ``context.report``, one fact per line."""
+    r = context.report
+    limit = f"{r.window} - reserve {r.reserve}"
+    if r.tools:
+        limit += f" - tools {r.tools}"
+    if r.margin:
+        limit += f" - margin {r.margin}"
+    if r.cap is not None:
+        limit += f", capped at {r.cap}"
+    lines = [
+        f"strategy {r.strategy}: {r.total} of {r.limit} prompt tokens "
+        f"({r.utilization:.1%}), {_messages(r.sent)}",
+        f"  limit     {r.limit:>8}  (window {limit})",
+        f"  system    {r.system:>8}",
+        f"  pinned    {r.pinned:>8}  ({_messages(r.pinned_sent)})",
+    ]
+    if context.summary is not None:
+        s = context.summary
+        lines.append(f"  summary   {r.summary:>8}  (messages {s.start} to {s.end})")
+    else:
+        lines.append(f"  summary   {0:>8}" + ("  (left out: no room)" if r.summary_omitted else ""))
+    lines += [
+        f"  messages  {r.messages:>8}  ({_messages(r.messages_sent)})",
+        f"  priming   {r.priming:>8}",
+        f"  total     {r.total:>8}",
+    ]
+    if r.corrected != r.total:
+        lines.append(f"  corrected {r.corrected:>8}  (calibrated against the server's counts)")
+    if r.tools:
+        lines.append(f"  tools     {r.tools:>8}  (taken off the window; prompt {r.prompt})")
+    if r.dropped:
+        where = f"positions {r.first_dropped} to {r.last_dropped}"
+        lines.append(f"dropped the oldest {_messages(r.dropped)} ({where})")
+    else:
+        lines.append("dropped nothing")
+    if r.covered:
+        lines.append(f"left out {_messages(r.covered)} the summary covers")
+    if r.repaired:
+        lines.append(f"repaired unanswered tool calls at positions {_positions(r.repaired)}")
+    if r.orphaned:
+        lines.append(
+            f"left out tool results without their call at positions {_positions(r.orphaned)}"
+        )
+    return "\n".join(lines)
+
+
+# --- plain lists ----------------------------------------------------------------------
+
+
+def budget_for(
+    model: str,
+    *,
+    reserve: int | None = None,
+    tools: int = 0,
+    margin: int = 0,
+    cap: int | None = None,
+) -> Budget:
+    """The budget for ``model`` from the registry (raises ``UnknownModel``); the reply
+    reserve defaults to the model's ``max_output``, at most :data:`MAX_RESERVE`."""
+    info = get_model(model)
+    if reserve is None:
+        reserve = min(info.max_output, MAX_RESERVE)
+    return Budget(window=info.window, reserve=reserve, tools=tools, margin=margin, cap=cap)
+
+
+def fit(
+    messages: Sequence[Message],
+    *,
+    model: str = "gpt-4o",
+    budget: int | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    counter: TokenCounter | None = None,
+) -> list[dict[str, Any]]:
+    """The newest part of ``messages`` that fits: leading system messages kept, oldest turns
+    dropped whole.
+
+    ``budget`` caps the prompt tokens (default: the model's window minus its reply
+    reserve; a model missing from the registry then needs ``budget=``). ``counter``
+    is a :class:`~conversation_memory.tokens.TokenCounter` (default: the model's).
+    Raises :class:`BudgetExceeded` when the system messages and the newest turn alone
+    don't fit, and :class:`InvalidPayload` when a message breaks the API's rules.
+    """
+    from conversation_memory.strategies import TRUNCATE
+
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+        raise ConfigurationError(
+            f"budget must be a number of prompt tokens, got {budget!r}", argument="budget"
+        )
+    if counter is None:
+        counter = counter_for(model)  # raises UnknownModel, which says to pass counter=
+    tool_tokens = counter.count_tools(tools) if tools else 0
+    if model in default_registry:
+        limits = budget_for(model, tools=tool_tokens, cap=budget)
+    elif budget is not None:
+        limits = Budget(window=budget + tool_tokens, tools=tool_tokens, cap=budget)
+    else:
+        limits = budget_for(model)  # raises UnknownModel, which says to pass budget=
+    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
+        raise InvalidPayload(f"messages must be a list of dicts, got {type(messages).__name__}")
+    items = []
+    lead = 0
+    for position, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidPayload(
+                f"message {position}: is a {type(message).__name__}, not a dict", index=position
+            )
+        is_system = message.get("role") in ("system", "developer")
+        if is_system and lead == position:
+            lead += 1
+        tokens = counter.count_message(message)
+        items.append(
+            Item(position=position, message=message, tokens=tokens, pinned=0 < position < lead)
+        )
+    state = State(
+        system=items[0] if lead else None,
+        pinned=items[1:lead],
+        summary=None,
+        tail=items[lead:],
+    )
+    return build(state, limits, TRUNCATE).messages

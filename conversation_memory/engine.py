@@ -1,0 +1,712 @@
+"""Memory and Conversation: the thin layer that ties the store to the budget code.
+
+A :class:`Memory` is one open database. ``memory.conversation(...)`` creates or
+resumes a :class:`Conversation`, scoped by user: another user's conversation
+id behaves exactly like one that doesn't exist.
+
+One append is one write transaction: the message is checked and its tokens
+counted *before* the transaction starts (so the write lock is held for two
+short statements), and a failure leaves nothing behind. Building the context
+reads the conversation row, the newest summary, pinned messages and a tail
+just long enough to cover the budget, then hands them to the pure strategy
+and budget code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from conversation_memory import _config
+from conversation_memory.budget import Context, budget_for, build
+from conversation_memory.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    ConversationExists,
+    ConversationNotFound,
+    InvalidMessage,
+    UserNotFound,
+)
+from conversation_memory.export import read_export, write_export
+from conversation_memory.messages import check_metadata, dumps, normalize, to_row
+from conversation_memory.registry import ModelInfo, get_model
+from conversation_memory.store import migrate, repository
+from conversation_memory.store.database import (
+    Database,
+    Snapshot,
+    create_sqlite_file,
+    inspect_sqlite_file,
+    make_engine,
+    parse_target,
+)
+from conversation_memory.store.schema import VERSION_TABLE
+from conversation_memory.strategies import Strategy, as_strategy
+from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
+from conversation_memory.types import Budget, Correction, Item, State
+
+DEFAULT_USER = "default"
+
+
+def _check_user(user: Any) -> str:
+    if user is None:
+        return DEFAULT_USER
+    if not isinstance(user, str) or not user or len(user) > 255:
+        raise ConfigurationError(
+            f"user must be a non-empty string of at most 255 characters, got {user!r}"
+        )
+    if "\x00" in user:
+        raise ConfigurationError("user must not contain NUL characters")
+    return user
+
+
+def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigurationError(
+            f"{name} must be an integer >= {low}, got {value!r}", argument=name
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationInfo:
+    """One line of ``Memory.conversations()``."""
+
+    id: str
+    user: str
+    title: str | None
+    model: str
+    message_count: int
+    tokens: int
+    created_at: datetime
+    updated_at: datetime
+    """Last activity."""
+    forked_from: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """What ``append`` stored: where, and how many tokens it counts for."""
+
+    position: int
+    tokens: int
+
+
+class Memory:
+    """A conversation store on SQLite (default) or PostgreSQL.
+
+    ``db`` is a file path, ``:memory:``, or a SQLAlchemy URL
+    (``postgresql://user@host/dbname``); by default one file in the user data
+    folder (``CONVMEM_DB`` overrides). A new database is created at the
+    current schema; an older one raises :class:`SchemaOutdated` unless
+    ``upgrade=True``.
+    """
+
+    def __init__(
+        self,
+        db: str | os.PathLike[str] | None = None,
+        *,
+        client: Any = None,
+        model: str | None = None,
+        strategy: Any = "truncate",
+        upgrade: bool = False,
+        busy_timeout_ms: int = 30_000,
+        env: Mapping[str, str] | None = None,
+        echo: bool = False,
+    ) -> None:
+        target = parse_target(_config.default_db_path(env) if db is None else db)
+        created = False
+        found: Snapshot | None = None
+        if target.path is not None:
+            found = inspect_sqlite_file(target.path, VERSION_TABLE)
+            created = found is None
+        self._db = Database(target, make_engine(target, busy_timeout_ms=busy_timeout_ms, echo=echo))
+        try:
+            if found is not None:
+                # Refuse a file that isn't ours before a connection rewrites it.
+                migrate.preflight(self._db, found, upgrade=upgrade)
+            elif target.path is not None:
+                create_sqlite_file(target.path)
+            migrate.ensure_schema(self._db, upgrade=upgrade, found=found)
+        except BaseException:
+            self._db.dispose()
+            if created and target.path is not None:
+                # Only a file this call created is removed; never a caller's.
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{target.path}{suffix}").unlink(missing_ok=True)
+            raise
+        self.client = client
+        self.model = model or _config.default_model(env)
+        get_model(self.model)
+        self.strategy = as_strategy(strategy)
+
+    @property
+    def database(self) -> Database:
+        return self._db
+
+    def close(self) -> None:
+        self._db.dispose()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- conversations ---------------------------------------------------------
+
+    def conversation(
+        self,
+        id: str | None = None,
+        *,
+        user: str | None = None,
+        system: str | None = None,
+        model: str | None = None,
+        strategy: Any = None,
+        budget: int | None = None,
+        reserve: int | None = None,
+        title: str | None = None,
+    ) -> Conversation:
+        """Create a conversation (``id=None``) or resume one of this user's."""
+        user_id = _check_user(user)
+        if budget is not None:
+            _check_positive("budget", budget)
+        if reserve is not None:
+            _check_positive("reserve", reserve, allow_zero=True)
+        if title is not None and not isinstance(title, str):
+            raise ConfigurationError(f"title must be a string, got {type(title).__name__}")
+        chosen = as_strategy(strategy) if strategy is not None else None
+        if id is not None:
+            if not isinstance(id, str):
+                raise ConfigurationError(f"id must be a string, got {type(id).__name__}")
+            with self._db.read() as conn:
+                row = repository.get_conversation(conn, id, user_id)
+            if row is None:
+                raise ConversationNotFound(
+                    f"no conversation {id!r} for user {user_id!r}; list them with "
+                    "memory.conversations(user=...)",
+                    conversation_id=id,
+                    user=user_id,
+                )
+            conversation = Conversation(self, row, strategy=chosen)
+            if system is not None and system != row.system:
+                raise ConfigurationError(
+                    f"conversation {id!r} already has a system prompt; fork it to start "
+                    "from a different one",
+                    conversation_id=id,
+                )
+            if model is not None and model != row.model:
+                conversation._use_model(model)
+            conversation._override(strategy=chosen, budget=budget, reserve=reserve)
+            return conversation
+        model_name = model or self.model
+        get_model(model_name)
+        counter = counter_for(model_name)
+        system_tokens = 0
+        if system is not None:
+            normalize({"role": "system", "content": system})
+            system_tokens = counter.count_message({"role": "system", "content": system})
+        settings: dict[str, Any] = {"strategy": (chosen or self.strategy).name}
+        if budget is not None:
+            settings["budget"] = budget
+        if reserve is not None:
+            settings["reserve"] = reserve
+        when = repository.now()
+        new_id = uuid.uuid4().hex
+        with self._db.write() as conn:
+            repository.insert_conversation(
+                conn,
+                {
+                    "id": new_id,
+                    "user_id": user_id,
+                    "title": title,
+                    "model": model_name,
+                    "system": system,
+                    "system_tokens": system_tokens,
+                    "counter": counter.name,
+                    "settings": dumps(settings),
+                    "created_at": when,
+                    "updated_at": when,
+                    "next_position": 0,
+                    "message_count": 0,
+                    "total_tokens": 0,
+                },
+            )
+            row = repository.get_conversation(conn, new_id, user_id)
+        assert row is not None
+        conversation = Conversation(self, row, strategy=chosen)
+        conversation._override(strategy=None, budget=None, reserve=None)
+        return conversation
+
+    def conversations(
+        self, *, user: str | None = None, all_users: bool = False, limit: int | None = None
+    ) -> list[ConversationInfo]:
+        """This user's conversations (or everyone's), newest activity first."""
+        user_id = None if all_users else _check_user(user)
+        if limit is not None:
+            _check_positive("limit", limit)
+        with self._db.read() as conn:
+            rows = repository.list_conversations(conn, user_id, limit=limit)
+        return [
+            ConversationInfo(
+                id=row.id,
+                user=row.user_id,
+                title=row.title,
+                model=row.model,
+                message_count=row.message_count,
+                tokens=row.total_tokens,
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                forked_from=row.forked_from,
+            )
+            for row in rows
+        ]
+
+    def erase_user(self, user: str) -> int:
+        """Delete every conversation, message, summary and usage row of ``user``."""
+        user_id = _check_user(user)
+        with self._db.write() as conn:
+            erased = repository.erase_user(conn, user_id)
+        if not erased:
+            raise UserNotFound(f"no data is stored for user {user_id!r}", user=user_id)
+        return erased
+
+    # -- import ----------------------------------------------------------------
+
+    def import_conversation(
+        self,
+        data: str | bytes | io.IOBase,
+        *,
+        user: str | None = None,
+        new_id: bool = False,
+    ) -> Conversation:
+        """Load a conversation written by ``Conversation.export()``.
+
+        The conversation keeps its id (``new_id=True`` draws a fresh one) and
+        its owner unless ``user`` is given. Nothing is written unless every
+        line is valid.
+        """
+        parsed = read_export(data)
+        header = parsed.header
+        user_id = _check_user(user if user is not None else header.get("user"))
+        conversation_id = uuid.uuid4().hex if new_id else header["id"]
+        model_name = header.get("model") or self.model
+        get_model(model_name)
+        counter = counter_for(model_name)
+        system = header.get("system")
+        rows = [
+            {
+                "conversation_id": conversation_id,
+                "position": position,
+                **to_row(line.message),
+                "tokens": counter.count_message(line.message),
+                "created_at": line.created_at,
+                "meta": line.metadata,
+                "complete": line.complete,
+                "pinned": line.pinned,
+            }
+            for position, line in enumerate(parsed.lines)
+        ]
+        settings = header.get("settings") or {}
+        with self._db.write() as conn:
+            if repository.conversation_exists(conn, conversation_id):
+                raise ConversationExists(
+                    f"conversation {conversation_id!r} already exists; delete it first or "
+                    "import with new_id=True",
+                    conversation_id=conversation_id,
+                )
+            repository.insert_conversation(
+                conn,
+                {
+                    "id": conversation_id,
+                    "user_id": user_id,
+                    "title": header.get("title"),
+                    "model": model_name,
+                    "system": system,
+                    "system_tokens": counter.count_message({"role": "system", "content": system})
+                    if system is not None
+                    else 0,
+                    "counter": counter.name,
+                    "settings": dumps(settings),
+                    "created_at": parsed.created_at,
+                    "updated_at": parsed.updated_at,
+                    "next_position": len(rows),
+                    "message_count": len(rows),
+                    "total_tokens": sum(row["tokens"] for row in rows),
+                },
+            )
+            if rows:
+                repository.insert_messages(conn, rows)
+            row = repository.get_conversation(conn, conversation_id, user_id)
+        assert row is not None
+        return Conversation(self, row)
+
+
+class Conversation:
+    """One conversation: append messages, build the context to send, fork, export."""
+
+    def __init__(
+        self, memory: Memory, row: repository.ConversationRow, *, strategy: Strategy | None = None
+    ) -> None:
+        self._memory = memory
+        self._db = memory.database
+        self._row = row
+        self.id = row.id
+        self.user = row.user_id
+        self.title = row.title
+        self.system = row.system
+        self.model = row.model
+        self._info: ModelInfo = get_model(row.model)
+        self._counter: TokenCounter = counter_for(row.model)
+        self._strategy: Strategy = strategy or self._stored_strategy(row.settings.get("strategy"))
+        self._budget_cap: int | None = row.settings.get("budget")
+        self._reserve: int | None = row.settings.get("reserve")
+        self._segments: list[repository.Segment] | None = None
+
+    def _stored_strategy(self, name: str | None) -> Strategy:
+        """The strategy saved at creation: a built-in by name, or the Memory's own."""
+        default = self._memory.strategy
+        if name is None or name == default.name:
+            return default
+        try:
+            return as_strategy(name)
+        except ConfigurationError:
+            raise ConfigurationError(
+                f"conversation {self.id!r} was created with strategy {name!r}, which is not "
+                "built in; pass it again: memory.conversation(id, strategy=...)",
+                conversation_id=self.id,
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"<Conversation {self.id} user={self.user!r} model={self.model!r}>"
+
+    def _use_model(self, model: str) -> None:
+        info = get_model(model)
+        counter = counter_for(model)
+        if counter.name != self._row.counter:
+            raise ConfigurationError(
+                f"conversation {self.id!r} counts tokens with {self._row.counter}, but "
+                f"{model!r} uses {counter.name}; stored counts would be wrong. Fork it or "
+                "start a new conversation for that model.",
+                conversation_id=self.id,
+                model=model,
+            )
+        self.model, self._info, self._counter = model, info, counter
+
+    def _override(self, *, strategy: Strategy | None, budget: int | None, reserve: int | None):
+        if strategy is not None:
+            self._strategy = strategy
+        if budget is not None:
+            self._budget_cap = budget
+        if reserve is not None:
+            self._reserve = reserve
+        self.budget()  # fail now, not at the first turn, if they can't work
+
+    @property
+    def strategy(self) -> Strategy:
+        return self._strategy
+
+    @property
+    def counter(self) -> TokenCounter:
+        return self._counter
+
+    def budget(self, *, tools: int = 0, correction: Correction | None = None) -> Budget:
+        """The prompt budget for the next request."""
+        result = replace(
+            budget_for(self.model, reserve=self._reserve, tools=tools, cap=self._budget_cap),
+            correction=correction or Correction(),
+        )
+        if result.limit <= REPLY_PRIMING:
+            raise ConfigurationError(
+                f"the prompt budget is {result.limit} tokens (window {result.window}, reply "
+                f"reserve {result.reserve}, tools {tools}, cap {self._budget_cap}); lower the "
+                "reserve or raise the budget",
+                conversation_id=self.id,
+            )
+        return result
+
+    # -- writing ---------------------------------------------------------------
+
+    def append(
+        self,
+        message: Mapping[str, Any],
+        *,
+        pinned: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        complete: bool = True,
+    ) -> StoredMessage:
+        """Store one OpenAI-format message at the end of the conversation."""
+        normalized = normalize(message)
+        meta = check_metadata(metadata)
+        tokens = self._counter.count_message(normalized)
+        limit = self.budget().limit
+        if tokens + REPLY_PRIMING + self._row.system_tokens > limit:
+            raise BudgetExceeded(
+                f"this message alone is {tokens} tokens; with the system prompt "
+                f"({self._row.system_tokens}) it cannot fit the prompt budget of {limit} "
+                "tokens. Split it, shorten it, or raise the budget.",
+                conversation_id=self.id,
+                tokens=tokens,
+                limit=limit,
+            )
+        row = {**to_row(normalized), "tokens": tokens, "meta": meta}
+        return self._store(row, normalized, pinned=pinned, complete=complete)
+
+    def _store(
+        self,
+        row: dict[str, Any],
+        message: Mapping[str, Any],
+        *,
+        pinned: bool,
+        complete: bool,
+    ) -> StoredMessage:
+        when = repository.now()
+        tokens = row["tokens"]
+        with self._db.write() as conn:
+            position = repository.claim_position(conn, self.id, self.user, tokens, when)
+            if position is None:
+                raise ConversationNotFound(
+                    f"conversation {self.id!r} no longer exists (deleted?)",
+                    conversation_id=self.id,
+                )
+            if message["role"] == "tool":
+                pending = repository.pending_calls(conn, self._lineage(conn), position)
+                call_id = message["tool_call_id"]
+                if pending is None or call_id not in pending:
+                    raise InvalidMessage(
+                        f"tool message answers call {call_id!r}, but "
+                        + (
+                            "the messages before it have no tool call waiting for an answer"
+                            if not pending
+                            else f"the open calls are {sorted(pending)}"
+                        )
+                        + "; append the assistant message with that tool_call first",
+                        field="tool_call_id",
+                        conversation_id=self.id,
+                    )
+            row.update(
+                conversation_id=self.id,
+                position=position,
+                created_at=when,
+                pinned=pinned,
+                complete=complete,
+            )
+            repository.insert_messages(conn, [row])
+        return StoredMessage(position=position, tokens=tokens)
+
+    def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[StoredMessage]:
+        """Append several messages, each in its own transaction, in order."""
+        return [self.append(message) for message in messages]
+
+    # -- reading ---------------------------------------------------------------
+
+    def _lineage(self, conn: Any) -> list[repository.Segment]:
+        if self._row.forked_from is None:
+            return [(self.id, None)]
+        if self._segments is None:
+            self._segments = repository.lineage(conn, self._row)
+        return self._segments
+
+    def _fresh_row(self, conn: Any) -> repository.ConversationRow:
+        row = repository.get_conversation(conn, self.id, self.user)
+        if row is None:
+            raise ConversationNotFound(
+                f"conversation {self.id!r} no longer exists (deleted?)", conversation_id=self.id
+            )
+        if (row.forked_from, row.fork_position) != (
+            self._row.forked_from,
+            self._row.fork_position,
+        ):
+            self._segments = None
+        self._row = row
+        return row
+
+    def _read_state(self, *, tools: int = 0) -> tuple[State, Budget]:
+        """One read transaction: calibration, summary, pinned and a bounded tail."""
+        with self._db.read() as conn:
+            row = self._fresh_row(conn)
+            found = repository.get_calibration(conn, self.id, self.model)
+            correction = (
+                Correction(factor=found.factor, margin=found.margin)
+                if found is not None
+                else Correction()
+            )
+            budget = self.budget(tools=tools, correction=correction)
+            segments = self._lineage(conn)
+            summary = repository.newest_summary(conn, segments)
+            after = summary.end if summary is not None else -1
+            # Read until the tail alone would overflow: anything older can't fit.
+            need = int(budget.limit / max(correction.factor, 1e-9)) + 1
+            tail, has_older = repository.tail(conn, segments, tokens=need, after=after)
+            start = tail[0].position if tail else row.next_position
+            pinned = repository.pinned_before(conn, segments, start)
+        system = None
+        if row.system is not None:
+            system = Item(
+                position=-1,
+                message={"role": "system", "content": row.system},
+                tokens=row.system_tokens,
+            )
+        gap_pinned = [item.position for item in pinned if item.position > after]
+        older_from = after + 1
+        for position in gap_pinned:  # sorted: skip pinned ones at the very start
+            if position == older_from:
+                older_from += 1
+        state = State(
+            system=system,
+            pinned=pinned,
+            summary=summary,
+            tail=tail,
+            has_older=has_older,
+            older=max(0, start - (after + 1) - len(gap_pinned)),
+            older_from=older_from,
+        )
+        return state, budget
+
+    def state(self) -> State:
+        """What the strategy sees for the next request."""
+        return self._read_state()[0]
+
+    def context(self, *, tools: Sequence[Mapping[str, Any]] | None = None) -> Context:
+        """The exact messages the next request would send, with a token report."""
+        tool_tokens = self._counter.count_tools(tools) if tools else 0
+        state, budget = self._read_state(tools=tool_tokens)
+        return build(state, budget, self._strategy)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every stored message, oldest first, as OpenAI-format dicts."""
+        return [entry.message for entry in self.entries()]
+
+    def entries(self) -> list[repository.Entry]:
+        """Every stored message with its position, tokens, time, flags and metadata."""
+        with self._db.read() as conn:
+            self._fresh_row(conn)
+            return list(repository.entries(conn, self._lineage(conn)))
+
+    def __len__(self) -> int:
+        with self._db.read() as conn:
+            return self._fresh_row(conn).next_position
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.history())
+
+    # -- calibration -------------------------------------------------------------
+
+    def correction(self) -> Correction:
+        """The calibrated correction for this conversation's model (identity if none)."""
+        with self._db.read() as conn:
+            found = repository.get_calibration(conn, self.id, self.model)
+        if found is None:
+            return Correction()
+        return Correction(factor=found.factor, margin=found.margin)
+
+    def calibrate(self, *, counted: int, reported: int) -> Correction:
+        """Record what the server reported for a prompt we counted; return the new correction.
+
+        The factor follows the observed ratio (an exponential average that
+        never drops below the newest ratio, so one surprise is never averaged
+        away); a server that disagrees with us at all also gets a margin.
+        """
+        _check_positive("counted", counted)
+        _check_positive("reported", reported)
+        ratio = reported / counted
+        with self._db.write() as conn:
+            found = repository.get_calibration(conn, self.id, self.model)
+            if found is None:
+                factor, samples = ratio, 1
+            else:
+                factor = max(ratio, 0.7 * found.factor + 0.3 * ratio)
+                samples = found.samples + 1
+            exact = reported == counted and factor == 1.0
+            margin = 0 if exact else 16
+            repository.put_calibration(
+                conn,
+                {
+                    "conversation_id": self.id,
+                    "model": self.model,
+                    "factor": factor,
+                    "margin": margin,
+                    "samples": samples,
+                    "last_counted": counted,
+                    "last_reported": reported,
+                    "updated_at": repository.now(),
+                },
+                exists=found is not None,
+            )
+        return Correction(factor=factor, margin=margin)
+
+    # -- fork, delete, export ----------------------------------------------------
+
+    def fork(self, at: int | None = None, *, title: str | None = None) -> Conversation:
+        """A new conversation sharing messages ``0..at`` (default: all) with this one.
+
+        The shared messages are not copied; the fork points at this
+        conversation and numbers its own messages from ``at + 1``.
+        """
+        with self._db.write() as conn:
+            row = self._fresh_row(conn)
+            last = row.next_position - 1
+            if at is None:
+                at = last
+            if isinstance(at, bool) or not isinstance(at, int) or not -1 <= at <= last:
+                raise ConfigurationError(
+                    f"at must be a position from -1 to {last} (the last message), got {at!r}",
+                    conversation_id=self.id,
+                )
+            segments = [(self.id, at)]
+            if row.forked_from is not None:
+                segments += [
+                    seg for seg in self._lineage(conn)[1:] if seg[1] is None or seg[1] <= at
+                ]
+            count, tokens = repository.prefix_totals(conn, segments) if at >= 0 else (0, 0)
+            when = repository.now()
+            new_id = uuid.uuid4().hex
+            repository.insert_conversation(
+                conn,
+                {
+                    "id": new_id,
+                    "user_id": row.user_id,
+                    "title": title if title is not None else row.title,
+                    "model": row.model,
+                    "system": row.system,
+                    "system_tokens": row.system_tokens,
+                    "counter": row.counter,
+                    "settings": dumps(row.settings),
+                    "created_at": when,
+                    "updated_at": when,
+                    "forked_from": self.id if at >= 0 else None,
+                    "fork_position": at if at >= 0 else None,
+                    "next_position": at + 1,
+                    "message_count": count,
+                    "total_tokens": tokens,
+                },
+            )
+            child = repository.get_conversation(conn, new_id, row.user_id)
+        assert child is not None
+        return Conversation(self._memory, child)
+
+    def delete(self) -> None:
+        """Delete this conversation with its summaries and usage; forks keep their messages."""
+        with self._db.write() as conn:
+            row = self._fresh_row(conn)
+            repository.detach_forks(conn, row)
+            repository.delete_conversation(conn, row.id)
+
+    def export(self) -> str:
+        """JSONL: a header line with the conversation's metadata, then one message per line.
+
+        Each message line is the OpenAI-format message plus a ``convmem``
+        object (creation time, and pinned/complete/metadata when set).
+        ``Memory.import_conversation`` reads it back; exporting again gives the
+        same bytes. A fork is exported whole (shared messages included).
+        """
+        with self._db.read() as conn:
+            row = self._fresh_row(conn)
+            entries = list(repository.entries(conn, self._lineage(conn)))
+        return write_export(row, entries)

@@ -1,0 +1,340 @@
+"""Facts about chat models: tokenizer, context window, output limit, price.
+
+The facts are data (``models.json``, shipped in the package), not code: a
+:class:`ModelRegistry` is built from that table, and users add the models we
+don't know with :func:`register_model`. Lookups are exact first; a dated
+snapshot such as ``gpt-4o-2024-08-06`` or ``gpt-4-0613`` then resolves to the
+longest registered name it starts with (followed by ``-``), so only snapshots
+whose facts differ need their own row. Fine-tuned names
+(``ft:gpt-4o-mini-2024-07-18:org::id``) resolve through their base model.
+
+Besides the limits, each model carries the constants its counter needs: the
+per-tool overheads of the cookbook's ``num_tokens_for_tools`` approximation
+(which differ between the cl100k and the gpt-4o families) and the image tile
+costs. Prices are approximate list prices, dated in the table; they serve cost
+estimates, never budgeting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from conversation_memory.errors import ConfigurationError, UnknownModel
+
+__all__ = [
+    "ImageCost",
+    "ModelInfo",
+    "ModelRegistry",
+    "ToolConstants",
+    "default_registry",
+    "get_model",
+    "register_model",
+]
+
+# Encodings tiktoken knows; a model registered with another name could never be counted.
+_ENCODINGS = frozenset(
+    {"cl100k_base", "o200k_base", "o200k_harmony", "p50k_base", "p50k_edit", "r50k_base", "gpt2"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolConstants:
+    """Overheads of the cookbook's ``num_tokens_for_tools`` approximation."""
+
+    func_init: int
+    """Added per function definition."""
+    prop_init: int
+    """Added once per function that has properties."""
+    prop_key: int
+    """Added per property."""
+    enum_init: int
+    """Added per property with an ``enum`` (negative: the enum replaces some framing)."""
+    enum_item: int
+    """Added per enum value, besides the value's own tokens."""
+    func_end: int
+    """Added once per request that has tools."""
+
+
+# The cookbook's two measured families; o200k models other than gpt-4o(-mini) are assumed
+# to share the gpt-4o framing since they share its tokenizer and chat format.
+CL100K_TOOLS = ToolConstants(
+    func_init=10, prop_init=3, prop_key=3, enum_init=-3, enum_item=3, func_end=12
+)
+O200K_TOOLS = ToolConstants(
+    func_init=7, prop_init=3, prop_key=3, enum_init=-3, enum_item=3, func_end=12
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCost:
+    """Tokens of one image under the published tile rule."""
+
+    base: int = 85
+    """Tokens of a ``detail: low`` image, and the fixed part of a high-detail one."""
+    tile: int = 170
+    """Tokens per 512px tile of a high-detail image."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the library needs to know about one model."""
+
+    name: str
+    encoding: str
+    """tiktoken encoding name, e.g. ``o200k_base``."""
+    window: int
+    """Context window in tokens: prompt and reply together."""
+    max_output: int
+    """Most tokens one reply may have."""
+    input_price: float | None = None
+    """Approximate USD per 1M prompt tokens, or None when unknown."""
+    output_price: float | None = None
+    """Approximate USD per 1M completion tokens, or None when unknown."""
+    tool_constants: ToolConstants = field(default=O200K_TOOLS)
+    image_cost: ImageCost = field(default_factory=ImageCost)
+    prices_as_of: str | None = None
+    """Date of the price list the prices come from."""
+
+    def cost(self, prompt_tokens: int, completion_tokens: int = 0) -> float | None:
+        """Approximate USD cost of one request, or None when a price is unknown."""
+        if self.input_price is None or self.output_price is None:
+            return None
+        return (prompt_tokens * self.input_price + completion_tokens * self.output_price) / 1e6
+
+
+def _default_tools(encoding: str) -> ToolConstants:
+    return O200K_TOOLS if encoding.startswith("o200k") else CL100K_TOOLS
+
+
+def _positive_int(argument: str, value: object, model: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigurationError(
+            f"{argument} for model {model!r} must be a positive integer number of tokens, "
+            f"got {value!r}.",
+            model=model,
+            argument=argument,
+        )
+    return value
+
+
+def _price(argument: str, value: object, model: str) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigurationError(
+            f"{argument} for model {model!r} must be a non-negative number of USD per 1M "
+            f"tokens or None, got {value!r}.",
+            model=model,
+            argument=argument,
+        )
+    return float(value)
+
+
+def _make_info(
+    name: object,
+    *,
+    window: object,
+    max_output: object,
+    encoding: object,
+    input_price: object,
+    output_price: object,
+    tool_constants: ToolConstants | None,
+    image_cost: ImageCost | None,
+    prices_as_of: str | None,
+) -> ModelInfo:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(
+            f"name must be a non-empty model name, got {name!r}.", argument="name"
+        )
+    window = _positive_int("window", window, name)
+    max_output = _positive_int("max_output", max_output, name)
+    if max_output > window:
+        raise ConfigurationError(
+            f"max_output ({max_output}) for model {name!r} cannot exceed its window ({window}); "
+            "the window counts the prompt and the reply together.",
+            model=name,
+            argument="max_output",
+        )
+    if encoding not in _ENCODINGS:
+        raise ConfigurationError(
+            f"encoding for model {name!r} must be one of tiktoken's encodings "
+            f"({', '.join(sorted(_ENCODINGS))}), got {encoding!r}.",
+            model=name,
+            argument="encoding",
+        )
+    return ModelInfo(
+        name=name,
+        encoding=encoding,
+        window=window,
+        max_output=max_output,
+        input_price=_price("input_price", input_price, name),
+        output_price=_price("output_price", output_price, name),
+        tool_constants=tool_constants or _default_tools(encoding),
+        image_cost=image_cost or ImageCost(),
+        prices_as_of=prices_as_of,
+    )
+
+
+class ModelRegistry:
+    """A table of :class:`ModelInfo` keyed by model name.
+
+    Reads never lock: writers swap in a new dict, so a lookup sees either the
+    old table or the new one, never half of a change.
+    """
+
+    def __init__(self, models: Iterable[ModelInfo] = ()) -> None:
+        self._models: dict[str, ModelInfo] = {info.name: info for info in models}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def builtin(cls) -> ModelRegistry:
+        """A fresh registry holding the models shipped in ``models.json``."""
+        text = resources.files("conversation_memory").joinpath("models.json").read_text("utf-8")
+        return cls(_parse_table(json.loads(text)))
+
+    def get(self, name: str) -> ModelInfo:
+        """The facts for ``name``: exact match, else the longest registered prefix."""
+        info = self.find(name)
+        if info is None:
+            raise UnknownModel(
+                f"Unknown model {name!r}: it is not in the model registry, so its tokenizer "
+                f"and context window are unknown. Register it first, e.g. "
+                f"register_model({name!r}, window=..., max_output=..., encoding='o200k_base'), "
+                "or pass counter=... and budget=... explicitly.",
+                model=name,
+            )
+        return info
+
+    def find(self, name: str) -> ModelInfo | None:
+        """Like :meth:`get`, but None for an unknown model."""
+        models = self._models
+        if not isinstance(name, str):
+            return None
+        info = models.get(name)
+        if info is not None:
+            return info
+        if name.startswith("ft:"):
+            # ft:BASE:org:suffix:id — a fine-tune has its base model's facts.
+            return self.find(name[3:].split(":", 1)[0])
+        best: ModelInfo | None = None
+        for known, candidate in models.items():
+            if name.startswith(known + "-") and (best is None or len(known) > len(best.name)):
+                best = candidate
+        return best
+
+    def register(
+        self,
+        name: str,
+        *,
+        window: int,
+        max_output: int,
+        encoding: str = "cl100k_base",
+        input_price: float | None = None,
+        output_price: float | None = None,
+        tool_constants: ToolConstants | None = None,
+        image_cost: ImageCost | None = None,
+    ) -> ModelInfo:
+        """Add (or replace) a model; arguments are validated and named when wrong."""
+        info = _make_info(
+            name,
+            window=window,
+            max_output=max_output,
+            encoding=encoding,
+            input_price=input_price,
+            output_price=output_price,
+            tool_constants=tool_constants,
+            image_cost=image_cost,
+            prices_as_of=None,
+        )
+        with self._lock:
+            self._models = {**self._models, name: info}
+        return info
+
+    def names(self) -> list[str]:
+        """Registered model names, sorted."""
+        return sorted(self._models)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.find(name) is not None
+
+    def __iter__(self) -> Iterator[ModelInfo]:
+        return iter([self._models[name] for name in self.names()])
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __repr__(self) -> str:
+        return f"<ModelRegistry with {len(self._models)} models>"
+
+
+def _parse_table(table: Mapping[str, Any]) -> list[ModelInfo]:
+    tools = {
+        key: ToolConstants(**{k: v for k, v in value.items() if k != "about"})
+        for key, value in table["tool_formats"].items()
+    }
+    images = {
+        key: ImageCost(**{k: v for k, v in value.items() if k != "about"})
+        for key, value in table["image_formats"].items()
+    }
+    as_of = table["prices"]["as_of"]
+    infos = []
+    for name, row in table["models"].items():
+        encoding = row["encoding"]
+        infos.append(
+            _make_info(
+                name,
+                window=row["window"],
+                max_output=row["max_output"],
+                encoding=encoding,
+                input_price=row.get("input_price"),
+                output_price=row.get("output_price"),
+                tool_constants=tools[row.get("tools", encoding.removesuffix("_base"))],
+                image_cost=images[row.get("images", "tiles")],
+                prices_as_of=as_of,
+            )
+        )
+    return infos
+
+
+default_registry = ModelRegistry.builtin()
+"""The registry used when none is passed; :func:`register_model` adds to it."""
+
+
+def register_model(
+    name: str,
+    *,
+    window: int,
+    max_output: int,
+    encoding: str = "cl100k_base",
+    input_price: float | None = None,
+    output_price: float | None = None,
+    tool_constants: ToolConstants | None = None,
+    image_cost: ImageCost | None = None,
+) -> ModelInfo:
+    """Register a model in the default registry (see :meth:`ModelRegistry.register`)."""
+    return default_registry.register(
+        name,
+        window=window,
+        max_output=max_output,
+        encoding=encoding,
+        input_price=input_price,
+        output_price=output_price,
+        tool_constants=tool_constants,
+        image_cost=image_cost,
+    )
+
+
+def get_model(name: str) -> ModelInfo:
+    """Facts for ``name`` from the default registry; raises :class:`UnknownModel`."""
+    return default_registry.get(name)

@@ -1,0 +1,3 @@
+"""Persistence: tables (``schema``), connections (``database``), queries
+(``repository``) and migrations (``migrate``). Nothing above the engine
+imports from here."""

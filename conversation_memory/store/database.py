@@ -1,0 +1,281 @@
+"""Opening a database: URL handling, file checks, connection hygiene, transactions.
+
+All database hygiene lives here:
+
+* SQLite files get WAL, ``busy_timeout`` and ``foreign_keys=ON`` from one
+  connect-event listener, and pysqlite's own transaction handling is switched
+  off so that write transactions start with ``BEGIN IMMEDIATE``. A deferred
+  read-then-write transaction fails at once with SQLITE_BUSY_SNAPSHOT when
+  another writer got in between, ignoring ``busy_timeout``; taking the write
+  lock up front makes writers queue instead.
+* A path that exists must already be a SQLite file; it is inspected through a
+  read-only connection first so that a foreign, empty or corrupt file is
+  refused without a byte changed. New files are created with mode 0600.
+* PostgreSQL URLs without a driver get psycopg (version 3).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+from conversation_memory.errors import ConfigurationError, NotADatabase, StoreError
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+DEFAULT_BUSY_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a database lives, after parsing what the caller gave."""
+
+    url: str
+    path: Path | None
+    """The file, for SQLite files; None for in-memory SQLite and servers."""
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    def display(self) -> str:
+        """The URL with any password hidden, for error messages."""
+        try:
+            return make_url(self.url).render_as_string(hide_password=True)
+        except ArgumentError:
+            return self.url
+
+
+def parse_target(db: str | os.PathLike[str]) -> Target:
+    """Accept a filesystem path, ``:memory:``, or a SQLAlchemy URL."""
+    if isinstance(db, os.PathLike):
+        db = os.fspath(db)
+    if not isinstance(db, str) or not db.strip():
+        raise ConfigurationError(
+            f"db must be a file path or a database URL, got {db!r}; "
+            "pass e.g. 'chats.db' or 'postgresql://user@host/dbname'"
+        )
+    if db == ":memory:":
+        return Target("sqlite+pysqlite://", None)
+    if "://" not in db:
+        path = Path(db).expanduser().absolute()
+        return Target(f"sqlite+pysqlite:///{path}", path)
+    try:
+        url = make_url(db)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"db URL {db!r} cannot be parsed: {exc}") from None
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        database = url.database or ""
+        if database in ("", ":memory:"):
+            return Target("sqlite+pysqlite://", None)
+        path = Path(database).expanduser().absolute()
+        return Target(f"sqlite+pysqlite:///{path}", path)
+    if backend == "postgresql":
+        if url.get_driver_name() in ("psycopg2", "psycopg"):
+            url = url.set(drivername="postgresql+psycopg")
+        return Target(url.render_as_string(hide_password=False), None)
+    raise ConfigurationError(
+        f"db URL scheme {url.drivername!r} is not supported; "
+        "use a SQLite path or sqlite:///file.db, or postgresql://user@host/dbname"
+    )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a database holds before we touch it: table names and our schema revision."""
+
+    tables: frozenset[str]
+    revision: str | None
+
+
+def inspect_sqlite_file(path: Path, version_table: str) -> Snapshot | None:
+    """Read an existing file's tables without changing a byte; None if it doesn't exist.
+
+    This runs before any connection with our pragmas is made (switching to
+    WAL rewrites the file header), so a file that turns out not to be ours
+    is refused untouched.
+    """
+    if not path.exists():
+        return None
+    if path.is_dir():
+        raise NotADatabase(
+            f"{path} is a directory, not a database file; pass a file path such as "
+            f"{path / 'convmem.db'}",
+            path=str(path),
+        )
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise NotADatabase(f"{path} cannot be read: {exc.strerror}", path=str(path)) from None
+    if not header:
+        raise NotADatabase(
+            f"{path} is an empty (zero-length) file, not a conversation_memory database; "
+            "it was left untouched. Delete it or choose another path.",
+            path=str(path),
+        )
+    if header != SQLITE_HEADER:
+        raise NotADatabase(
+            f"{path} is not a SQLite database (wrong file header); it was left untouched. "
+            "Choose another path.",
+            path=str(path),
+        )
+    try:
+        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            tables = frozenset(
+                name
+                for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            )
+            revision = None
+            if version_table in tables:
+                found = con.execute(f"SELECT version_num FROM {version_table}").fetchone()
+                revision = found[0] if found else None
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise NotADatabase(
+            f"{path} is a damaged SQLite file ({exc}); it was left untouched. "
+            "Restore it from a backup or choose another path.",
+            path=str(path),
+        ) from None
+    return Snapshot(tables, revision)
+
+
+def create_sqlite_file(path: Path) -> None:
+    """Create an empty database file readable by its owner only."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create database file {path}: {exc.strerror}; "
+            "check the folder exists and is writable, or pass another path",
+            path=str(path),
+        ) from None
+    os.close(fd)
+
+
+def _sqlite_pragmas(busy_timeout_ms: int):
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Transactions are ours to begin (see module docstring).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            # FULL (SQLite's default) syncs the WAL on every commit: a stored
+            # turn survives power loss, not only a crash of the process.
+            cursor.execute("PRAGMA synchronous = FULL")
+        finally:
+            cursor.close()
+
+    return on_connect
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    mode = "IMMEDIATE" if conn.get_execution_options().get("convmem_write") else "DEFERRED"
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def make_engine(
+    target: Target,
+    *,
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    echo: bool = False,
+) -> Engine:
+    if target.is_sqlite:
+        if target.path is None:
+            # One shared in-memory database for all connections of this engine.
+            from sqlalchemy.pool import StaticPool
+
+            engine = create_engine(
+                target.url,
+                echo=echo,
+                poolclass=StaticPool,
+                connect_args={"check_same_thread": False},
+            )
+        else:
+            engine = create_engine(target.url, echo=echo, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    try:
+        return create_engine(target.url, echo=echo, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"the PostgreSQL driver is missing ({exc.name}); "
+            "install it with: pip install 'conversation-memory[postgres]'"
+        ) from None
+
+
+class Database:
+    """An engine plus the two kinds of transaction the store uses."""
+
+    def __init__(self, target: Target, engine: Engine) -> None:
+        self.target = target
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction (a consistent snapshot on both backends)."""
+        with self._translate(), self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: all or nothing, writers queue rather than fail."""
+        with (
+            self._translate(),
+            self.engine.connect().execution_options(convmem_write=True) as conn,
+            conn.begin(),
+        ):
+            yield conn
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except DBAPIError as exc:
+            orig = exc.orig
+            text = str(orig) if orig is not None else str(exc)
+            if "database is locked" in text:
+                raise StoreError(
+                    f"the database {self.target.display()} stayed locked by another "
+                    "writer longer than busy_timeout; retry, or raise busy_timeout_ms",
+                ) from exc
+            if isinstance(orig, sqlite3.DatabaseError) and (
+                "malformed" in text or "not a database" in text
+            ):
+                raise NotADatabase(
+                    f"{self.target.display()} is damaged ({text})", path=str(self.target.path)
+                ) from exc
+            raise
+
+    def dispose(self) -> None:
+        with suppress(Exception):
+            self.engine.dispose()
+
+
+__all__ = [
+    "Database",
+    "Snapshot",
+    "Target",
+    "create_sqlite_file",
+    "inspect_sqlite_file",
+    "make_engine",
+    "parse_target",
+]

@@ -1,0 +1,183 @@
+"""The tables, as SQLAlchemy Core metadata (the migrations must agree with it).
+
+Model: a conversation owns an append-only list of messages numbered by
+``position`` (0-based, gap-free). A fork points at its parent and the last
+parent position it shares (``fork_position``) instead of copying the prefix,
+and numbers its own messages from ``fork_position + 1``. Summaries are their
+own rows naming the range they cover; nothing ever rewrites a message. The
+conversation row carries running totals and the next position, so listing
+conversations and appending a message never aggregate over messages.
+
+JSON values (content parts, tool calls, settings, metadata) are stored as text
+in one canonical encoding, so exports round-trip byte for byte on every
+backend.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+    true,
+)
+
+VERSION_TABLE = "convmem_version"
+"""Alembic's version table, named so it can't collide with an app's own."""
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+# SQLite only makes INTEGER PRIMARY KEY an alias of the rowid (and so
+# autoincrementing); BIGINT there would not be.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user_id", String(255), nullable=False),
+    Column("title", Text, nullable=True),
+    Column("model", String(255), nullable=False),
+    Column("system", Text, nullable=True),
+    Column("system_tokens", Integer, nullable=False, server_default=text("0")),
+    Column("counter", String(128), nullable=False),
+    Column("settings", Text, nullable=False, server_default=text("'{}'")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    # NO ACTION (checked at the end of the statement): erasing a user deletes a
+    # parent and its forks in one statement. Deleting one conversation first
+    # hands its forks the messages they share (see repository.delete).
+    Column("forked_from", String(64), ForeignKey("conversations.id"), nullable=True),
+    Column("fork_position", Integer, nullable=True),
+    Column("next_position", Integer, nullable=False, server_default=text("0")),
+    Column("message_count", Integer, nullable=False, server_default=text("0")),
+    Column("total_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Index("ix_conversations_user_updated", "user_id", "updated_at"),
+    Index("ix_conversations_forked_from", "forked_from"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column(
+        "conversation_id",
+        String(64),
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("position", Integer, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("content", Text, nullable=True),
+    Column("parts", Text, nullable=True),
+    Column("name", String(255), nullable=True),
+    Column("tool_calls", Text, nullable=True),
+    Column("tool_call_id", String(255), nullable=True),
+    Column("tokens", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("meta", Text, nullable=True),
+    Column("complete", Boolean, nullable=False, server_default=true()),
+    Column("pinned", Boolean, nullable=False, server_default=false()),
+    # The unique index doubles as the tail index: newest-first reads walk it
+    # backwards from the end of one conversation.
+    UniqueConstraint("conversation_id", "position"),
+    Index(
+        "ix_messages_pinned",
+        "conversation_id",
+        "position",
+        sqlite_where=text("pinned"),
+        postgresql_where=text("pinned"),
+    ),
+)
+
+summaries = Table(
+    "summaries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column(
+        "conversation_id",
+        String(64),
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("start_position", Integer, nullable=False),
+    Column("end_position", Integer, nullable=False),
+    Column("level", Integer, nullable=False, server_default=text("0")),
+    Column("text", Text, nullable=False),
+    Column("tokens", Integer, nullable=False),
+    Column("strategy", String(128), nullable=False),
+    Column("model", String(255), nullable=False),
+    Column("prompt_version", String(64), nullable=False),
+    Column(
+        "based_on",
+        Id,
+        ForeignKey("summaries.id", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    # Concurrent compactions of one range produce one row: the loser's insert fails.
+    UniqueConstraint("conversation_id", "start_position", "end_position", "level"),
+    Index("ix_summaries_conversation_end", "conversation_id", "end_position"),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column(
+        "conversation_id",
+        String(64),
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("kind", String(32), nullable=False),
+    Column("model", String(255), nullable=False),
+    Column("position", Integer, nullable=True),
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("completion_tokens", Integer, nullable=True),
+    Column("counted_prompt_tokens", Integer, nullable=True),
+    Column("latency_ms", Float, nullable=True),
+    Column("finish_reason", String(32), nullable=True),
+    Column("request_id", String(255), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_usage_conversation", "conversation_id", "id"),
+)
+
+calibrations = Table(
+    "calibrations",
+    metadata,
+    Column(
+        "conversation_id",
+        String(64),
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("model", String(255), primary_key=True),
+    Column("factor", Float, nullable=False),
+    Column("margin", Integer, nullable=False),
+    Column("samples", Integer, nullable=False),
+    Column("last_counted", Integer, nullable=False),
+    Column("last_reported", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,106 @@
+"""The plain values that flow between the store, the budget code and strategies.
+
+The store turns rows into these; strategies and the budget code see nothing
+else, so they stay pure (no I/O) and the sync and async engines share them.
+Messages are OpenAI chat-format dicts throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = Mapping[str, Any]
+"""An OpenAI chat-format message: ``{"role": ..., "content": ...}`` and friends."""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One stored message as the budget sees it."""
+
+    position: int
+    """Place in the conversation, 0-based, gap-free."""
+    message: Message
+    tokens: int
+    """Counted once when stored, with the per-message overhead included."""
+    pinned: bool = False
+    """Pinned messages are always sent, like the system prompt."""
+    complete: bool = True
+    """False for a reply that was cut off (e.g. an abandoned stream)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A stored summary of positions ``start..end`` (inclusive)."""
+
+    start: int
+    end: int
+    text: str
+    tokens: int
+    """Tokens of the summary message as sent (overhead included)."""
+    level: int = 0
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """How far a server's own token count runs from ours: ``ours * factor + margin``."""
+
+    factor: float = 1.0
+    margin: int = 0
+
+    def apply(self, counted: int) -> int:
+        return int(-(-counted * self.factor // 1)) + self.margin
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Prompt budget: what may be sent is ``window - reserve - tools - margin``."""
+
+    window: int
+    """The model's context window in tokens."""
+    reserve: int = 0
+    """Tokens kept free for the reply (max_tokens)."""
+    tools: int = 0
+    """Tokens taken by tool definitions sent with the request."""
+    margin: int = 0
+    """Extra safety margin."""
+    cap: int | None = None
+    """A caller's own cap on prompt tokens (``budget=``), tool definitions included."""
+    correction: Correction = field(default_factory=Correction)
+    """Calibration against the server's reported counts."""
+
+    @property
+    def limit(self) -> int:
+        """Prompt tokens allowed, as the server counts them (messages + priming)."""
+        limit = self.window - self.reserve - self.tools - self.margin
+        if self.cap is not None:
+            limit = min(limit, self.cap - self.tools)
+        return limit
+
+    def fits(self, counted: int) -> bool:
+        """Whether ``counted`` of our tokens stays within the limit after correction."""
+        return self.correction.apply(counted) <= self.limit
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """What a strategy gets: the conversation as far as the store read it.
+
+    ``tail`` holds the newest messages in order; the store reads back from the
+    end until at least the budget is covered (or the summary/start is reached),
+    so anything older than ``tail`` could not fit anyway. ``pinned`` are pinned
+    messages older than ``tail``.
+    """
+
+    system: Item | None
+    pinned: Sequence[Item]
+    summary: Summary | None
+    tail: Sequence[Item]
+    has_older: bool = False
+    """True when messages older than ``tail`` (and not covered by ``summary``) exist."""
+    older: int = 0
+    """How many of those there are, pinned ones excepted (they were not read)."""
+    older_from: int = 0
+    """Position of the oldest of them (just after the summary, or 0)."""

@@ -1,0 +1,436 @@
+"""The payload validator, unit repair, build/explain and the plain-list ``fit``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from conversation_memory.budget import (
+    Context,
+    Selection,
+    build,
+    explain,
+    fit,
+    group_units,
+    summary_message,
+    validate,
+)
+from conversation_memory.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    InvalidPayload,
+    UnknownModel,
+)
+from conversation_memory.types import Budget, Correction, Item, State, Summary
+
+
+def call(call_id: str, name: str = "lookup") -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}
+
+
+def calls(*ids: str, content: str | None = None) -> dict[str, Any]:
+    return {"role": "assistant", "content": content, "tool_calls": [call(i) for i in ids]}
+
+
+def result(call_id: str, content: str = "42") -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+def user(text: str = "hi") -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str = "hello") -> dict[str, Any]:
+    return {"role": "assistant", "content": text}
+
+
+SYSTEM = {"role": "system", "content": "You are terse."}
+
+
+class CharCounter:
+    """A tokenizer-free counter: 3 per message plus one token per 4 characters of content."""
+
+    name = "chars"
+
+    def count_text(self, text: str) -> int:
+        return -(-len(text) // 4)
+
+    def count_message(self, message: Mapping[str, Any]) -> int:
+        content = message.get("content")
+        text = content if isinstance(content, str) else repr(content or "")
+        return 3 + self.count_text(text) + 5 * len(message.get("tool_calls") or ())
+
+    def count_tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
+        return 10 * len(tools or ())
+
+
+def items(*messages: Mapping[str, Any], tokens: int = 10, pinned: Sequence[int] = ()) -> list[Item]:
+    return [
+        Item(position=p, message=m, tokens=tokens, pinned=p in pinned)
+        for p, m in enumerate(messages)
+    ]
+
+
+# --- validate -------------------------------------------------------------------------
+
+
+def test_valid_payloads_pass() -> None:
+    validate([SYSTEM, user()])
+    validate([user(), calls("a", "b"), result("b"), result("a"), assistant()])
+    validate([user(), calls("a", content="Let me look."), result("a")])
+    validate(
+        [
+            {"role": "developer", "content": [{"type": "text", "text": "rules"}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                ],
+                "name": "ann",
+            },
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("messages", "index", "field", "words"),
+    [
+        ([{"role": "bot", "content": "x"}], 0, "role", "'bot'"),
+        ([{"role": "user"}], 0, "content", "missing"),
+        ([{"role": "assistant", "content": None}], 0, "content", "tool_calls"),
+        ([{"role": "user", "content": 3}], 0, "content", "int"),
+        ([{"role": "user", "content": []}], 0, "content", "empty"),
+        (
+            [{"role": "system", "content": [{"type": "image_url", "image_url": {}}]}],
+            0,
+            "content[0]",
+            "'image_url'",
+        ),
+        ([{"role": "user", "content": [{"type": "text", "text": 1}]}], 0, "content[0].text", ""),
+        ([user(), {"role": "user", "content": "x", "name": 5}], 1, "name", "string"),
+        ([{"role": "user", "content": "x", "tool_calls": [call("a")]}], 0, "tool_calls", "user"),
+        ([user(), {"role": "assistant", "content": "x", "tool_calls": []}], 1, "tool_calls", ""),
+        ([user(), calls("a", "a"), result("a")], 1, "tool_calls[1].id", "repeats 'a'"),
+        (
+            [user(), {"role": "assistant", "content": None, "tool_calls": [{"id": "a"}]}],
+            1,
+            "tool_calls[0]",
+            "function",
+        ),
+        ([user(), result("a")], 1, "tool_call_id", "must follow"),
+        ([result("a")], 0, "tool_call_id", "must follow"),
+        ([user(), calls("a"), result("b")], 2, "tool_call_id", "answers no call"),
+        ([user(), calls("a", "b"), result("a"), result("a")], 3, "tool_call_id", "already"),
+        ([user(), calls("a"), user(), result("a")], 2, "role", "not answered"),
+        ([user(), calls("a", "b"), result("a")], 1, "tool_calls", "['b']"),
+        ([user(), calls("a"), result("a"), result("a")], 3, "tool_call_id", "already"),
+        ([user(), {"role": "tool", "content": "x"}], 1, "tool_call_id", "must name"),
+    ],
+)
+def test_each_rule_names_index_and_field(
+    messages: list[dict[str, Any]], index: int, field: str, words: str
+) -> None:
+    with pytest.raises(InvalidPayload) as info:
+        validate(messages)
+    assert info.value.index == index
+    assert info.value.field == field
+    assert str(info.value).startswith(f"message {index}: {field} ")
+    assert words in str(info.value)
+
+
+def test_empty_and_non_list_payloads_are_refused() -> None:
+    with pytest.raises(InvalidPayload, match="empty"):
+        validate([])
+    with pytest.raises(InvalidPayload, match="list"):
+        validate({"role": "user", "content": "x"})  # type: ignore[arg-type]
+    with pytest.raises(InvalidPayload, match="message 1: is a str"):
+        validate([user(), "hello"])  # type: ignore[list-item]
+
+
+def test_tool_results_of_a_later_call_cannot_answer_an_earlier_one() -> None:
+    with pytest.raises(InvalidPayload, match="answers no call of the assistant message 3"):
+        validate([user(), calls("a"), result("a"), calls("b"), result("a")])
+
+
+# --- units and repair -----------------------------------------------------------------
+
+
+def test_answered_unit_is_one_unit_unchanged() -> None:
+    history = items(user(), calls("a", "b"), result("b"), result("a"), assistant())
+    units = group_units(history)
+    assert [len(u.source) for u in units] == [1, 3, 1]
+    assert units[1].items == tuple(history[1:4])
+    assert units[1].repaired == ()
+    assert units[1].tokens == 30
+    assert units[0].has_user
+    assert not units[1].has_user
+
+
+def test_unanswered_calls_are_taken_out() -> None:
+    history = items(user(), calls("a", "b", "c"), result("c"), user("next"))
+    unit = group_units(history)[1]
+    assert unit.repaired == (1,)
+    sent = unit.items[0].message
+    assert [c["id"] for c in sent["tool_calls"]] == ["c"]
+    assert history[1].message["tool_calls"][0]["id"] == "a"  # the stored one is untouched
+    assert unit.items[0].tokens == 10  # stored count kept: an upper bound
+    validate([m.message for m in (history[0], *unit.items, history[3])])
+
+
+def test_unanswered_call_with_text_keeps_the_text() -> None:
+    unit = group_units(items(calls("a", content="Checking."), user()))[0]
+    assert unit.items[0].message == {"role": "assistant", "content": "Checking."}
+    assert unit.repaired == (0,)
+
+
+def test_unanswered_call_without_text_leaves_the_message_out() -> None:
+    units = group_units(items(user(), calls("a"), user("are you there?")))
+    assert units[1].items == ()
+    assert units[1].tokens == 0
+    assert units[1].repaired == (1,)
+
+
+def test_orphans_and_duplicate_answers_are_not_sent() -> None:
+    history = items(result("x"), user(), calls("a"), result("a"), result("a"), result("z"))
+    units = group_units(history)
+    assert [u.items for u in units] == [(), (history[1],), tuple(history[2:4])]
+    assert [len(u.source) for u in units] == [1, 1, 4]
+    assert sum(len(u.source) for u in units) == len(history)
+
+
+def test_empty_tool_calls_are_removed() -> None:
+    message = {"role": "assistant", "content": "done", "tool_calls": []}
+    unit = group_units(items(message))[0]
+    assert unit.items[0].message == {"role": "assistant", "content": "done"}
+
+
+def test_pinning_one_member_pins_the_unit() -> None:
+    units = group_units(items(calls("a"), result("a"), pinned=[1]))
+    assert units[0].pinned
+
+
+# --- summary message, build, explain --------------------------------------------------
+
+
+def test_summary_message_is_a_separate_marked_system_message() -> None:
+    message = summary_message(Summary(start=1, end=9, text="They met.", tokens=12))
+    assert message["role"] == "system"
+    assert message["content"].startswith("Summary of the earlier conversation (messages 1 to 9):")
+    assert message["content"].endswith("\nThey met.")
+
+
+def state_with_summary() -> State:
+    history = items(
+        SYSTEM,
+        user("remember 7"),
+        assistant("ok"),
+        user("a"),
+        assistant("b"),
+        user("c"),
+        calls("q", "r"),
+        result("q"),
+        user("d"),
+        pinned=[1],
+    )
+    return State(
+        system=history[0],
+        pinned=[history[1]],
+        summary=Summary(start=2, end=3, text="they chatted", tokens=20),
+        tail=history[4:],
+    )
+
+
+def test_build_places_summary_after_pinned_and_before_tail() -> None:
+    context = build(state_with_summary(), Budget(window=200, reserve=50), "truncate")
+    assert isinstance(context, Context)
+    roles = [m["role"] for m in context.messages]
+    assert roles == ["system", "user", "system", "assistant", "user", "assistant", "tool", "user"]
+    assert context.messages[0] == SYSTEM
+    assert context.messages[2]["content"].startswith("Summary of the earlier conversation")
+    assert context.messages[5]["tool_calls"] == [call("q")]
+    report = context.report
+    assert (report.system, report.pinned, report.summary, report.messages) == (10, 10, 20, 50)
+    assert (report.priming, report.total, report.limit) == (3, 93, 150)
+    assert report.utilization == pytest.approx(93 / 150)
+    assert report.repaired == (6,)
+    assert (report.dropped, report.first_dropped, report.last_dropped) == (0, None, None)
+    assert report.sent == 8
+    assert report.strategy == "truncate"
+
+
+def test_build_report_counts_drops_and_explain_says_so() -> None:
+    context = build(state_with_summary(), Budget(window=80, tools=7), "truncate")
+    report = context.report
+    assert report.total <= report.limit == 73
+    assert report.dropped == 2
+    assert (report.first_dropped, report.last_dropped) == (4, 5)
+    assert report.prompt == report.total + 7
+    text = explain(context)
+    assert text.splitlines()[0].startswith(f"strategy truncate: {report.total} of 73 prompt tokens")
+    assert "dropped the oldest 2 messages (positions 4 to 5)" in text
+    assert "tools" in text
+    assert "repaired unanswered tool calls at positions 6" in text
+
+
+def test_explain_mentions_calibration_and_a_summary_left_out() -> None:
+    state = state_with_summary()
+    budget = Budget(window=60, correction=Correction(factor=1.1, margin=2))
+    context = build(state, budget, "truncate")
+    assert context.summary is None
+    assert context.report.summary_omitted
+    assert context.report.corrected == budget.correction.apply(context.report.total)
+    assert budget.fits(context.report.total)
+    text = explain(context)
+    assert "left out: no room" in text
+    assert "corrected" in text
+
+
+def test_build_reports_orphans_and_covered_messages() -> None:
+    history = items(SYSTEM, user(), calls("a"), result("a"), result("a"), user("x"), assistant())
+    state = State(
+        system=history[0],
+        pinned=(),
+        summary=Summary(start=1, end=1, text="s", tokens=5),
+        tail=history[1:],
+    )
+    context = build(state, Budget(window=500), "truncate")
+    assert context.report.orphaned == (4,)
+    assert context.report.covered == 1
+    assert "without their call at positions 4" in explain(context)
+    assert "left out 1 message the summary covers" in explain(context)
+
+
+def test_build_raises_when_system_pinned_and_newest_cannot_fit() -> None:
+    history = items(SYSTEM, user("old"), assistant(), user("new"), pinned=[1], tokens=30)
+    state = State(system=history[0], pinned=[history[1]], summary=None, tail=history[2:])
+    with pytest.raises(BudgetExceeded) as info:
+        build(state, Budget(window=100, reserve=20), "truncate")
+    error = info.value
+    assert (error.system, error.pinned, error.newest, error.needed, error.limit) == (
+        30,
+        30,
+        30,
+        93,
+        80,
+    )
+    assert "window 100 - reserve 20" in str(error)
+    assert "bigger budget" in str(error)
+    assert "shorter system prompt" in str(error)
+
+
+def test_build_checks_what_a_custom_strategy_returns() -> None:
+    history = items(SYSTEM, user(), assistant(), user())
+    state = State(system=history[0], pinned=(), summary=None, tail=history[1:])
+
+    def everything(state: State, budget: Budget) -> Selection:
+        return Selection(items=tuple(history), summary=None, dropped=())
+
+    def backwards(state: State, budget: Budget) -> Selection:
+        return Selection(items=(history[0], history[3], history[1]), summary=None, dropped=())
+
+    def no_system(state: State, budget: Budget) -> Selection:
+        return Selection(items=(history[3],), summary=None, dropped=())
+
+    def broken(state: State, budget: Budget) -> Selection:
+        return Selection(items=(history[0], Item(9, result("a"), 1)), summary=None, dropped=())
+
+    assert build(state, Budget(window=100), everything).report.strategy == "everything"
+    with pytest.raises(BudgetExceeded, match="strategy 'everything' chose 43 prompt tokens"):
+        build(state, Budget(window=40), everything)
+    with pytest.raises(InvalidPayload, match="order"):
+        build(state, Budget(window=100), backwards)
+    with pytest.raises(InvalidPayload, match="system prompt"):
+        build(state, Budget(window=100), no_system)
+    with pytest.raises(InvalidPayload, match="message 1: tool_call_id"):
+        build(state, Budget(window=100), broken)
+    with pytest.raises(ConfigurationError, match="not a Selection"):
+        build(state, Budget(window=100), lambda s, b: [])
+
+
+def test_build_without_tail_puts_summary_last() -> None:
+    system = Item(0, SYSTEM, 5)
+    summary = Summary(start=1, end=4, text="all of it", tokens=9)
+    context = build(State(system=system, pinned=(), summary=summary, tail=()), Budget(100))
+    assert [m["role"] for m in context.messages] == ["system", "system"]
+    assert context.report.total == 17
+
+
+def test_build_returns_copies_of_the_stored_messages() -> None:
+    history = items(SYSTEM, user())
+    context = build(State(history[0], (), None, history[1:]), Budget(100))
+    context.messages[1]["content"] = "changed"
+    assert history[1].message["content"] == "hi"
+
+
+# --- fit ------------------------------------------------------------------------------
+
+
+def test_fit_keeps_system_and_drops_oldest_turns() -> None:
+    messages = [SYSTEM, {"role": "developer", "content": "be kind"}]
+    for n in range(10):
+        messages += [user(f"question {n} " * 5), assistant(f"answer {n} " * 5)]
+    messages.append(user("last"))
+    counter = CharCounter()
+    kept = fit(messages, budget=100, counter=counter)
+    assert kept[:2] == messages[:2]
+    assert kept[-1] == messages[-1]
+    assert kept == messages[:2] + messages[len(messages) - len(kept) + 2 :]
+    assert sum(counter.count_message(m) for m in kept) + 3 <= 100
+    assert fit(messages, budget=10_000, counter=counter) == messages
+
+
+def test_fit_counts_tools_against_the_budget() -> None:
+    messages = [SYSTEM] + [user("x" * 40), assistant("y" * 40)] * 5 + [user("z")]
+    counter = CharCounter()
+    without = fit(messages, model="my-local-model", budget=120, counter=counter)
+    with_tools = fit(
+        messages, model="my-local-model", budget=120, tools=[{}, {}, {}], counter=counter
+    )
+    assert len(with_tools) <= len(without)
+    assert with_tools[-1] == messages[-1]
+
+
+def test_fit_uses_the_model_window_by_default() -> None:
+    messages = [SYSTEM, user("hello")]
+    assert fit(messages, model="gpt-4o", counter=CharCounter()) == messages
+    huge = [SYSTEM, user("x" * 4 * 200_000)]
+    with pytest.raises(BudgetExceeded, match="window 128000 - reserve 4096"):
+        fit(huge, model="gpt-4o", counter=CharCounter())
+
+
+def test_fit_raises_when_impossible() -> None:
+    with pytest.raises(BudgetExceeded, match="need 29 prompt tokens"):
+        fit(
+            [{"role": "system", "content": "s" * 40}, user("u" * 40)],
+            budget=20,
+            counter=CharCounter(),
+        )
+
+
+def test_fit_repairs_and_validates() -> None:
+    messages = [user("q"), calls("a", "b"), result("a"), user("well?")]
+    kept = fit(messages, budget=1000, counter=CharCounter())
+    assert kept[1]["tool_calls"] == [call("a")]
+    with pytest.raises(InvalidPayload, match="role"):
+        fit([{"role": "robot", "content": "x"}], budget=1000, counter=CharCounter())
+
+
+def test_fit_argument_errors() -> None:
+    with pytest.raises(UnknownModel):
+        fit([user()], model="my-local-model", counter=CharCounter())
+    with pytest.raises(ConfigurationError, match="budget"):
+        fit([user()], budget="100", counter=CharCounter())  # type: ignore[arg-type]
+    with pytest.raises(InvalidPayload, match="list"):
+        fit("hello", budget=100, counter=CharCounter())  # type: ignore[arg-type]
+
+
+def test_a_system_prompt_kept_apart_from_the_messages_comes_first() -> None:
+    system = Item(-1, SYSTEM, 5)  # the engine stores it outside the message positions
+    history = items(user(), assistant(), user("again"))
+    context = build(State(system, (), Summary(0, 0, "s", 4), history[1:]), Budget(100))
+    assert [m["role"] for m in context.messages] == ["system", "system", "assistant", "user"]
+    assert context.report.system == 5

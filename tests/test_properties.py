@@ -1,0 +1,332 @@
+"""Hypothesis: every context the built-in strategies build obeys the budget rules.
+
+Histories have system prompts, pinned messages, parallel tool calls answered in
+any order (or never: a crash, a user who typed first), ``content=None`` on
+tool-calling assistants, orphan and duplicate tool results, unicode, empty and
+huge messages, a summary, and budgets from tiny to large. For each, the context
+is either built and checked against every rule, or refused with
+``BudgetExceeded`` because what must be sent can't fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from conversation_memory.budget import (
+    Context,
+    Selection,
+    build,
+    fit,
+    summary_message,
+    validate,
+)
+from conversation_memory.errors import BudgetExceeded, InvalidPayload
+from conversation_memory.strategies import TRUNCATE, Strategy, Window
+from conversation_memory.tokens import REPLY_PRIMING
+from conversation_memory.types import Budget, Correction, Item, State, Summary
+
+T = TypeVar("T")
+
+SAMPLES = [
+    "",
+    "hi",
+    "héllo wörld",
+    "日本語のテキスト",
+    "🙂👍🏽" * 3,
+    "a\nb\tc",
+    "e\u0301\u200d",
+    "שלום",
+    "x" * 5000,
+]
+texts = st.sampled_from(SAMPLES)  # one draw each: generation dominates the run time
+any_texts = texts | st.text(max_size=20)
+token_counts = st.integers(1, 105).map(lambda n: n if n <= 100 else (n - 100) * 600)
+"""Mostly small counts, sometimes huge messages (up to 3,000 tokens)."""
+
+
+@st.composite
+def messages(
+    draw: st.DrawFn, text: st.SearchStrategy[str] = texts
+) -> list[tuple[dict[str, Any], bool]]:
+    """A history as (message, pinned) pairs, without the system prompt."""
+    out: list[tuple[dict[str, Any], bool]] = []
+    calls_made = 0
+    pin = st.integers(0, 9).map(lambda n: n == 0)
+    for kind in draw(st.lists(st.sampled_from("uuuaattos"), min_size=1, max_size=20)):
+        if kind == "u":
+            out.append(({"role": "user", "content": draw(text)}, draw(pin)))
+        elif kind == "a":
+            out.append(({"role": "assistant", "content": draw(text)}, draw(pin)))
+        elif kind == "s":
+            out.append(({"role": "system", "content": draw(text)}, draw(pin)))
+        elif kind == "o":  # an orphan result: its call is nowhere
+            calls_made += 1
+            out.append(
+                ({"role": "tool", "tool_call_id": f"lost{calls_made}", "content": "r"}, False)
+            )
+        else:
+            ids = [f"call{calls_made + n}" for n in range(draw(st.integers(1, 3)))]
+            calls_made += len(ids)
+            content = draw(st.none() | text)
+            call = {
+                "role": "assistant",
+                "content": content,
+                "tool_calls": [
+                    {"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    for i in ids
+                ],
+            }
+            out.append((call, draw(pin)))
+            # answered in any order, some perhaps never, some perhaps twice
+            answered = draw(st.lists(st.sampled_from(ids), max_size=len(ids) + 1))
+            if draw(st.integers(0, 3)) > 0:
+                answered = list(dict.fromkeys(answered)) or ids
+            for i in answered:
+                out.append(({"role": "tool", "tool_call_id": i, "content": draw(text)}, draw(pin)))
+    return out
+
+
+@st.composite
+def states(draw: st.DrawFn) -> State:
+    system = None
+    if draw(st.booleans()):  # stored as message 0, or apart from the messages (-1)
+        position = draw(st.sampled_from([0, -1]))
+        system = Item(position, {"role": "system", "content": draw(texts)}, draw(token_counts))
+    offset = 1 if system is not None and system.position == 0 else 0
+    history = [
+        Item(n + offset, message, draw(token_counts), pinned=pinned)
+        for n, (message, pinned) in enumerate(draw(messages()))
+    ]
+    start = draw(st.just(0) | st.integers(0, len(history)))  # the tail may start mid-unit
+    older = history[:start]
+    summary = None
+    if older and draw(st.booleans()):
+        end = draw(st.integers(older[0].position, older[-1].position))
+        summary = Summary(older[0].position, end, draw(texts), draw(token_counts))
+    return State(
+        system=system,
+        pinned=[item for item in older if item.pinned],
+        summary=summary,
+        tail=history[start:],
+        has_older=bool(older),
+    )
+
+
+corrections = st.builds(
+    Correction, factor=st.sampled_from([1.0, 1.0, 0.9, 1.25]), margin=st.integers(0, 20)
+)
+
+
+@st.composite
+def budgets_for(draw: st.DrawFn, state: State) -> Budget:
+    """Budgets from tiny to large, most of them around the size of the history."""
+    size = sum(i.tokens for i in (*state.pinned, *state.tail)) + REPLY_PRIMING
+    size += (state.system.tokens if state.system else 0) + 50
+    window = draw(st.integers(size // 3, size) | st.integers(1, size) | st.integers(1, 200_000))
+    return Budget(
+        window=window + 100,
+        reserve=draw(st.integers(0, 100)),
+        tools=draw(st.integers(0, 20)),
+        margin=draw(st.integers(0, 10)),
+        cap=draw(st.none() | st.none() | st.integers(1, 5000)),
+        correction=draw(corrections),
+    )
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[State, Budget]:
+    state = draw(states())
+    return state, draw(budgets_for(state))
+
+
+strategies = st.just(TRUNCATE) | st.builds(Window, turns=st.integers(1, 4))
+
+
+def units_of(items: Sequence[Item]) -> list[list[Item]]:
+    """An assistant message with tool_calls and the tool messages right after it; else one each."""
+    units: list[list[Item]] = []
+    for item in items:
+        role = item.message["role"]
+        if role == "tool" and units and units[-1][0].message.get("tool_calls") is not None:
+            units[-1].append(item)
+        else:
+            units.append([item])
+    return units
+
+
+def attempt(run: Callable[[], T]) -> T | BudgetExceeded | InvalidPayload:
+    try:
+        return run()
+    except (BudgetExceeded, InvalidPayload) as error:
+        return error
+
+
+def live_tail(state: State) -> list[Item]:
+    """Tail items the summary does not stand in for."""
+    end = state.summary.end if state.summary else -1
+    return [i for i in state.tail if i.pinned or i.position > end]
+
+
+def check_refusal(error: BudgetExceeded, state: State, budget: Budget) -> None:
+    assert error.needed > error.limit == budget.limit
+    assert error.needed == budget.correction.apply(
+        error.system + error.pinned + error.newest + REPLY_PRIMING
+    )
+    assert error.system == (state.system.tokens if state.system else 0)
+    users = [i for i in live_tail(state) if i.message["role"] == "user"]
+    if users:
+        assert error.newest >= users[-1].tokens
+
+
+def check_budget_and_order(context: Context, state: State, budget: Budget) -> None:
+    sent, messages = context.items, context.messages
+    validate(messages)
+    total = sum(i.tokens for i in sent) + REPLY_PRIMING
+    total += context.summary.tokens if context.summary else 0
+    assert context.report.total == total
+    assert budget.fits(total)
+    assert context.report.sent == len(messages) == len(sent) + (context.summary is not None)
+    where = [i.position for i in sent]
+    assert where == sorted(set(where))
+    if state.system is not None:
+        assert sent[0] is state.system
+        assert messages[0] == state.system.message
+    if context.summary is not None:
+        at = messages.index(summary_message(context.summary))
+        tail_start = state.tail[0].position if state.tail else float("inf")
+        assert all(i.position < tail_start for i in sent[:at])
+        assert all(i.position >= tail_start for i in sent[at:])
+    elif state.summary is not None:
+        assert context.report.summary_omitted
+        assert not budget.fits(total + state.summary.tokens)
+
+
+def check_kept(context: Context, state: State) -> None:
+    by_position = {i.position: i for i in context.items}
+    for item in (*state.pinned, *live_tail(state)):
+        if item.pinned and item.message["role"] in ("user", "system", "developer"):
+            assert by_position[item.position].message == item.message
+        if item.pinned and item.message["role"] == "assistant" and item.message["content"]:
+            assert item.position in by_position
+    users = [i for i in live_tail(state) if i.message["role"] == "user"]
+    if users:
+        assert users[-1].position in by_position
+
+
+def check_dropped(selection: Selection, state: State, strategy: Strategy) -> None:
+    sent = {i.position for i in selection.items}
+    dropped = [i.position for i in selection.dropped]
+    assert dropped == sorted(set(dropped))
+    assert not sent & set(dropped)
+    seen_kept = False
+    for unit in units_of(live_tail(state)):
+        members = {i.position for i in unit}
+        kept = bool(members & sent)
+        gone = bool(members & set(dropped))
+        assert not (kept and gone)
+        if gone:
+            assert members <= set(dropped)
+            assert not any(i.pinned for i in unit)
+            assert not seen_kept, "a newer unit was kept while an older one was dropped"
+        seen_kept = seen_kept or (kept and not any(i.pinned for i in unit))
+        for item in unit[1:]:  # a tool result is never sent without its call
+            assert item.position not in sent or unit[0].position in sent
+    if isinstance(strategy, Window) and state.tail:
+        users = [
+            i
+            for i in selection.items
+            if i.message["role"] == "user" and not i.pinned and i.position >= state.tail[0].position
+        ]
+        assert len(users) <= strategy.turns
+
+
+def sendable(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether some message is sure to be sendable (else the payload may be empty)."""
+    return any(
+        m["role"] in ("user", "system")
+        or (m["role"] == "assistant" and (m["content"] or "tool_calls" not in m))
+        for m in messages
+    )
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), strategy=strategies)
+def test_every_context_obeys_the_rules(case: tuple[State, Budget], strategy: Strategy) -> None:
+    state, budget = case
+    context = attempt(lambda: build(state, budget, strategy))
+    if isinstance(context, InvalidPayload):
+        assert "empty" in str(context)
+        assert state.system is None
+        assert not sendable([i.message for i in (*state.pinned, *live_tail(state))])
+        return
+    if isinstance(context, BudgetExceeded):
+        event("refused: must-send part over budget")
+        check_refusal(context, state, budget)
+        return
+    report = context.report
+    event(f"dropped: {'some' if report.dropped else 'none'}")
+    event(f"repaired or orphaned: {bool(report.repaired or report.orphaned)}")
+    event(f"summary: {'sent' if context.summary else 'omitted' if state.summary else 'none'}")
+    check_budget_and_order(context, state, budget)
+    check_kept(context, state)
+    selection = strategy.select(state, budget)  # pure: the same choice build made
+    assert selection.items == context.items
+    assert context.report.dropped == len(selection.dropped)
+    check_dropped(selection, state, strategy)
+
+
+class WordCounter:
+    """Tokens as the test sees them: 3 per message plus one per started 3 characters."""
+
+    name = "words"
+
+    def count_text(self, text: str) -> int:
+        return -(-len(text) // 3)
+
+    def count_message(self, message: Mapping[str, Any]) -> int:
+        content = message.get("content")
+        return 3 + self.count_text(content if isinstance(content, str) else "")
+
+    def count_tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
+        return 5 * len(tools or ())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    history=messages(any_texts),
+    system=st.none() | any_texts,
+    budget=st.integers(1, 400),
+    tools=st.integers(0, 3),
+)
+def test_fit_keeps_within_budget_and_order(
+    history: list[tuple[dict[str, Any], bool]], system: str | None, budget: int, tools: int
+) -> None:
+    counter = WordCounter()
+    plain = [m for m, _ in history]
+    if system is not None:
+        plain.insert(0, {"role": "system", "content": system})
+    if not plain:
+        return
+    kept = attempt(
+        lambda: fit(
+            plain, model="not-registered", budget=budget, tools=[{}] * tools, counter=counter
+        )
+    )
+    if isinstance(kept, InvalidPayload):
+        assert "empty" in str(kept)
+        assert not sendable(plain)
+        return
+    if isinstance(kept, BudgetExceeded):
+        assert kept.needed > kept.limit
+        return
+    validate(kept)
+    assert sum(counter.count_message(m) for m in kept) + REPLY_PRIMING <= budget
+    if system is not None:
+        assert kept[0] == plain[0]
+    users = [m for m in plain if m["role"] == "user"]
+    if users:
+        assert any(m is users[-1] or m == users[-1] for m in kept)

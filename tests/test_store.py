@@ -1,0 +1,210 @@
+"""Opening databases and migrating them: what is accepted, what is refused untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import sqlalchemy as sa
+
+from conversation_memory import (
+    ConfigurationError,
+    Memory,
+    NotADatabase,
+    SchemaOutdated,
+    SchemaTooNew,
+)
+from conversation_memory.store import migrate
+from conversation_memory.store.database import Database, make_engine, parse_target
+from conversation_memory.store.schema import VERSION_TABLE
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_new_file_is_created_at_head_owner_only(tmp_path):
+    path = tmp_path / "sub" / "chats.db"
+    with Memory(path) as memory:
+        assert migrate.current(memory.database) == migrate.head_revision()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_sqlite_connections_get_the_pragmas(tmp_path):
+    with Memory(tmp_path / "c.db") as memory, memory.database.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+
+
+def test_write_transactions_begin_immediate(tmp_path):
+    """A second writer queues on the lock instead of failing with BUSY_SNAPSHOT."""
+    path = tmp_path / "c.db"
+    with Memory(path, busy_timeout_ms=100) as memory:
+        db = memory.database
+        with db.write():
+            other = sqlite3.connect(path, timeout=0)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+            other.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "empty"),
+        (b"hello, this is a text file and not a database at all", "not a SQLite"),
+        (b"SQLite format 3\x00" + b"\xff" * 4000, "damaged"),
+    ],
+)
+def test_foreign_files_are_refused_untouched(tmp_path, content, match):
+    path = tmp_path / "x.db"
+    path.write_bytes(content)
+    before = digest(path)
+    with pytest.raises(NotADatabase, match=match):
+        Memory(path)
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.db"]
+
+
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(NotADatabase, match="directory"):
+        Memory(tmp_path)
+
+
+def test_another_applications_sqlite_file_is_refused_untouched(tmp_path):
+    path = tmp_path / "app.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    con.execute("INSERT INTO notes (body) VALUES ('keep me')")
+    con.commit()
+    con.close()
+    before = digest(path)
+    with pytest.raises(NotADatabase, match="another application"):
+        Memory(path)
+    assert digest(path) == before
+
+
+def test_newer_schema_is_refused_untouched(tmp_path):
+    path = tmp_path / "c.db"
+    Memory(path).close()
+    con = sqlite3.connect(path)
+    con.execute(f"UPDATE {VERSION_TABLE} SET version_num = 'from_the_future'")
+    con.commit()
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    before = digest(path)
+    with pytest.raises(SchemaTooNew, match="newer version"):
+        Memory(path)
+    assert digest(path) == before
+
+
+def test_older_schema_says_what_to_run(tmp_path):
+    path = tmp_path / "c.db"
+    Memory(path).close()
+    con = sqlite3.connect(path)
+    con.execute(f"DELETE FROM {VERSION_TABLE}")  # a database from before revision 0001
+    for table in ("usage", "summaries", "calibrations", "messages", "conversations"):
+        con.execute(f"DROP TABLE {table}")
+    con.commit()
+    con.close()
+    with pytest.raises(SchemaOutdated, match="convmem db upgrade"):
+        Memory(path)
+    with Memory(path, upgrade=True) as memory:
+        assert migrate.current(memory.database) == migrate.head_revision()
+        memory.conversation().append({"role": "user", "content": "works"})
+
+
+def test_unsupported_urls_and_bad_values(tmp_path):
+    with pytest.raises(ConfigurationError, match="not supported"):
+        Memory("mysql://root@localhost/x")
+    with pytest.raises(ConfigurationError, match="file path or a database URL"):
+        Memory("  ")
+
+
+def _database(url: str) -> Database:
+    target = parse_target(url)
+    return Database(target, make_engine(target))
+
+
+def test_migrations_blank_to_head_twice_and_check(db_url):
+    with Memory(db_url) as memory:
+        db = memory.database
+        assert migrate.current(db) == migrate.head_revision()
+        tables_before = set(sa.inspect(db.engine).get_table_names())
+        assert migrate.upgrade(db) == migrate.head_revision()  # a no-op
+        assert set(sa.inspect(db.engine).get_table_names()) == tables_before
+        assert migrate.check(db) == []
+
+
+def test_single_head():
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(migrate.alembic_config())
+    assert len(scripts.get_heads()) == 1
+
+
+def test_every_migration_says_why():
+    for path in migrate.script_location().joinpath("versions").glob("*.py"):
+        if path.name != "__init__.py":
+            assert "Why:" in path.read_text(), path
+
+
+def test_saved_schema_with_data_upgrades_and_keeps_it(tmp_path):
+    """Data written at the oldest revision survives ``upgrade`` to head."""
+    path = tmp_path / "old.db"
+    db = _database(str(path))
+    migrate.upgrade(db, "0001")
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO conversations (id, user_id, model, counter, created_at, updated_at, "
+            "next_position, message_count, total_tokens) VALUES ('c1', 'default', "
+            "'gpt-4o-mini', 'tiktoken:o200k_base', '2026-01-01 00:00:00', "
+            "'2026-01-01 00:00:00', 1, 1, 9)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO messages (conversation_id, position, role, content, tokens, "
+            "created_at, complete, pinned) VALUES ('c1', 0, 'user', 'old words', 9, "
+            "'2026-01-01 00:00:00', 1, 0)"
+        )
+    db.dispose()
+    with Memory(path, upgrade=True) as memory:
+        assert memory.conversation("c1").history() == [{"role": "user", "content": "old words"}]
+
+
+@pytest.mark.slow
+def test_non_editable_install_in_fresh_venv_creates_a_database(tmp_path):
+    """The wheel carries the migrations: a plain ``pip install .`` can create a database."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", root], check=True, capture_output=True
+    )
+    script = textwrap.dedent(
+        """
+        import sys, conversation_memory
+        from conversation_memory import Memory
+        from conversation_memory.store import migrate
+        assert "site-packages" in conversation_memory.__file__, conversation_memory.__file__
+        with Memory(sys.argv[1]) as memory:
+            memory.conversation().append({"role": "user", "content": "hello"})
+            print(migrate.current(memory.database), migrate.script_location())
+        """
+    )
+    out = subprocess.run(
+        [str(python), "-c", script, str(tmp_path / "fresh.db")],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    ).stdout
+    assert out.startswith(migrate.head_revision())
+    assert "site-packages/conversation_memory/migrations" in out
