@@ -231,6 +231,10 @@ def ms(seconds: float) -> str:
 class Setup:
     memory: Memory
     path: Path
+    raw_memory: Memory
+    """The baseline's own file (same folder, same schema), so neither side's writes
+    flush the other's page cache between runs."""
+    raw_path: Path
     system: str | None
     big_size: int
     runs: int
@@ -272,8 +276,8 @@ def bench_turn(setup: Setup) -> list[Row]:
     """2. A whole turn on a 2,000-turn conversation: library vs raw sqlite3."""
     history = messages_for(3, 2 * setup.turns)
     lib = load(setup.memory, "turns-lib", history, setup.system)
-    load(setup.memory, "turns-raw", history, setup.system)
-    con = raw_connection(setup.path)
+    load(setup.raw_memory, "turns-raw", history, setup.system)
+    con = raw_connection(setup.raw_path)
     raw = RawLog(con, "turns-raw")
     new = messages_for(4, 2 * (setup.runs + 10))
     tokens = setup.count(new)
@@ -305,8 +309,8 @@ def bench_turn(setup: Setup) -> list[Row]:
 def bench_append(setup: Setup) -> list[Row]:
     """3. One message per transaction: throughput, library vs raw sqlite3."""
     lib = setup.memory.conversation(user=USER, model=MODEL)
-    con = raw_connection(setup.path)
-    raw = RawLog(con, setup.memory.conversation(user=USER, model=MODEL).id)
+    con = raw_connection(setup.raw_path)
+    raw = RawLog(con, setup.raw_memory.conversation(user=USER, model=MODEL).id)
     payload = messages_for(5, setup.append_runs + 20)
     tokens = setup.count(payload)
     try:
@@ -350,10 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="convmem-bench-") as folder:
         path = Path(folder) / "bench.db"
-        with Memory(str(path), model=MODEL) as memory:
+        raw_path = Path(folder) / "baseline.db"
+        with Memory(str(path), model=MODEL) as memory, Memory(raw_path, model=MODEL) as raw:
             setup = Setup(
                 memory=memory,
                 path=path,
+                raw_memory=raw,
+                raw_path=raw_path,
                 system=args.system or None,
                 big_size=20_000 if args.quick else 100_000,
                 runs=15 if args.quick else 60,

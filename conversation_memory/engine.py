@@ -145,6 +145,7 @@ class Memory:
         self.model = model or _config.default_model(env)
         get_model(self.model)
         self.strategy = as_strategy(strategy)
+        self._hot = repository.HotPath(self._db.dialect)
 
     @property
     def database(self) -> Database:
@@ -367,7 +368,8 @@ class Conversation:
         self._strategy: Strategy = strategy or self._stored_strategy(row.settings.get("strategy"))
         self._budget_cap: int | None = row.settings.get("budget")
         self._reserve: int | None = row.settings.get("reserve")
-        self._segments: list[repository.Segment] | None = None
+        self._segments: tuple[tuple[str, int | None], list[repository.Segment]] | None = None
+        self._plain_limit = self.budget().limit
 
     def _stored_strategy(self, name: str | None) -> Strategy:
         """The strategy saved at creation: a built-in by name, or the Memory's own."""
@@ -406,7 +408,9 @@ class Conversation:
             self._budget_cap = budget
         if reserve is not None:
             self._reserve = reserve
-        self.budget()  # fail now, not at the first turn, if they can't work
+        # Fails now, not at the first turn, if they can't work; append checks
+        # every message against this plain budget (no tools, no calibration).
+        self._plain_limit = self.budget().limit
 
     @property
     def strategy(self) -> Strategy:
@@ -445,7 +449,7 @@ class Conversation:
         normalized = normalize(message)
         meta = check_metadata(metadata)
         tokens = self._counter.count_message(normalized)
-        limit = self.budget().limit
+        limit = self._plain_limit
         if tokens + REPLY_PRIMING + self._row.system_tokens > limit:
             raise BudgetExceeded(
                 f"this message alone is {tokens} tokens; with the system prompt "
@@ -468,15 +472,18 @@ class Conversation:
     ) -> StoredMessage:
         when = repository.now()
         tokens = row["tokens"]
-        with self._db.write() as conn:
-            position = repository.claim_position(conn, self.id, self.user, tokens, when)
+        hot = self._memory._hot
+        with self._db.cursor(write=True) as cur:
+            position = hot.claim(cur, self.id, self.user, tokens, hot.stamp(when))
             if position is None:
                 raise ConversationNotFound(
                     f"conversation {self.id!r} no longer exists (deleted?)",
                     conversation_id=self.id,
                 )
             if message["role"] == "tool":
-                pending = repository.pending_calls(conn, self._lineage(conn), position)
+                head = hot.head(cur, self.id, self.user, self.model)
+                assert head is not None
+                pending = hot.pending_calls(cur, self._segments_of(head, cur), position)
                 call_id = message["tool_call_id"]
                 if pending is None or call_id not in pending:
                     raise InvalidMessage(
@@ -493,11 +500,11 @@ class Conversation:
             row.update(
                 conversation_id=self.id,
                 position=position,
-                created_at=when,
+                created_at=hot.stamp(when),
                 pinned=pinned,
                 complete=complete,
             )
-            repository.insert_messages(conn, [row])
+            hot.insert(cur, row)
         return StoredMessage(position=position, tokens=tokens)
 
     def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[StoredMessage]:
@@ -506,12 +513,18 @@ class Conversation:
 
     # -- reading ---------------------------------------------------------------
 
-    def _lineage(self, conn: Any) -> list[repository.Segment]:
-        if self._row.forked_from is None:
+    def _segments_of(self, head: repository.Head, cur: Any) -> list[repository.Segment]:
+        """This conversation's lineage, cached until its fork pointer changes."""
+        if head.forked_from is None:
             return [(self.id, None)]
-        if self._segments is None:
-            self._segments = repository.lineage(conn, self._row)
-        return self._segments
+        key = (head.forked_from, head.fork_position)
+        if self._segments is None or self._segments[0] != key:
+            self._segments = (key, self._memory._hot.lineage(cur, self.id, head))
+        return self._segments[1]
+
+    def _lineage(self, conn: Any) -> list[repository.Segment]:
+        """The lineage for the Core (non hot-path) reads of :meth:`_fresh_row`'s row."""
+        return repository.lineage(conn, self._row)
 
     def _fresh_row(self, conn: Any) -> repository.ConversationRow:
         row = repository.get_conversation(conn, self.id, self.user)
@@ -519,39 +532,41 @@ class Conversation:
             raise ConversationNotFound(
                 f"conversation {self.id!r} no longer exists (deleted?)", conversation_id=self.id
             )
-        if (row.forked_from, row.fork_position) != (
-            self._row.forked_from,
-            self._row.fork_position,
-        ):
-            self._segments = None
         self._row = row
         return row
 
     def _read_state(self, *, tools: int = 0) -> tuple[State, Budget]:
-        """One read transaction: calibration, summary, pinned and a bounded tail."""
-        with self._db.read() as conn:
-            row = self._fresh_row(conn)
-            found = repository.get_calibration(conn, self.id, self.model)
+        """One read transaction: row and calibration, summary, pinned and a bounded tail."""
+        hot = self._memory._hot
+        with self._db.cursor(write=False) as cur:
+            head = hot.head(cur, self.id, self.user, self.model)
+            if head is None:
+                raise ConversationNotFound(
+                    f"conversation {self.id!r} no longer exists (deleted?)",
+                    conversation_id=self.id,
+                )
             correction = (
-                Correction(factor=found.factor, margin=found.margin)
-                if found is not None
+                Correction(factor=head.factor, margin=head.margin or 0)
+                if head.factor is not None
                 else Correction()
             )
             budget = self.budget(tools=tools, correction=correction)
-            segments = self._lineage(conn)
-            summary = repository.newest_summary(conn, segments)
+            segments = self._segments_of(head, cur)
+            summary = hot.newest_summary(cur, segments)
             after = summary.end if summary is not None else -1
             # Read until the tail alone would overflow: anything older can't fit.
             need = int(budget.limit / max(correction.factor, 1e-9)) + 1
-            tail, has_older = repository.tail(conn, segments, tokens=need, after=after)
-            start = tail[0].position if tail else row.next_position
-            pinned = repository.pinned_before(conn, segments, start)
+            tail, has_older = hot.tail(
+                cur, segments, tokens=need, after=after, first_page=head.page_for(need)
+            )
+            start = tail[0].position if tail else head.next_position
+            pinned = hot.pinned_before(cur, segments, start)
         system = None
-        if row.system is not None:
+        if head.system is not None:
             system = Item(
                 position=-1,
-                message={"role": "system", "content": row.system},
-                tokens=row.system_tokens,
+                message={"role": "system", "content": head.system},
+                tokens=head.system_tokens,
             )
         gap_pinned = [item.position for item in pinned if item.position > after]
         older_from = after + 1

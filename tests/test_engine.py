@@ -281,3 +281,37 @@ def test_bad_arguments_are_configuration_errors(memory):
         memory.conversation(strategy="no-such-strategy")
     with pytest.raises(LookupError, match="register_model"):
         memory.conversation(model="my-own-model")
+
+
+def test_threads_share_one_memory(db_url):
+    """Each thread gets its own connection; appends from all of them stay gap-free."""
+    import threading
+
+    with Memory(db_url) as memory:
+        conv = memory.conversation()
+        errors: list[BaseException] = []
+
+        def worker(n: int) -> None:
+            try:
+                mine = memory.conversation(conv.id)
+                for i in range(50):
+                    mine.append({"role": "user", "content": f"thread {n} message {i}"})
+                    mine.context()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        entries = conv.entries()
+        assert [e.position for e in entries] == list(range(200))
+        for n in range(4):
+            mine = [
+                e.message["content"]
+                for e in entries
+                if e.message["content"].startswith(f"thread {n} ")
+            ]
+            assert mine == [f"thread {n} message {i}" for i in range(50)]

@@ -14,12 +14,13 @@ and reads walk the segments newest first.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, literal, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, literal, select, update
 
 from conversation_memory.messages import from_row
 from conversation_memory.store.schema import (
@@ -107,51 +108,287 @@ def list_conversations(
     return [_conversation(row) for row in conn.execute(query)]
 
 
-def lineage(conn: Connection, row: ConversationRow) -> list[Segment]:
-    """Segments from this conversation back to the root of its forks."""
-    segments: list[Segment] = [(row.id, None)]
-    parent, upto = row.forked_from, row.fork_position
+def walk_lineage(
+    conversation_id: str,
+    forked_from: str | None,
+    fork_position: int | None,
+    parent_of: Callable[[str], tuple[str | None, int | None] | None],
+) -> list[Segment]:
+    """Segments from a conversation back to the root of its forks."""
+    segments: list[Segment] = [(conversation_id, None)]
+    parent, upto = forked_from, fork_position
     while parent is not None:
         segments.append((parent, upto))
-        found = conn.execute(
-            select(conversations.c.forked_from, conversations.c.fork_position).where(
-                conversations.c.id == parent
-            )
-        ).first()
+        found = parent_of(parent)
         if found is None:
             break
         parent, upto = found
     return segments
 
 
+def lineage(conn: Connection, row: ConversationRow) -> list[Segment]:
+    def parent_of(conversation_id: str) -> tuple[str | None, int | None] | None:
+        found = conn.execute(
+            select(conversations.c.forked_from, conversations.c.fork_position).where(
+                conversations.c.id == conversation_id
+            )
+        ).first()
+        return None if found is None else (found[0], found[1])
+
+    return walk_lineage(row.id, row.forked_from, row.fork_position, parent_of)
+
+
 # -- appending ---------------------------------------------------------------
-
-
-def claim_position(
-    conn: Connection, conversation_id: str, user: str, tokens: int, when: datetime
-) -> int | None:
-    """Reserve the next position, updating the running totals (None: no such conversation).
-
-    The UPDATE takes the conversation row's write lock, so concurrent appends
-    to one conversation queue here on PostgreSQL too; positions stay unique
-    and gap-free because a rolled-back append also rolls back its claim.
-    """
-    found = conn.execute(
-        update(conversations)
-        .where(conversations.c.id == conversation_id, conversations.c.user_id == user)
-        .values(
-            next_position=conversations.c.next_position + 1,
-            message_count=conversations.c.message_count + 1,
-            total_tokens=conversations.c.total_tokens + tokens,
-            updated_at=when,
-        )
-        .returning(conversations.c.next_position)
-    ).first()
-    return None if found is None else found[0] - 1
 
 
 def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     conn.execute(insert(messages), list(rows))
+
+
+# -- the hot path ------------------------------------------------------------------
+#
+# Appending a message and reading what the next context needs run on every
+# turn, so they are fixed SQL strings executed on the DBAPI cursor (see
+# Database.cursor). Measured here, SQLAlchemy Core spent ~1 ms of Python per
+# append against ~0.3 ms of SQLite work; these strings are what Core compiled,
+# written once.
+
+_CLAIM = """
+UPDATE conversations
+   SET next_position = next_position + 1, message_count = message_count + 1,
+       total_tokens = total_tokens + :tokens, updated_at = :now
+ WHERE id = :id AND user_id = :user
+RETURNING next_position
+"""
+_INSERT = """
+INSERT INTO messages (conversation_id, position, role, content, parts, name, tool_calls,
+                      tool_call_id, tokens, created_at, meta, complete, pinned)
+VALUES (:conversation_id, :position, :role, :content, :parts, :name, :tool_calls,
+        :tool_call_id, :tokens, :created_at, :meta, :complete, :pinned)
+"""
+# The row and its calibration in one round trip.
+_HEAD = """
+SELECT c.system, c.system_tokens, c.forked_from, c.fork_position, c.next_position,
+       c.message_count, c.total_tokens, k.factor, k.margin
+  FROM conversations c
+  LEFT JOIN calibrations k ON k.conversation_id = c.id AND k.model = :model
+ WHERE c.id = :id AND c.user_id = :user
+"""
+_ITEMS = "position, role, content, parts, name, tool_calls, tool_call_id, tokens, pinned, complete"
+_TAIL = f"""
+SELECT {_ITEMS} FROM messages
+ WHERE conversation_id = :id AND position <= :upto AND position > :after
+ ORDER BY position DESC LIMIT :n
+"""
+# "AND pinned" must match the partial index's predicate word for word, or
+# SQLite walks every row of the conversation instead of using it.
+_PINNED = f"""
+SELECT {_ITEMS} FROM messages
+ WHERE conversation_id = :id AND position <= :upto AND pinned
+ ORDER BY position
+"""
+_SUMMARY = """
+SELECT id, start_position, end_position, text, tokens, level FROM summaries
+ WHERE conversation_id = :id AND end_position <= :upto
+ ORDER BY end_position DESC, level DESC LIMIT 1
+"""
+_RECENT = """
+SELECT position, role, tool_calls, tool_call_id FROM messages
+ WHERE conversation_id = :id AND position <= :upto
+ ORDER BY position DESC LIMIT :n
+"""
+_PARENT = "SELECT forked_from, fork_position FROM conversations WHERE id = :id"
+_NO_LIMIT = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the hot path needs of a conversation row (plus its calibration)."""
+
+    system: str | None
+    system_tokens: int
+    forked_from: str | None
+    fork_position: int | None
+    next_position: int
+    message_count: int
+    total_tokens: int
+    factor: float | None
+    margin: int | None
+
+    def page_for(self, tokens: int) -> int:
+        """Rows likely to hold ``tokens``, from the average message size, with slack."""
+        if self.message_count == 0:
+            return 16
+        average = max(self.total_tokens / self.message_count, 1.0)
+        return min(int(tokens / average * 1.25) + 8, 4096)
+
+
+def _item_from(row: Sequence[Any]) -> Item:
+    position, role, content, parts, name, calls, call_id, tokens, pinned, complete = row
+    return Item(
+        position=position,
+        message=from_row(role, content, parts, name, calls, call_id),
+        tokens=tokens,
+        pinned=bool(pinned),
+        complete=bool(complete),
+    )
+
+
+class HotPath:
+    """The prepared statements of one backend (its parameter style)."""
+
+    def __init__(self, dialect: str) -> None:
+        self.sqlite = dialect == "sqlite"
+
+        def prepare(sql: str) -> str:
+            sql = " ".join(sql.split())
+            return sql if self.sqlite else re.sub(r":(\w+)", r"%(\1)s", sql)
+
+        self.claim_sql = prepare(_CLAIM)
+        self.insert_sql = prepare(_INSERT)
+        self.head_sql = prepare(_HEAD)
+        self.tail_sql = prepare(_TAIL)
+        self.pinned_sql = prepare(_PINNED)
+        self.summary_sql = prepare(_SUMMARY)
+        self.recent_sql = prepare(_RECENT)
+        self.parent_sql = prepare(_PARENT)
+
+    def stamp(self, when: datetime) -> Any:
+        """A timestamp as SQLAlchemy's DateTime would store it on this backend."""
+        if self.sqlite:
+            return when.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        return when
+
+    def claim(
+        self, cur: Any, conversation_id: str, user: str, tokens: int, when: Any
+    ) -> int | None:
+        """Reserve the next position, updating the running totals (None: no such conversation).
+
+        The UPDATE takes the conversation row's write lock, so concurrent
+        appends to one conversation queue here on PostgreSQL too; positions
+        stay unique and gap-free because a rolled-back append also rolls back
+        its claim.
+        """
+        cur.execute(
+            self.claim_sql, {"tokens": tokens, "now": when, "id": conversation_id, "user": user}
+        )
+        found = cur.fetchone()
+        return None if found is None else found[0] - 1
+
+    def insert(self, cur: Any, row: Mapping[str, Any]) -> None:
+        cur.execute(self.insert_sql, row)
+
+    def head(self, cur: Any, conversation_id: str, user: str, model: str) -> Head | None:
+        cur.execute(self.head_sql, {"id": conversation_id, "user": user, "model": model})
+        found = cur.fetchone()
+        return None if found is None else Head(*found)
+
+    def lineage(self, cur: Any, conversation_id: str, head: Head) -> list[Segment]:
+        def parent_of(parent: str) -> tuple[str | None, int | None] | None:
+            cur.execute(self.parent_sql, {"id": parent})
+            found = cur.fetchone()
+            return None if found is None else (found[0], found[1])
+
+        return walk_lineage(conversation_id, head.forked_from, head.fork_position, parent_of)
+
+    def tail(
+        self,
+        cur: Any,
+        segments: Sequence[Segment],
+        *,
+        tokens: int,
+        after: int = -1,
+        first_page: int = 32,
+    ) -> tuple[list[Item], bool]:
+        """The newest messages, oldest first, until they hold more than ``tokens``.
+
+        Stops at position ``after`` (exclusive; e.g. the end of a summary).
+        Returns the items and whether older messages (past ``after``) remain.
+        """
+        collected: list[Item] = []
+        total = 0
+        page = first_page
+        upto: int | None = None
+        for conversation_id, segment_upto in segments:
+            if segment_upto is not None:
+                upto = segment_upto if upto is None else min(upto, segment_upto)
+            while True:
+                cur.execute(
+                    self.tail_sql,
+                    {
+                        "id": conversation_id,
+                        "upto": _NO_LIMIT if upto is None else upto,
+                        "after": after,
+                        "n": page,
+                    },
+                )
+                rows = cur.fetchall()
+                for row in rows:
+                    item = _item_from(row)
+                    collected.append(item)
+                    total += item.tokens
+                    if total > tokens:
+                        collected.reverse()
+                        return collected, collected[0].position > after + 1
+                if rows:
+                    upto = rows[-1][0] - 1
+                if len(rows) < page:
+                    break
+                page = min(page * 4, 4096)
+        collected.reverse()
+        return collected, False
+
+    def pinned_before(self, cur: Any, segments: Sequence[Segment], position: int) -> list[Item]:
+        """Pinned messages older than ``position``, oldest first."""
+        found: list[Item] = []
+        for conversation_id, upto in segments:
+            limit = position - 1 if upto is None else min(upto, position - 1)
+            cur.execute(self.pinned_sql, {"id": conversation_id, "upto": limit})
+            found.extend(_item_from(row) for row in cur.fetchall())
+        found.sort(key=lambda item: item.position)
+        return found
+
+    def newest_summary(self, cur: Any, segments: Sequence[Segment]) -> Summary | None:
+        """The summary reaching furthest (highest level first among equals)."""
+        best: Summary | None = None
+        for conversation_id, upto in segments:
+            cur.execute(
+                self.summary_sql,
+                {"id": conversation_id, "upto": _NO_LIMIT if upto is None else upto},
+            )
+            row = cur.fetchone()
+            if row is not None and (best is None or row[2] > best.end):
+                best = Summary(
+                    id=row[0], start=row[1], end=row[2], text=row[3], tokens=row[4], level=row[5]
+                )
+        return best
+
+    def pending_calls(self, cur: Any, segments: Sequence[Segment], before: int) -> set[str] | None:
+        """Unanswered call ids of the tool-calling assistant message just before ``before``.
+
+        Walks back over the run of tool messages; None when no tool-calling
+        assistant message precedes that run (a tool message there would be
+        orphaned).
+        """
+        answered: set[str] = set()
+        upto = before - 1
+        for conversation_id, segment_upto in segments:
+            if segment_upto is not None:
+                upto = min(upto, segment_upto)
+            while True:
+                cur.execute(self.recent_sql, {"id": conversation_id, "upto": upto, "n": 16})
+                rows = cur.fetchall()
+                for position, role, calls, call_id in rows:
+                    if role == "tool":
+                        answered.add(call_id)
+                        upto = position - 1
+                        continue
+                    if role == "assistant" and calls is not None:
+                        return {call["id"] for call in json.loads(calls)} - answered
+                    return None
+                if len(rows) < 16:
+                    break
+        return None
 
 
 # -- reading -------------------------------------------------------------------
@@ -189,59 +426,6 @@ def _segment_filter(segment: Segment, below: int | None = None) -> Any:
     if below is not None:
         clauses.append(messages.c.position < below)
     return and_(*clauses)
-
-
-def tail(
-    conn: Connection,
-    segments: Sequence[Segment],
-    *,
-    tokens: int,
-    after: int = -1,
-    first_page: int = 32,
-) -> tuple[list[Item], bool]:
-    """The newest messages, oldest first, until they hold more than ``tokens``.
-
-    Stops early at position ``after`` (exclusive; e.g. the end of a summary).
-    Returns the items and whether older messages (past ``after``) remain.
-    """
-    collected: list[Item] = []
-    total = 0
-    page = first_page
-    below: int | None = None
-    for segment in segments:
-        while True:
-            query = (
-                select(*_ITEM_COLUMNS)
-                .where(_segment_filter(segment, below), messages.c.position > after)
-                .order_by(messages.c.position.desc())
-                .limit(page)
-            )
-            rows = conn.execute(query).all()
-            for row in rows:
-                item = _item(row)
-                collected.append(item)
-                total += item.tokens
-                if total > tokens:
-                    collected.reverse()
-                    oldest = collected[0].position
-                    return collected, oldest > after + 1
-            if rows:
-                below = rows[-1][0]
-            if len(rows) < page:
-                break
-            page = min(page * 4, 4096)
-        # The next segment (the parent) continues below where this one began.
-    collected.reverse()
-    return collected, False
-
-
-def pinned_before(conn: Connection, segments: Sequence[Segment], position: int) -> list[Item]:
-    """Pinned messages older than ``position``, oldest first (a partial index serves this)."""
-    clauses = [and_(_segment_filter(segment, position), messages.c.pinned) for segment in segments]
-    rows = conn.execute(
-        select(*_ITEM_COLUMNS).where(or_(*clauses)).order_by(messages.c.position)
-    ).all()
-    return [_item(row) for row in rows]
 
 
 def all_items(conn: Connection, segments: Sequence[Segment]) -> list[Item]:
@@ -285,70 +469,6 @@ def entries(conn: Connection, segments: Sequence[Segment]) -> Iterable[Entry]:
                 complete=item.complete,
                 metadata=json.loads(row[11]) if row[11] is not None else None,
             )
-
-
-def pending_calls(conn: Connection, segments: Sequence[Segment], before: int) -> set[str] | None:
-    """Unanswered call ids of the tool-calling assistant message just before ``before``.
-
-    Walks back over the run of tool messages; None when no tool-calling
-    assistant message precedes that run (a tool message there would be orphaned).
-    """
-    answered: set[str] = set()
-    below = before
-    for segment in segments:
-        while True:
-            rows = conn.execute(
-                select(
-                    messages.c.position,
-                    messages.c.role,
-                    messages.c.tool_calls,
-                    messages.c.tool_call_id,
-                )
-                .where(_segment_filter(segment, below))
-                .order_by(messages.c.position.desc())
-                .limit(16)
-            ).all()
-            for position, role, calls, call_id in rows:
-                if role == "tool":
-                    answered.add(call_id)
-                    below = position
-                    continue
-                if role == "assistant" and calls is not None:
-                    ids = {call["id"] for call in json.loads(calls)}
-                    return ids - answered
-                return None
-            if len(rows) < 16:
-                break
-    return None
-
-
-def newest_summary(conn: Connection, segments: Sequence[Segment]) -> Summary | None:
-    """The summary reaching furthest, highest level first among equals."""
-    best: Summary | None = None
-    for conversation_id, upto in segments:
-        query = select(
-            summaries.c.id,
-            summaries.c.start_position,
-            summaries.c.end_position,
-            summaries.c.text,
-            summaries.c.tokens,
-            summaries.c.level,
-        ).where(summaries.c.conversation_id == conversation_id)
-        if upto is not None:
-            query = query.where(summaries.c.end_position <= upto)
-        row = conn.execute(
-            query.order_by(summaries.c.end_position.desc(), summaries.c.level.desc()).limit(1)
-        ).first()
-        if row is not None and (best is None or row.end_position > best.end):
-            best = Summary(
-                id=row.id,
-                start=row.start_position,
-                end=row.end_position,
-                text=row.text,
-                tokens=row.tokens,
-                level=row.level,
-            )
-    return best
 
 
 def prefix_totals(conn: Connection, segments: Sequence[Segment]) -> tuple[int, int]:

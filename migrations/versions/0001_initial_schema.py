@@ -43,9 +43,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_conversations")),
     )
     op.create_index("ix_conversations_forked_from", "conversations", ["forked_from"], unique=False)
-    op.create_index(
-        "ix_conversations_user_updated", "conversations", ["user_id", "updated_at"], unique=False
-    )
+    op.create_index("ix_conversations_user", "conversations", ["user_id"], unique=False)
     op.create_table(
         "calibrations",
         sa.Column("conversation_id", sa.String(length=64), nullable=False),
@@ -194,6 +192,6 @@ def downgrade() -> None:
     )
     op.drop_table("messages")
     op.drop_table("calibrations")
-    op.drop_index("ix_conversations_user_updated", table_name="conversations")
+    op.drop_index("ix_conversations_user", table_name="conversations")
     op.drop_index("ix_conversations_forked_from", table_name="conversations")
     op.drop_table("conversations")
