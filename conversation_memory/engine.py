@@ -128,12 +128,13 @@ class Memory:
             created = found is None
         self._db = Database(target, make_engine(target, busy_timeout_ms=busy_timeout_ms, echo=echo))
         try:
-            if found is not None:
-                # Refuse a file that isn't ours before a connection rewrites it.
-                migrate.preflight(self._db, found, upgrade=upgrade)
-            elif target.path is not None:
-                create_sqlite_file(target.path)
-            migrate.ensure_schema(self._db, upgrade=upgrade, found=found)
+            with self._db.errors():
+                if found is not None:
+                    # Refuse a file that isn't ours before a connection rewrites it.
+                    migrate.preflight(self._db, found, upgrade=upgrade)
+                elif target.path is not None:
+                    create_sqlite_file(target.path)
+                migrate.ensure_schema(self._db, upgrade=upgrade, found=found)
         except BaseException:
             self._db.dispose()
             if created and target.path is not None:
@@ -674,11 +675,9 @@ class Conversation:
                     f"at must be a position from -1 to {last} (the last message), got {at!r}",
                     conversation_id=self.id,
                 )
-            segments = [(self.id, at)]
-            if row.forked_from is not None:
-                segments += [
-                    seg for seg in self._lineage(conn)[1:] if seg[1] is None or seg[1] <= at
-                ]
+            segments: list[repository.Segment] = [
+                (cid, at if upto is None else min(upto, at)) for cid, upto in self._lineage(conn)
+            ]
             count, tokens = repository.prefix_totals(conn, segments) if at >= 0 else (0, 0)
             when = repository.now()
             new_id = uuid.uuid4().hex

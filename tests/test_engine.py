@@ -190,6 +190,15 @@ def test_fork_shares_the_prefix_without_copying(memory):
     assert info[fork.id].message_count == 5
     assert info[fork.id].tokens == sum(e.tokens for e in fork.entries())
     assert fork.context().messages[-1] == {"role": "user", "content": "branch"}
+    early = fork.fork(at=1)  # inside the part the fork shares with its parent
+    assert early.history() == conv.history()[:2]
+    info = {c.id: c for c in memory.conversations()}
+    assert (info[early.id].message_count, info[early.id].tokens) == (
+        2,
+        sum(e.tokens for e in conv.entries()[:2]),
+    )
+    fork.delete()  # early keeps what it shared with fork, which came from conv
+    assert memory.conversation(early.id).history() == conv.history()[:2]
     with pytest.raises(ConfigurationError, match="position"):
         conv.fork(at=99)
 
@@ -315,3 +324,21 @@ def test_threads_share_one_memory(db_url):
                 if e.message["content"].startswith(f"thread {n} ")
             ]
             assert mine == [f"thread {n} message {i}" for i in range(50)]
+
+
+def test_calibration_is_stored_and_applied(memory):
+    """A server that counts 25% more than we do: the budget shrinks to keep it inside."""
+    conv = memory.conversation(budget=300)
+    for n in range(60):
+        conv.append({"role": "user" if n % 2 == 0 else "assistant", "content": f"message {n}"})
+    before = conv.context().report
+    assert before.corrected == before.total
+    correction = conv.calibrate(counted=400, reported=500)
+    assert correction.factor == pytest.approx(1.25)
+    assert correction.margin > 0
+    after = conv.context().report
+    assert after.corrected <= after.limit == 300
+    assert after.total < before.total
+    assert memory.conversation(conv.id).correction() == correction
+    with pytest.raises(ConfigurationError, match="reported"):
+        conv.calibrate(counted=10, reported=0)

@@ -208,3 +208,10 @@ def test_non_editable_install_in_fresh_venv_creates_a_database(tmp_path):
     ).stdout
     assert out.startswith(migrate.head_revision())
     assert "site-packages/conversation_memory/migrations" in out
+
+
+def test_unreachable_server_is_a_store_error():
+    from conversation_memory import StoreError
+
+    with pytest.raises(StoreError, match="cannot use the database"):
+        Memory("postgresql://postgres@127.0.0.1:9/test")

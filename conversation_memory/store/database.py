@@ -321,11 +321,18 @@ class Database:
 
     @contextmanager
     def _translate(self) -> Iterator[None]:
+        """Turn driver errors about the database itself into our StoreError tree.
+
+        Errors that mean our SQL or data is wrong (integrity, programming) are
+        bugs and stay as they are.
+        """
         try:
             yield
-        except (DBAPIError, sqlite3.DatabaseError) as exc:
+        except Exception as exc:
             orig = exc.orig if isinstance(exc, DBAPIError) else exc
-            text = str(orig) if orig is not None else str(exc)
+            if not self._is_driver_error(orig):
+                raise
+            text = str(orig)
             if "database is locked" in text:
                 raise StoreError(
                     f"the database {self.target.display()} stayed locked by another "
@@ -337,7 +344,26 @@ class Database:
                 raise NotADatabase(
                     f"{self.target.display()} is damaged ({text})", path=str(self.target.path)
                 ) from exc
+            if type(orig).__name__ in ("OperationalError", "InterfaceError"):
+                first = text.strip().splitlines()[0] if text.strip() else type(orig).__name__
+                raise StoreError(
+                    f"cannot use the database {self.target.display()}: {first}. Check that "
+                    "it is reachable and the URL, user and permissions are right.",
+                ) from exc
             raise
+
+    def _is_driver_error(self, error: BaseException | None) -> bool:
+        dbapi = getattr(self.engine.dialect, "loaded_dbapi", None)
+        base = getattr(dbapi, "Error", None)
+        return isinstance(error, sqlite3.Error) or (
+            isinstance(base, type) and isinstance(error, base)
+        )
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Apply the same translation to code that uses the engine directly."""
+        with self._translate():
+            yield
 
     def dispose(self) -> None:
         with self._lock:

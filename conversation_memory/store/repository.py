@@ -117,8 +117,11 @@ def walk_lineage(
     """Segments from a conversation back to the root of its forks."""
     segments: list[Segment] = [(conversation_id, None)]
     parent, upto = forked_from, fork_position
+    limit: int | None = None
     while parent is not None:
-        segments.append((parent, upto))
+        # A fork of a fork sees its grandparent only up to the nearer fork point.
+        limit = upto if limit is None or upto is None else min(limit, upto)
+        segments.append((parent, limit))
         found = parent_of(parent)
         if found is None:
             break
@@ -551,7 +554,10 @@ def detach_forks(conn: Connection, row: ConversationRow) -> None:
         conn.execute(
             update(conversations)
             .where(conversations.c.id == child_id)
-            .values(forked_from=row.forked_from, fork_position=row.fork_position)
+            .values(
+                forked_from=row.forked_from,
+                fork_position=(None if row.fork_position is None else min(upto, row.fork_position)),
+            )
         )
 
 
