@@ -17,10 +17,20 @@ describes the same kind of failure, the error inherits it too, so
     │   └── UserNotFound                     a user with no stored data
     ├── ConversationExists (ValueError)      an import whose id is taken
     ├── ImportFormatError (ValueError)       an export file that can't be read
-    └── StoreError                           the database itself
-        ├── NotADatabase                     corrupt, empty, foreign or a directory
-        ├── SchemaOutdated                   older revision: run the upgrade
-        └── SchemaTooNew                     written by a newer version: refused
+    ├── StoreError                           the database itself
+    │   ├── NotADatabase                     corrupt, empty, foreign or a directory
+    │   ├── SchemaOutdated                   older revision: run the upgrade
+    │   └── SchemaTooNew                     written by a newer version: refused
+    ├── ModelError                           a model call failed (after any retries)
+    │   ├── AuthenticationFailed (PermissionError)   401/403: key or base URL
+    │   ├── RateLimited                      429 that outlasted the retries
+    │   ├── ContextLengthExceeded            the server says the prompt is too long
+    │   ├── BadRequest (ValueError)          400/404/422: the request itself is wrong
+    │   ├── ServerError                      5xx that outlasted the retries
+    │   ├── ModelTimeout (TimeoutError)      the call's total deadline passed
+    │   ├── ConnectionFailed (ConnectionError)  the server could not be reached
+    │   └── MalformedResponse                a reply that isn't the API's format
+    └── SummarizationFailed                  a summary was refused (empty, refusal, too long)
 """
 
 from __future__ import annotations
@@ -28,19 +38,29 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AuthenticationFailed",
+    "BadRequest",
     "BudgetExceeded",
     "ConfigurationError",
+    "ConnectionFailed",
+    "ContextLengthExceeded",
     "ConversationExists",
     "ConversationMemoryError",
     "ConversationNotFound",
     "ImportFormatError",
     "InvalidMessage",
     "InvalidPayload",
+    "MalformedResponse",
+    "ModelError",
+    "ModelTimeout",
     "NotADatabase",
     "NotFound",
+    "RateLimited",
     "SchemaOutdated",
     "SchemaTooNew",
+    "ServerError",
     "StoreError",
+    "SummarizationFailed",
     "TokenizerDataError",
     "UnknownModel",
     "UserNotFound",
@@ -120,3 +140,43 @@ class SchemaOutdated(StoreError):
 
 class SchemaTooNew(StoreError):
     """The database was written by a newer version; it was left untouched."""
+
+
+class ModelError(ConversationMemoryError):
+    """A call to the model failed; ``status``, ``request_id`` and ``attempts`` say how."""
+
+
+class AuthenticationFailed(ModelError, PermissionError):
+    """The server refused the credentials (401/403)."""
+
+
+class RateLimited(ModelError):
+    """The server kept answering 429 until the retries or the deadline ran out."""
+
+
+class ContextLengthExceeded(ModelError):
+    """The server says the prompt is longer than its window (``limit``, ``requested``)."""
+
+
+class BadRequest(ModelError, ValueError):
+    """The server refused the request itself (400/404/422); retrying can't help."""
+
+
+class ServerError(ModelError):
+    """The server kept failing (5xx) until the retries or the deadline ran out."""
+
+
+class ModelTimeout(ModelError, TimeoutError):
+    """The call's total deadline passed."""
+
+
+class ConnectionFailed(ModelError, ConnectionError):
+    """The server could not be reached."""
+
+
+class MalformedResponse(ModelError):
+    """The server answered with something that is not the API's format."""
+
+
+class SummarizationFailed(ConversationMemoryError):
+    """A summary was refused (empty, a refusal, too long) or its call failed."""
