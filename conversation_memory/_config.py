@@ -32,3 +32,13 @@ def default_db_path(env: Mapping[str, str] | None = None) -> str:
 
 def default_model(env: Mapping[str, str] | None = None) -> str:
     return environ(env).get("CONVMEM_MODEL") or DEFAULT_MODEL
+
+
+def openai_api_key(env: Mapping[str, str] | None = None) -> str | None:
+    """``OPENAI_API_KEY``, or None when unset or empty."""
+    return environ(env).get("OPENAI_API_KEY") or None
+
+
+def openai_base_url(env: Mapping[str, str] | None = None) -> str | None:
+    """``OPENAI_BASE_URL`` (an OpenAI-compatible server), or None for OpenAI itself."""
+    return environ(env).get("OPENAI_BASE_URL") or None

@@ -331,8 +331,10 @@ class Selection:
     """Summary to send, placed after the system prompt and older pinned messages."""
     dropped: tuple[Item, ...]
     """Tail items left out to fit, oldest first (a prefix of the tail, pinned ones excepted)."""
-    to_summarize: tuple[Item, ...] = ()
-    """Items a summarizing strategy wants folded into the summary."""
+    fold_through: int | None = None
+    """A summarizing strategy's request: fold every message after the current
+    summary up to this position (inclusive) into a new summary. Compaction acts
+    on it; the messages to send are already chosen without it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ only the oldest end is ever dropped.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol, TypeAlias, runtime_checkable
 
 from conversation_memory.budget import Selection, group_units, too_big
@@ -30,6 +30,7 @@ __all__ = [
     "FunctionStrategy",
     "Strategy",
     "StrategyLike",
+    "Summarize",
     "Truncate",
     "Window",
     "as_strategy",
@@ -167,7 +168,98 @@ class FunctionStrategy:
         return self.function(state, budget)
 
 
-_CHOICES = "'truncate', 'window' or 'window:N' (N turns, at least 1)"
+@dataclass(frozen=True, slots=True)
+class Summarize:
+    """Rolling summary: past a high-water mark, fold the oldest turns into the summary.
+
+    Wraps another strategy (truncation by default), which still chooses what
+    this request sends: folding happens in a compaction step, before or after
+    the request, and the next requests send the new summary instead of the
+    folded turns. When system + pinned + summary + the unfolded turns would
+    pass ``high`` of the limit, the fold point is put where the turns left
+    would take ``low`` of it, counting a full-size summary (``summary_tokens``).
+    The summarizer sees only the previous summary and the newly folded turns,
+    so each message is summarized about once.
+    """
+
+    high: float = 0.9
+    low: float = 0.6
+    summary_tokens: int | None = None
+    """Cap on a summary's size; default: a quarter of the limit, at most 1,024."""
+    inner: Strategy = field(default_factory=lambda: TRUNCATE)
+
+    def __post_init__(self) -> None:
+        if not (0 < self.low < self.high <= 1):
+            raise ConfigurationError(
+                f"summary strategy needs 0 < low < high <= 1, got low={self.low}, high={self.high}",
+                argument="high" if self.high > 1 else "low",
+            )
+        if self.summary_tokens is not None and (
+            isinstance(self.summary_tokens, bool)
+            or not isinstance(self.summary_tokens, int)
+            or self.summary_tokens < 16
+        ):
+            raise ConfigurationError(
+                f"summary_tokens must be a whole number >= 16, got {self.summary_tokens!r}",
+                argument="summary_tokens",
+            )
+
+    @property
+    def name(self) -> str:
+        if (self.high, self.low) == (0.9, 0.6):
+            return "summary"
+        return f"summary:high={self.high:g},low={self.low:g}"
+
+    def summary_cap(self, budget: Budget) -> int:
+        if self.summary_tokens is not None:
+            return self.summary_tokens
+        return max(16, min(1024, budget.limit // 4))
+
+    def select(self, state: State, budget: Budget) -> Selection:
+        selection = self.inner.select(state, budget)
+        fold = self.fold_point(state, budget)
+        return replace(selection, fold_through=fold) if fold is not None else selection
+
+    def fold_point(self, state: State, budget: Budget) -> int | None:
+        """The last position to fold, or None while the unfolded turns stay under ``high``."""
+        factor = max(budget.correction.factor, 1e-9)
+        limit = (budget.limit - budget.correction.margin) / factor  # in our own tokens
+        after = state.summary.end if state.summary is not None else -1
+        tail = [item for item in state.tail if item.position > after]
+        fixed = REPLY_PRIMING + (state.system.tokens if state.system is not None else 0)
+        fixed += sum(item.tokens for item in state.pinned)
+        fixed += sum(item.tokens for item in tail if item.pinned)
+        summary = state.summary.tokens if state.summary is not None else 0
+        loose = sum(item.tokens for item in tail if not item.pinned)
+        if not state.has_older and fixed + summary + loose <= self.high * limit:
+            return None
+        room = self.low * limit - fixed - self.summary_cap(budget)
+        units = group_units(tail)
+        newest = len(units)
+        for k in range(len(units) - 1, -1, -1):
+            if units[k].has_user:
+                newest = k
+                break
+        kept = 0
+        start = len(units)
+        for k in range(len(units) - 1, -1, -1):
+            tokens = 0 if units[k].pinned else units[k].tokens
+            if k < newest and kept + tokens > room:
+                break
+            kept += tokens
+            start = k
+        while start < newest and not units[start].has_user:
+            start += 1  # keep whole turns: what stays begins with a user message
+        if start == 0 and not state.has_older:
+            return None  # nothing older than what is kept
+        first_kept = units[start].source[0].position if start < len(units) else None
+        fold = (first_kept - 1) if first_kept is not None else tail[-1].position
+        return fold if fold > after else None
+
+
+_CHOICES = (
+    "'truncate', 'window' or 'window:N' (N turns, at least 1), 'summary' or 'summary:high=H,low=L'"
+)
 
 
 def _by_name(text: str) -> Strategy:
@@ -180,12 +272,35 @@ def _by_name(text: str) -> Strategy:
             return Window()
         if argument.isdigit():
             return Window(turns=int(argument))
+    if key == "summary":
+        return _summary_from(text, argument if colon else "")
     raise ConfigurationError(
         f"unknown strategy {text!r}; choose {_CHOICES}, or pass a strategy object "
         "or a function (state, budget) -> Selection",
         argument="strategy",
         choices=("truncate", "window", "window:N"),
     )
+
+
+def _summary_from(text: str, arguments: str) -> Strategy:
+    options: dict[str, float | int] = {}
+    for pair in filter(None, (part.strip() for part in arguments.split(","))):
+        key, equals, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        try:
+            if key in ("high", "low") and equals:
+                options[key] = float(value)
+                continue
+            if key in ("summary_tokens", "tokens") and equals:
+                options["summary_tokens"] = int(value)
+                continue
+        except ValueError:
+            pass
+        raise ConfigurationError(
+            f"cannot read {pair!r} in strategy {text!r}; use e.g. 'summary:high=0.9,low=0.6'",
+            argument="strategy",
+        )
+    return Summarize(**options)  # type: ignore[arg-type]
 
 
 def as_strategy(strategy: StrategyLike) -> Strategy:

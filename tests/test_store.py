@@ -107,17 +107,13 @@ def test_newer_schema_is_refused_untouched(tmp_path):
 
 def test_older_schema_says_what_to_run(tmp_path):
     path = tmp_path / "c.db"
-    Memory(path).close()
-    con = sqlite3.connect(path)
-    con.execute(f"DELETE FROM {VERSION_TABLE}")  # a database from before revision 0001
-    for table in ("usage", "summaries", "calibrations", "messages", "conversations"):
-        con.execute(f"DROP TABLE {table}")
-    con.commit()
-    con.close()
+    db = _database(str(path))
+    migrate.upgrade(db, "0001")
+    db.dispose()
     with pytest.raises(SchemaOutdated, match="convmem db upgrade"):
         Memory(path)
     with Memory(path, upgrade=True) as memory:
-        assert migrate.current(memory.database) == migrate.head_revision()
+        assert migrate.current(memory.database) == migrate.head_revision() != "0001"
         memory.conversation().append({"role": "user", "content": "works"})
 
 

@@ -71,7 +71,9 @@ def test_names_resolve_to_built_ins() -> None:
     assert as_strategy(TRUNCATE) is TRUNCATE
 
 
-@pytest.mark.parametrize("name", ["summary", "window:0", "window:-1", "window:x", "truncate:3", ""])
+@pytest.mark.parametrize(
+    "name", ["summarise", "window:0", "window:-1", "window:x", "truncate:3", ""]
+)
 def test_unknown_names_list_the_choices(name: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         as_strategy(name)
@@ -122,7 +124,7 @@ def test_everything_is_sent_when_it_fits() -> None:
     selection = TRUNCATE.select(s, Budget(window=1000))
     assert positions(selection) == list(range(8))
     assert selection.dropped == ()
-    assert selection.to_summarize == ()
+    assert selection.fold_through is None
 
 
 def test_oldest_whole_units_are_dropped_first() -> None:

@@ -25,6 +25,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, literal, select, 
 from conversation_memory.messages import from_row
 from conversation_memory.store.schema import (
     calibrations,
+    compaction_leases,
     conversations,
     messages,
     summaries,
@@ -564,7 +565,7 @@ def detach_forks(conn: Connection, row: ConversationRow) -> None:
 def delete_conversation(conn: Connection, conversation_id: str) -> None:
     # Derived rows go explicitly too: a backend without enforced cascades
     # must not keep summaries or usage of erased messages.
-    for table in (usage, summaries, calibrations, messages):
+    for table in (usage, summaries, calibrations, compaction_leases, messages):
         conn.execute(delete(table).where(table.c.conversation_id == conversation_id))
     conn.execute(delete(conversations).where(conversations.c.id == conversation_id))
 
@@ -575,7 +576,7 @@ def user_conversation_ids(conn: Connection, user: str) -> list[str]:
 
 def erase_user(conn: Connection, user: str) -> int:
     ids = select(conversations.c.id).where(conversations.c.user_id == user).scalar_subquery()
-    for table in (usage, summaries, calibrations, messages):
+    for table in (usage, summaries, calibrations, compaction_leases, messages):
         conn.execute(delete(table).where(table.c.conversation_id.in_(ids)))
     # Forks of this user's conversations are this user's too (a fork keeps its
     # owner), so the whole family goes in one statement.

@@ -184,3 +184,20 @@ calibrations = Table(
     Column("last_reported", Integer, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
+
+compaction_leases = Table(
+    "compaction_leases",
+    metadata,
+    Column(
+        "conversation_id",
+        String(64),
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("level", Integer, primary_key=True),
+    Column("holder", String(64), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+"""One compaction per conversation and level at a time: a compaction claims
+the lease before calling the summarizer and drops it in the transaction that
+stores the summary. A holder killed mid-call leaves a lease that expires."""
