@@ -14,11 +14,14 @@ from conversation_memory.budget import (
     summary_message,
     validate,
 )
+from conversation_memory.chat import Reply, TurnStream
+from conversation_memory.compaction import Outcome
 from conversation_memory.engine import (
     Conversation,
     ConversationInfo,
     Memory,
     StoredMessage,
+    UsageTotals,
 )
 from conversation_memory.errors import (
     AuthenticationFailed,
@@ -48,15 +51,24 @@ from conversation_memory.errors import (
     UnknownModel,
     UserNotFound,
 )
+from conversation_memory.llm import Completion, RetryPolicy, Usage
 from conversation_memory.registry import ModelInfo, ModelRegistry, get_model, register_model
 from conversation_memory.store.repository import Entry
 from conversation_memory.strategies import (
     TRUNCATE,
     Strategy,
+    Summarize,
     Truncate,
     Window,
     as_strategy,
     keep_newest,
+)
+from conversation_memory.summarize import (
+    DEFAULT_PROMPT,
+    ModelSummarizer,
+    PromptTemplate,
+    Summarizer,
+    SummaryText,
 )
 from conversation_memory.tokens import (
     REPLY_PRIMING,
@@ -72,12 +84,14 @@ from conversation_memory.types import Budget, Correction, Item, State, Summary
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DEFAULT_PROMPT",
     "REPLY_PRIMING",
     "TRUNCATE",
     "AuthenticationFailed",
     "BadRequest",
     "Budget",
     "BudgetExceeded",
+    "Completion",
     "ConfigurationError",
     "ConnectionFailed",
     "Context",
@@ -99,11 +113,16 @@ __all__ = [
     "ModelError",
     "ModelInfo",
     "ModelRegistry",
+    "ModelSummarizer",
     "ModelTimeout",
     "NotADatabase",
     "NotFound",
+    "Outcome",
+    "PromptTemplate",
     "RateLimited",
+    "Reply",
     "Report",
+    "RetryPolicy",
     "SchemaOutdated",
     "SchemaTooNew",
     "Selection",
@@ -113,12 +132,18 @@ __all__ = [
     "StoredMessage",
     "Strategy",
     "SummarizationFailed",
+    "Summarize",
+    "Summarizer",
     "Summary",
+    "SummaryText",
     "TiktokenCounter",
     "TokenCounter",
     "TokenizerDataError",
     "Truncate",
+    "TurnStream",
     "UnknownModel",
+    "Usage",
+    "UsageTotals",
     "UserNotFound",
     "Window",
     "__version__",

@@ -18,12 +18,13 @@ import io
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from conversation_memory import _config
+from conversation_memory import _config, chat, compaction
 from conversation_memory.budget import Context, budget_for, build
 from conversation_memory.errors import (
     BudgetExceeded,
@@ -51,6 +52,8 @@ from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
 from conversation_memory.types import Budget, Correction, Item, State
 
 DEFAULT_USER = "default"
+COMPACTION_CHOICES = ("after", "manual")
+"""When to fold old turns into summaries: after each reply, or only on ``compact()``."""
 
 
 def _check_user(user: Any) -> str:
@@ -91,6 +94,70 @@ class ConversationInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Pending:
+    """A checked, counted message waiting for its transaction."""
+
+    row: dict[str, Any]
+    message: dict[str, Any]
+    pinned: bool = False
+    complete: bool = True
+
+
+USAGE_DEFAULTS: dict[str, Any] = {
+    "kind": "chat",
+    "model": "",
+    "prompt_tokens": None,
+    "completion_tokens": None,
+    "counted_prompt_tokens": None,
+    "latency_ms": None,
+    "finish_reason": None,
+    "request_id": None,
+    "error": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """What a conversation's model calls cost so far."""
+
+    calls: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    summary_calls: int
+    latency_ms: float
+    cost: float | None
+    """Estimated USD from the registry's list prices (None if a model has no price)."""
+
+    @classmethod
+    def of(cls, rows: Sequence[Any]) -> UsageTotals:
+        prompt = completion = failed = summaries = 0
+        latency = 0.0
+        cost: float | None = 0.0
+        for kind, model, p, c, counted, ms, error in rows:
+            failed += error is not None
+            summaries += kind == "summary"
+            prompt_tokens = p if p is not None else (counted or 0)
+            prompt += prompt_tokens
+            completion += c or 0
+            latency += ms or 0.0
+            try:
+                price = get_model(model).cost(prompt_tokens, c or 0)
+            except ConfigurationError:
+                price = None
+            cost = None if cost is None or price is None else cost + price
+        return cls(
+            calls=len(rows),
+            failed=failed,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            summary_calls=summaries,
+            latency_ms=latency,
+            cost=cost,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class StoredMessage:
     """What ``append`` stored: where, and how many tokens it counts for."""
 
@@ -115,6 +182,12 @@ class Memory:
         client: Any = None,
         model: str | None = None,
         strategy: Any = "truncate",
+        summarizer: Any = None,
+        summary_model: str | None = None,
+        compaction: str = "after",
+        on_incomplete: str = "store",
+        retry: Any = None,
+        sleep: Any = None,
         upgrade: bool = False,
         busy_timeout_ms: int = 30_000,
         env: Mapping[str, str] | None = None,
@@ -142,15 +215,57 @@ class Memory:
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{target.path}{suffix}").unlink(missing_ok=True)
             raise
+        if compaction not in COMPACTION_CHOICES:
+            raise ConfigurationError(
+                f"compaction must be one of {COMPACTION_CHOICES}, got {compaction!r}",
+                argument="compaction",
+            )
+        if on_incomplete not in chat.INCOMPLETE_CHOICES:
+            raise ConfigurationError(
+                f"on_incomplete must be one of {chat.INCOMPLETE_CHOICES}, got {on_incomplete!r}",
+                argument="on_incomplete",
+            )
         self.client = client
         self.model = model or _config.default_model(env)
         get_model(self.model)
         self.strategy = as_strategy(strategy)
+        self.summarizer = summarizer
+        self.summary_model = summary_model
+        self.compaction = compaction
+        self.on_incomplete = on_incomplete
+        self._env = env
+        self._retry = retry
+        self._sleep = sleep
+        self._llm: Any = None
         self._hot = repository.HotPath(self._db.dialect)
 
     @property
     def database(self) -> Database:
         return self._db
+
+    @property
+    def llm(self) -> Any:
+        """The retrying model client (built on first use from ``client`` or the environment)."""
+        if self._llm is None:
+            from conversation_memory.llm import LLM, client_from_env
+
+            client = self.client if self.client is not None else client_from_env(self._env)
+            options: dict[str, Any] = {}
+            if self._retry is not None:
+                options["retry"] = self._retry
+            if self._sleep is not None:
+                options["sleep"] = self._sleep
+            self._llm = LLM(client, **options)
+        return self._llm
+
+    def summarizer_for(self, conversation: Conversation) -> tuple[Any, str]:
+        """The summarizer to use, and the model name recorded with its summaries."""
+        model = self.summary_model or conversation.model
+        if self.summarizer is not None:
+            return self.summarizer, getattr(self.summarizer, "model", model)
+        from conversation_memory.summarize import ModelSummarizer
+
+        return ModelSummarizer(self.llm, model=model), model
 
     def close(self) -> None:
         self._db.dispose()
@@ -371,6 +486,8 @@ class Conversation:
         self._reserve: int | None = row.settings.get("reserve")
         self._segments: tuple[tuple[str, int | None], list[repository.Segment]] | None = None
         self._plain_limit = self.budget().limit
+        self._prepared: Any = None
+        self._calibrated = False
 
     def _stored_strategy(self, name: str | None) -> Strategy:
         """The strategy saved at creation: a built-in by name, or the Memory's own."""
@@ -421,10 +538,17 @@ class Conversation:
     def counter(self) -> TokenCounter:
         return self._counter
 
-    def budget(self, *, tools: int = 0, correction: Correction | None = None) -> Budget:
-        """The prompt budget for the next request."""
+    def budget(
+        self, *, tools: int = 0, correction: Correction | None = None, reserve: int | None = None
+    ) -> Budget:
+        """The prompt budget for the next request (``reserve``: this request's max_tokens)."""
         result = replace(
-            budget_for(self.model, reserve=self._reserve, tools=tools, cap=self._budget_cap),
+            budget_for(
+                self.model,
+                reserve=reserve if reserve is not None else self._reserve,
+                tools=tools,
+                cap=self._budget_cap,
+            ),
             correction=correction or Correction(),
         )
         if result.limit <= REPLY_PRIMING:
@@ -447,11 +571,28 @@ class Conversation:
         complete: bool = True,
     ) -> StoredMessage:
         """Store one OpenAI-format message at the end of the conversation."""
+        pending = self._pending(message, pinned=pinned, metadata=metadata, complete=complete)
+        return self._commit([pending])[0]
+
+    def _pending(
+        self,
+        message: Mapping[str, Any],
+        *,
+        pinned: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        complete: bool = True,
+        check: bool = True,
+    ) -> Pending:
+        """Check and count a message before any transaction starts.
+
+        ``check=False`` skips the size check: a model's reply is stored
+        whatever its size (it was already paid for).
+        """
         normalized = normalize(message)
         meta = check_metadata(metadata)
         tokens = self._counter.count_message(normalized)
         limit = self._plain_limit
-        if tokens + REPLY_PRIMING + self._row.system_tokens > limit:
+        if check and tokens + REPLY_PRIMING + self._row.system_tokens > limit:
             raise BudgetExceeded(
                 f"this message alone is {tokens} tokens; with the system prompt "
                 f"({self._row.system_tokens}) it cannot fit the prompt budget of {limit} "
@@ -461,56 +602,74 @@ class Conversation:
                 limit=limit,
             )
         row = {**to_row(normalized), "tokens": tokens, "meta": meta}
-        return self._store(row, normalized, pinned=pinned, complete=complete)
+        return Pending(row=row, message=normalized, pinned=pinned, complete=complete)
 
-    def _store(
-        self,
-        row: dict[str, Any],
-        message: Mapping[str, Any],
-        *,
-        pinned: bool,
-        complete: bool,
-    ) -> StoredMessage:
+    def _commit(
+        self, batch: Sequence[Pending], *, usage: Mapping[str, Any] | None = None
+    ) -> list[StoredMessage]:
+        """Store ``batch`` (and its usage row) in one transaction: all of it or nothing."""
         when = repository.now()
-        tokens = row["tokens"]
         hot = self._memory._hot
+        stamp = hot.stamp(when)
+        stored: list[StoredMessage] = []
         with self._db.cursor(write=True) as cur:
-            position = hot.claim(cur, self.id, self.user, tokens, hot.stamp(when))
-            if position is None:
-                raise ConversationNotFound(
-                    f"conversation {self.id!r} no longer exists (deleted?)",
-                    conversation_id=self.id,
-                )
-            if message["role"] == "tool":
-                head = hot.head(cur, self.id, self.user, self.model)
-                assert head is not None
-                pending = hot.pending_calls(cur, self._segments_of(head, cur), position)
-                call_id = message["tool_call_id"]
-                if pending is None or call_id not in pending:
-                    raise InvalidMessage(
-                        f"tool message answers call {call_id!r}, but "
-                        + (
-                            "the messages before it have no tool call waiting for an answer"
-                            if not pending
-                            else f"the open calls are {sorted(pending)}"
-                        )
-                        + "; append the assistant message with that tool_call first",
-                        field="tool_call_id",
+            segments: list[repository.Segment] | None = None
+            for pending in batch:
+                tokens = pending.row["tokens"]
+                position = hot.claim(cur, self.id, self.user, tokens, stamp)
+                if position is None:
+                    raise ConversationNotFound(
+                        f"conversation {self.id!r} no longer exists (deleted?)",
                         conversation_id=self.id,
                     )
-            row.update(
-                conversation_id=self.id,
-                position=position,
-                created_at=hot.stamp(when),
-                pinned=pinned,
-                complete=complete,
+                if pending.message["role"] == "tool":
+                    if segments is None:
+                        head = hot.head(cur, self.id, self.user, self.model)
+                        assert head is not None
+                        segments = self._segments_of(head, cur)
+                    self._check_answer(hot.pending_calls(cur, segments, position), pending)
+                row = dict(pending.row)
+                row.update(
+                    conversation_id=self.id,
+                    position=position,
+                    created_at=stamp,
+                    pinned=pending.pinned,
+                    complete=pending.complete,
+                )
+                hot.insert(cur, row)
+                stored.append(StoredMessage(position=position, tokens=tokens))
+            if usage is not None:
+                hot.insert_usage(
+                    cur,
+                    {
+                        **USAGE_DEFAULTS,
+                        **usage,
+                        "conversation_id": self.id,
+                        "position": stored[-1].position if stored else None,
+                        "created_at": stamp,
+                    },
+                )
+        return stored
+
+    def _check_answer(self, open_calls: set[str] | None, pending: Pending) -> None:
+        call_id = pending.message["tool_call_id"]
+        if open_calls is not None and call_id in open_calls:
+            return
+        raise InvalidMessage(
+            f"tool message answers call {call_id!r}, but "
+            + (
+                "the messages before it have no tool call waiting for an answer"
+                if not open_calls
+                else f"the open calls are {sorted(open_calls)}"
             )
-            hot.insert(cur, row)
-        return StoredMessage(position=position, tokens=tokens)
+            + "; append the assistant message with that tool_call first",
+            field="tool_call_id",
+            conversation_id=self.id,
+        )
 
     def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[StoredMessage]:
-        """Append several messages, each in its own transaction, in order."""
-        return [self.append(message) for message in messages]
+        """Append several messages in one transaction: all of them or none."""
+        return self._commit([self._pending(message) for message in messages])
 
     # -- reading ---------------------------------------------------------------
 
@@ -536,8 +695,14 @@ class Conversation:
         self._row = row
         return row
 
-    def _read_state(self, *, tools: int = 0) -> tuple[State, Budget]:
-        """One read transaction: row and calibration, summary, pinned and a bounded tail."""
+    def _read_state(
+        self, *, tools: int = 0, extra: Sequence[Pending] = (), reserve: int | None = None
+    ) -> tuple[State, Budget]:
+        """One read transaction: row and calibration, summary, pinned and a bounded tail.
+
+        ``extra`` are messages of the turn in progress, not stored yet: they
+        join the tail at the positions they would get.
+        """
         hot = self._memory._hot
         with self._db.cursor(write=False) as cur:
             head = hot.head(cur, self.id, self.user, self.model)
@@ -551,7 +716,7 @@ class Conversation:
                 if head.factor is not None
                 else Correction()
             )
-            budget = self.budget(tools=tools, correction=correction)
+            budget = self.budget(tools=tools, correction=correction, reserve=reserve)
             segments = self._segments_of(head, cur)
             summary = hot.newest_summary(cur, segments)
             after = summary.end if summary is not None else -1
@@ -560,6 +725,19 @@ class Conversation:
             tail, has_older = hot.tail(
                 cur, segments, tokens=need, after=after, first_page=head.page_for(need)
             )
+            if extra:
+                tail = [
+                    *tail,
+                    *(
+                        Item(
+                            position=head.next_position + n,
+                            message=pending.message,
+                            tokens=pending.row["tokens"],
+                            pinned=pending.pinned,
+                        )
+                        for n, pending in enumerate(extra)
+                    ),
+                ]
             start = tail[0].position if tail else head.next_position
             pinned = hot.pinned_before(cur, segments, start)
         system = None
@@ -589,11 +767,97 @@ class Conversation:
         """What the strategy sees for the next request."""
         return self._read_state()[0]
 
+    def read_state(self) -> tuple[State, Budget]:
+        """The state and budget the next request would be built from."""
+        return self._read_state()
+
+    @property
+    def database(self) -> Database:
+        return self._db
+
+    @property
+    def hot(self) -> repository.HotPath:
+        return self._memory._hot
+
+    def segments(self) -> list[repository.Segment]:
+        """This conversation's lineage: itself, then the conversations it was forked from."""
+        with self._db.read() as conn:
+            self._fresh_row(conn)
+            return self._lineage(conn)
+
+    def entries_between(self, first: int, last: int) -> list[repository.Entry]:
+        """Stored messages at positions ``first..last``, oldest first."""
+        with self._db.read() as conn:
+            self._fresh_row(conn)
+            return list(repository.entries(conn, self._lineage(conn), first=first, last=last))
+
     def context(self, *, tools: Sequence[Mapping[str, Any]] | None = None) -> Context:
         """The exact messages the next request would send, with a token report."""
         tool_tokens = self._counter.count_tools(tools) if tools else 0
         state, budget = self._read_state(tools=tool_tokens)
         return build(state, budget, self._strategy)
+
+    # -- talking to the model ------------------------------------------------------
+
+    def send(
+        self, message: Any, *, tools: Sequence[Mapping[str, Any]] | None = None, **params: Any
+    ) -> chat.Reply:
+        """Send text (or a message, or messages) with the budgeted context; store the turn.
+
+        ``params`` are Chat Completions parameters (temperature, max_tokens,
+        ...), checked before any request. The new message(s), the reply and
+        its usage are stored together once the reply is in; a failed call
+        stores nothing.
+        """
+        return chat.send(self, message, tools=tools, **params)
+
+    def stream(
+        self,
+        message: Any,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        on_incomplete: str | None = None,
+        **params: Any,
+    ) -> chat.TurnStream:
+        """Like :meth:`send`, yielding text pieces as they arrive; stored once at the end."""
+        return chat.stream(self, message, tools=tools, on_incomplete=on_incomplete, **params)
+
+    def prepare(
+        self,
+        message: Any = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        max_tokens: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The exact messages to send with your own client (``message`` is not stored yet)."""
+        return chat.prepare(self, message, tools=tools, max_tokens=max_tokens)
+
+    def record(self, reply: Any) -> chat.Reply:
+        """Store the reply to the last :meth:`prepare` (a ChatCompletion, its dict, or text)."""
+        return chat.record(self, reply)
+
+    def compact(self) -> compaction.Outcome:
+        """Fold old messages into a summary now, if the strategy asks for it."""
+        summarizer, model = self._memory.summarizer_for(self)
+        return compaction.compact(self, summarizer, summarizer_model=model)
+
+    def _after_turn(self) -> None:
+        if self._memory.compaction == "after" and getattr(self._strategy, "fold_point", None):
+            with suppress(ConfigurationError):  # no client to summarize with: truncation only
+                self.compact()
+
+    def _observe(self, *, counted: int, reported: int) -> None:
+        """Feed a server's prompt count to the calibration when it tells us something."""
+        if reported != counted or self._calibrated:
+            self.calibrate(counted=counted, reported=reported)
+            self._calibrated = True
+
+    def usage(self) -> UsageTotals:
+        """Tokens, calls, latency and estimated cost of every model call of this conversation."""
+        with self._db.read() as conn:
+            self._fresh_row(conn)
+            rows = repository.usage_rows(conn, self.id)
+        return UsageTotals.of(rows)
 
     def history(self) -> list[dict[str, Any]]:
         """Every stored message, oldest first, as OpenAI-format dicts."""

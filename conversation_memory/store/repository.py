@@ -202,6 +202,13 @@ SELECT position, role, tool_calls, tool_call_id FROM messages
  ORDER BY position DESC LIMIT :n
 """
 _PARENT = "SELECT forked_from, fork_position FROM conversations WHERE id = :id"
+_USAGE = """
+INSERT INTO usage (conversation_id, kind, model, position, prompt_tokens, completion_tokens,
+                   counted_prompt_tokens, latency_ms, finish_reason, request_id, error,
+                   created_at)
+VALUES (:conversation_id, :kind, :model, :position, :prompt_tokens, :completion_tokens,
+        :counted_prompt_tokens, :latency_ms, :finish_reason, :request_id, :error, :created_at)
+"""
 _NO_LIMIT = 2**62
 
 
@@ -256,6 +263,7 @@ class HotPath:
         self.summary_sql = prepare(_SUMMARY)
         self.recent_sql = prepare(_RECENT)
         self.parent_sql = prepare(_PARENT)
+        self.usage_sql = prepare(_USAGE)
 
     def stamp(self, when: datetime) -> Any:
         """A timestamp as SQLAlchemy's DateTime would store it on this backend."""
@@ -281,6 +289,9 @@ class HotPath:
 
     def insert(self, cur: Any, row: Mapping[str, Any]) -> None:
         cur.execute(self.insert_sql, row)
+
+    def insert_usage(self, cur: Any, row: Mapping[str, Any]) -> None:
+        cur.execute(self.usage_sql, row)
 
     def head(self, cur: Any, conversation_id: str, user: str, model: str) -> Head | None:
         cur.execute(self.head_sql, {"id": conversation_id, "user": user, "model": model})
@@ -432,16 +443,6 @@ def _segment_filter(segment: Segment, below: int | None = None) -> Any:
     return and_(*clauses)
 
 
-def all_items(conn: Connection, segments: Sequence[Segment]) -> list[Item]:
-    items: list[Item] = []
-    for segment in reversed(segments):
-        rows = conn.execute(
-            select(*_ITEM_COLUMNS).where(_segment_filter(segment)).order_by(messages.c.position)
-        ).all()
-        items.extend(_item(row) for row in rows)
-    return items
-
-
 @dataclass(frozen=True, slots=True)
 class Entry:
     """A stored message with everything the store keeps about it."""
@@ -455,13 +456,16 @@ class Entry:
     metadata: dict[str, Any] | None
 
 
-def entries(conn: Connection, segments: Sequence[Segment]) -> Iterable[Entry]:
+def entries(
+    conn: Connection, segments: Sequence[Segment], *, first: int = 0, last: int | None = None
+) -> Iterable[Entry]:
+    """Stored messages oldest first, optionally only positions ``first..last``."""
     for segment in reversed(segments):
-        rows = conn.execute(
-            select(*_ITEM_COLUMNS, messages.c.created_at, messages.c.meta)
-            .where(_segment_filter(segment))
-            .order_by(messages.c.position)
+        query = select(*_ITEM_COLUMNS, messages.c.created_at, messages.c.meta).where(
+            _segment_filter(segment, None if last is None else last + 1),
+            messages.c.position >= first,
         )
+        rows = conn.execute(query.order_by(messages.c.position))
         for row in rows:
             item = _item(row[:10])
             yield Entry(
@@ -512,6 +516,24 @@ def put_calibration(conn: Connection, values: Mapping[str, Any], *, exists: bool
         )
     else:
         conn.execute(insert(calibrations).values(**values))
+
+
+def usage_rows(conn: Connection, conversation_id: str) -> list[Any]:
+    return list(
+        conn.execute(
+            select(
+                usage.c.kind,
+                usage.c.model,
+                usage.c.prompt_tokens,
+                usage.c.completion_tokens,
+                usage.c.counted_prompt_tokens,
+                usage.c.latency_ms,
+                usage.c.error,
+            )
+            .where(usage.c.conversation_id == conversation_id)
+            .order_by(usage.c.id)
+        )
+    )
 
 
 def insert_usage(conn: Connection, values: Mapping[str, Any]) -> None:

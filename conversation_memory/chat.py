@@ -1,0 +1,321 @@
+"""Turns with a model: send, stream, and bring-your-own-client prepare/record.
+
+A turn is: the new message(s), the context built around them, one model
+call, and one transaction storing the new messages, the reply and its usage
+row together. Nothing is stored before the reply is in hand, so a failed call
+leaves no half-written turn. After the turn, the server's reported prompt
+tokens feed the calibration, and compaction runs when the strategy asks for
+it (never while a transaction is open, never inside the model call).
+
+Streaming stores the reply once, when the stream ends. A stream that ends
+without a finish_reason, breaks, or is abandoned by the caller is stored as
+incomplete (``on_incomplete="store"``, the default) or not at all
+(``"drop"``); never as complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from conversation_memory.budget import Context, build
+from conversation_memory.errors import ConfigurationError, ContextLengthExceeded
+
+if TYPE_CHECKING:
+    from conversation_memory.engine import Conversation, Pending
+
+INCOMPLETE_CHOICES = ("store", "drop")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A model's reply, as stored."""
+
+    text: str
+    message: dict[str, Any]
+    """The assistant message as stored (content and tool_calls)."""
+    finish_reason: str | None
+    usage: Any
+    """Prompt and completion tokens (``usage.reported`` False when we counted)."""
+    model: str
+    position: int | None
+    """Where the reply was stored (None when it was not)."""
+    complete: bool
+    request_id: str | None = None
+    latency_ms: float | None = None
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return list(self.message.get("tool_calls") or [])
+
+
+def turn_input(conversation: Conversation, new: Any) -> list[Pending]:
+    """The new messages of a turn: text (a user message), one message, or several."""
+    if new is None:
+        return []
+    if isinstance(new, str):
+        return [conversation._pending({"role": "user", "content": new})]
+    if isinstance(new, Mapping):
+        return [conversation._pending(new)]
+    if isinstance(new, Sequence):
+        return [conversation._pending(message) for message in new]
+    raise ConfigurationError(
+        f"a turn takes text, a message dict or a list of messages, got {type(new).__name__}"
+    )
+
+
+def _reserve(params: Mapping[str, Any]) -> int | None:
+    value = params.get("max_tokens", params.get("max_completion_tokens"))
+    return value if isinstance(value, int) else None
+
+
+def _context(
+    conversation: Conversation,
+    pending: Sequence[Pending],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None,
+    params: Mapping[str, Any],
+) -> tuple[Context, int]:
+    """The context for this turn and our count of its prompt (tools included)."""
+    tool_tokens = conversation.counter.count_tools(tools) if tools else 0
+    state, budget = conversation._read_state(
+        tools=tool_tokens, extra=pending, reserve=_reserve(params)
+    )
+    context = build(state, budget, conversation.strategy)
+    return context, context.report.total + tool_tokens
+
+
+def _with_refit(
+    conversation: Conversation,
+    pending: Sequence[Pending],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None,
+    params: Mapping[str, Any],
+    call: Any,
+) -> tuple[Any, Context, int]:
+    """Call the model; on a context-length error, calibrate from its numbers, re-fit, retry once."""
+    context, counted = _context(conversation, pending, tools=tools, params=params)
+    try:
+        return call(context), context, counted
+    except ContextLengthExceeded as exc:
+        requested = getattr(exc, "requested", None)
+        limit = getattr(exc, "limit", None)
+        if not requested and limit:
+            # Only the limit is known: assume we undercount by what overflowed.
+            requested = max(counted + 1, int(counted * 1.1))
+        if not requested:
+            raise
+        conversation.calibrate(counted=counted, reported=max(int(requested), 1))
+        context, counted = _context(conversation, pending, tools=tools, params=params)
+        return call(context), context, counted
+
+
+def _usage_row(completion: Any, counted: int, *, error: str | None = None) -> dict[str, Any]:
+    usage = completion.usage
+    return {
+        "kind": "chat",
+        "model": completion.model,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "counted_prompt_tokens": counted,
+        "latency_ms": completion.latency_ms,
+        "finish_reason": completion.finish_reason,
+        "request_id": completion.request_id,
+        "error": error,
+    }
+
+
+def finish_turn(
+    conversation: Conversation,
+    pending: Sequence[Pending],
+    completion: Any,
+    counted: int | None,
+    *,
+    store_reply: bool = True,
+) -> Reply:
+    """Store the turn in one transaction, then calibrate and compact as needed."""
+    batch = list(pending)
+    if store_reply:
+        batch.append(
+            conversation._pending(completion.message, complete=completion.complete, check=False)
+        )
+    error = None if completion.complete else "the reply was cut off"
+    stored = conversation._commit(batch, usage=_usage_row(completion, counted or 0, error=error))
+    reported = completion.usage.prompt_tokens
+    if counted and reported and completion.usage.reported:
+        conversation._observe(counted=counted, reported=reported)
+    conversation._after_turn()
+    return Reply(
+        text=completion.text,
+        message=dict(completion.message),
+        finish_reason=completion.finish_reason,
+        usage=completion.usage,
+        model=completion.model,
+        position=stored[-1].position if store_reply and stored else None,
+        complete=completion.complete,
+        request_id=completion.request_id,
+        latency_ms=completion.latency_ms,
+    )
+
+
+def send(
+    conversation: Conversation,
+    new: Any,
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    **params: Any,
+) -> Reply:
+    llm = conversation._memory.llm
+    from conversation_memory.llm import check_params, check_tools
+
+    checked = check_params(params, model=conversation.model)
+    tool_list = check_tools(tools) if tools else None
+    pending = turn_input(conversation, new)
+
+    def call(context: Context) -> Any:
+        return llm.complete(
+            model=conversation.model, messages=context.messages, tools=tool_list, **checked
+        )
+
+    completion, _, counted = _with_refit(
+        conversation, pending, tools=tool_list, params=checked, call=call
+    )
+    return finish_turn(conversation, pending, completion, counted)
+
+
+class TurnStream:
+    """The pieces of a streamed reply; the turn is stored once, when it ends.
+
+    Iterate it for text pieces; use it as a context manager (or call
+    ``close()``) to end it early. ``reply`` is set once it has ended.
+    """
+
+    def __init__(
+        self,
+        conversation: Conversation,
+        pending: Sequence[Pending],
+        inner: Any,
+        counted: int,
+        *,
+        on_incomplete: str,
+    ) -> None:
+        self._conversation = conversation
+        self._pending = pending
+        self._inner = inner
+        self._counted = counted
+        self._on_incomplete = on_incomplete
+        self._iterator: Iterator[str] = iter(inner)
+        self.reply: Reply | None = None
+        self._done = False
+
+    def __iter__(self) -> TurnStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._iterator)
+        except BaseException:
+            self._finish()
+            raise
+
+    def close(self) -> None:
+        if self._done:
+            return
+        try:
+            self._inner.close()
+        finally:
+            self._finish()
+
+    def __enter__(self) -> TurnStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_done", True):
+            with suppress(Exception):  # nobody to report to during garbage collection
+                self.close()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        completion = self._inner.completion
+        if completion is None:
+            return  # the call failed before anything arrived: nothing to store
+        if completion.complete or self._on_incomplete == "store":
+            self.reply = finish_turn(self._conversation, self._pending, completion, self._counted)
+        else:
+            self.reply = None
+
+
+def stream(
+    conversation: Conversation,
+    new: Any,
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    on_incomplete: str | None = None,
+    **params: Any,
+) -> TurnStream:
+    llm = conversation._memory.llm
+    from conversation_memory.llm import check_params, check_tools
+
+    mode = on_incomplete or conversation._memory.on_incomplete
+    if mode not in INCOMPLETE_CHOICES:
+        raise ConfigurationError(
+            f"on_incomplete must be one of {INCOMPLETE_CHOICES}, got {mode!r}",
+            argument="on_incomplete",
+        )
+    checked = check_params(params, model=conversation.model)
+    tool_list = check_tools(tools) if tools else None
+    pending = turn_input(conversation, new)
+
+    def call(context: Context) -> Any:
+        inner = llm.stream(
+            model=conversation.model, messages=context.messages, tools=tool_list, **checked
+        )
+        inner.start()  # connects (with retries) so a context-length error surfaces here
+        return inner
+
+    inner, _, counted = _with_refit(
+        conversation, pending, tools=tool_list, params=checked, call=call
+    )
+    return TurnStream(conversation, pending, inner, counted, on_incomplete=mode)
+
+
+@dataclass
+class Prepared:
+    """A turn prepared for the caller's own client, waiting for ``record``."""
+
+    pending: list[Pending]
+    context: Context
+    counted: int
+
+
+def prepare(
+    conversation: Conversation,
+    new: Any = None,
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    max_tokens: int | None = None,
+) -> list[dict[str, Any]]:
+    pending = turn_input(conversation, new)
+    params = {"max_tokens": max_tokens} if max_tokens is not None else {}
+    context, counted = _context(conversation, pending, tools=tools, params=params)
+    conversation._prepared = Prepared(pending=pending, context=context, counted=counted)
+    return context.messages
+
+
+def record(conversation: Conversation, reply: Any) -> Reply:
+    from conversation_memory.llm import completion_from
+
+    completion = completion_from(reply, model=conversation.model)
+    prepared = conversation._prepared
+    pending = prepared.pending if prepared is not None else []
+    counted = prepared.counted if prepared is not None else None
+    result = finish_turn(conversation, pending, completion, counted)
+    conversation._prepared = None
+    return result

@@ -1,0 +1,242 @@
+"""Compaction: folding old messages into a new summary row, safely under concurrency.
+
+The strategy says how far to fold (``Selection.fold_through``); this module
+does it:
+
+1. take the conversation's compaction lease (one compaction per conversation
+   at a time; a lease left by a killed process expires);
+2. read the messages after the current summary up to the fold point, in
+   chunks that fit the summarizer's input;
+3. for each chunk, call the summarizer with the previous summary and the
+   chunk, outside any transaction, check the text, and store it as a new
+   summary row in one transaction, which also records its usage and only
+   succeeds if the summary it was built on is still the newest one;
+4. drop the lease.
+
+Messages are never touched. A failure stores nothing but a usage row with the
+error; the next turn tries again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from conversation_memory.budget import summary_message
+from conversation_memory.errors import ModelError, SummarizationFailed
+from conversation_memory.store import repository
+from conversation_memory.store.schema import compaction_leases, summaries, usage
+from conversation_memory.summarize import Summarizer, check_summary
+from conversation_memory.types import Summary
+
+if TYPE_CHECKING:
+    from conversation_memory.engine import Conversation
+
+LEASE_SECONDS = 300
+"""How long a compaction may hold its lease before another may take over."""
+DEFAULT_SUMMARY_CAP = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one compaction did."""
+
+    summaries: tuple[Summary, ...] = ()
+    skipped: str | None = None
+    """Why nothing was done (no fold needed, another compaction running)."""
+    error: str | None = None
+    """Why it stopped: the summarizer failed or its summary was refused."""
+
+
+def _take_lease(conversation: Conversation, holder: str, level: int) -> bool:
+    now = repository.now()
+    expires = now + timedelta(seconds=LEASE_SECONDS)
+    db = conversation.database
+    try:
+        with db.write() as conn:
+            taken = conn.execute(
+                update(compaction_leases)
+                .where(
+                    compaction_leases.c.conversation_id == conversation.id,
+                    compaction_leases.c.level == level,
+                    compaction_leases.c.expires_at < now,
+                )
+                .values(holder=holder, expires_at=expires)
+            ).rowcount
+            if taken:
+                return True
+            current = conn.execute(
+                select(compaction_leases.c.holder).where(
+                    compaction_leases.c.conversation_id == conversation.id,
+                    compaction_leases.c.level == level,
+                )
+            ).first()
+            if current is not None:
+                return False
+            conn.execute(
+                insert(compaction_leases).values(
+                    conversation_id=conversation.id, level=level, holder=holder, expires_at=expires
+                )
+            )
+    except IntegrityError:
+        return False  # another process inserted the lease first
+    return True
+
+
+def _drop_lease(conversation: Conversation, holder: str, level: int) -> None:
+    with conversation.database.write() as conn:
+        conn.execute(
+            delete(compaction_leases).where(
+                compaction_leases.c.conversation_id == conversation.id,
+                compaction_leases.c.level == level,
+                compaction_leases.c.holder == holder,
+            )
+        )
+
+
+def _chunks(
+    conversation: Conversation, first: int, last: int, *, chunk_tokens: int
+) -> list[tuple[int, int, list[dict[str, Any]]]]:
+    """(first, last, messages) pieces of positions ``first..last``, each under ``chunk_tokens``."""
+    pieces: list[tuple[int, int, list[dict[str, Any]]]] = []
+    current: list[dict[str, Any]] = []
+    start = first
+    tokens = 0
+    for entry in conversation.entries_between(first, last):
+        if current and tokens + entry.tokens > chunk_tokens:
+            pieces.append((start, entry.position - 1, current))
+            current, tokens, start = [], 0, entry.position
+        current.append(entry.message)
+        tokens += entry.tokens
+    if current:
+        pieces.append((start, last, current))
+    return pieces
+
+
+def _store_summary(
+    conversation: Conversation,
+    *,
+    previous: Summary | None,
+    start: int,
+    end: int,
+    text: str,
+    tokens: int,
+    strategy: str,
+    result: Any,
+) -> Summary | None:
+    """Insert the summary if ``previous`` is still the newest; None if another won."""
+    db = conversation.database
+    segments = conversation.segments()
+    try:
+        with db.write() as conn:
+            # The hot path's query, on this transaction's own connection.
+            newest = conversation.hot.newest_summary(conn.connection.cursor(), segments)
+            if (newest.id if newest else None) != (previous.id if previous else None):
+                return None
+            new_id = conn.execute(
+                insert(summaries)
+                .values(
+                    conversation_id=conversation.id,
+                    start_position=start,
+                    end_position=end,
+                    level=0,
+                    text=text,
+                    tokens=tokens,
+                    strategy=strategy,
+                    model=result.model,
+                    prompt_version=result.prompt_version,
+                    based_on=previous.id if previous else None,
+                    created_at=repository.now(),
+                )
+                .returning(summaries.c.id)
+            ).scalar_one()
+            conn.execute(
+                insert(usage).values(
+                    conversation_id=conversation.id,
+                    kind="summary",
+                    model=result.model,
+                    position=end,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    latency_ms=result.latency_ms,
+                    request_id=result.request_id,
+                    created_at=repository.now(),
+                )
+            )
+    except IntegrityError:
+        return None  # the same range was stored by a concurrent compaction
+    return Summary(id=new_id, start=start, end=end, text=text, tokens=tokens, level=0)
+
+
+def _record_failure(conversation: Conversation, model: str, error: str) -> None:
+    with conversation.database.write() as conn:
+        conn.execute(
+            insert(usage).values(
+                conversation_id=conversation.id,
+                kind="summary",
+                model=model,
+                error=error[:2000],
+                created_at=repository.now(),
+            )
+        )
+
+
+def compact(
+    conversation: Conversation,
+    summarizer: Summarizer,
+    *,
+    summarizer_model: str,
+    chunk_tokens: int = 8000,
+) -> Outcome:
+    """Fold what the strategy asks for into summaries; see the module docstring."""
+    strategy = conversation.strategy
+    state, budget = conversation.read_state()
+    fold = strategy.select(state, budget).fold_through
+    if fold is None:
+        return Outcome(skipped="nothing to fold")
+    cap_of = getattr(strategy, "summary_cap", None)
+    cap = cap_of(budget) if callable(cap_of) else min(DEFAULT_SUMMARY_CAP, budget.limit // 4)
+    holder = uuid.uuid4().hex
+    if not _take_lease(conversation, holder, 0):
+        return Outcome(skipped="another compaction of this conversation is running")
+    done: list[Summary] = []
+    try:
+        previous = state.summary
+        first = previous.end + 1 if previous is not None else 0
+        start = previous.start if previous is not None else 0
+        counter = conversation.counter
+        for _, last, chunk in _chunks(conversation, first, fold, chunk_tokens=chunk_tokens):
+            try:
+                result = summarizer.summarize(
+                    previous.text if previous is not None else None, chunk, max_tokens=cap
+                )
+                text = check_summary(result.text, max_tokens=cap, count=counter.count_text)
+            except (SummarizationFailed, ModelError) as exc:
+                _record_failure(conversation, summarizer_model, str(exc))
+                return Outcome(summaries=tuple(done), error=str(exc))
+            rendered = summary_message(Summary(start=start, end=last, text=text, tokens=0))
+            stored = _store_summary(
+                conversation,
+                previous=previous,
+                start=start,
+                end=last,
+                text=text,
+                tokens=counter.count_message(rendered),
+                strategy=strategy.name,
+                result=result,
+            )
+            if stored is None:
+                return Outcome(summaries=tuple(done), skipped="another compaction won")
+            done.append(stored)
+            previous = stored
+    finally:
+        _drop_lease(conversation, holder, 0)
+    return Outcome(summaries=tuple(done))
+
+
+__all__ = ["Outcome", "compact"]

@@ -1,0 +1,29 @@
+"""Test doubles for code that talks to chat models: use them in your own tests too.
+
+:class:`ChatServer` is a real HTTP server on 127.0.0.1 that speaks OpenAI's
+Chat Completions wire format, with a deterministic model, its own tokenizer,
+OpenAI's validation errors and scriptable :class:`Fault` s.
+:class:`RecordingSummarizer` stands in for a model summarizer without HTTP::
+
+    from conversation_memory.testing import ChatServer, Fault
+
+    with ChatServer(window=4096) as server, server.client() as client:
+        server.fail(Fault.status(429, retry_after=1))
+        ...  # the first chat request gets the 429, the next one a reply
+        assert server.chat_requests[0].fault is not None
+"""
+
+from conversation_memory.testing.faults import ContextStyle, Fault
+from conversation_memory.testing.server import ChatServer, RecordedRequest
+from conversation_memory.testing.summarizers import RecordingSummarizer, SummaryCall
+from conversation_memory.testing.wire import ReplySpec
+
+__all__ = [
+    "ChatServer",
+    "ContextStyle",
+    "Fault",
+    "RecordedRequest",
+    "RecordingSummarizer",
+    "ReplySpec",
+    "SummaryCall",
+]

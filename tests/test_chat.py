@@ -1,0 +1,234 @@
+"""Turns with a real model server: send, stream, prepare/record, compaction.
+
+Everything goes through the real ``openai`` SDK over HTTP to
+``conversation_memory.testing.ChatServer``, whose tokenizer is not tiktoken's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from conversation_memory import (
+    AuthenticationFailed,
+    ConfigurationError,
+    Memory,
+    ServerError,
+    register_model,
+)
+from conversation_memory.llm import RetryPolicy
+from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer
+
+MODEL = "test-model"
+SUMMARY_HEADER = "Summary of the earlier conversation"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _test_model():
+    register_model(MODEL, window=1000, max_output=200)
+
+
+@pytest.fixture
+def server():
+    with ChatServer(window=1000, model=MODEL) as server:
+        clients = []
+        make = server.client
+
+        def client(**options):
+            clients.append(make(**options))
+            return clients[-1]
+
+        server.client = client  # every SDK client a test opens is closed after it
+        yield server
+        for each in clients:
+            each.close()
+
+
+def no_sleep(_seconds: float) -> None:
+    return None
+
+
+def open_memory(path, server, **options) -> Memory:
+    return Memory(
+        path,
+        client=server.client(),
+        model=MODEL,
+        sleep=no_sleep,
+        retry=RetryPolicy(attempts=3),
+        **options,
+    )
+
+
+def rows(memory: Memory, table: str) -> list:
+    with memory.database.engine.connect() as conn:
+        return list(conn.execute(sa.text(f"SELECT * FROM {table}")))
+
+
+def test_send_stores_the_turn_and_its_usage(tmp_path, server):
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation(system="Be brief.")
+        reply = chat.send("Hello there", max_tokens=50)
+        assert reply.text.startswith("Reply #1")
+        assert reply.complete
+        assert reply.finish_reason == "stop"
+        sent_messages = server.chat_requests[0].body["messages"]
+        assert reply.usage.prompt_tokens == server.count_tokens(sent_messages)
+        assert chat.history() == [
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": reply.text},
+        ]
+        sent = server.chat_requests[0].body
+        assert sent["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello there"},
+        ]
+        assert sent["max_tokens"] == 50
+        (usage,) = rows(memory, "usage")
+        assert usage.kind == "chat"
+        assert usage.prompt_tokens == reply.usage.prompt_tokens
+        totals = chat.usage()
+        assert totals.calls == 1
+        assert totals.completion_tokens == reply.usage.completion_tokens
+
+
+def test_a_failed_call_stores_nothing(tmp_path, server):
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation()
+        chat.send("first")
+        server.fail(Fault.status(500), times=3)
+        with pytest.raises(ServerError):
+            chat.send("second")
+        assert len(server.chat_requests) == 4  # 1 + 3 attempts, never more
+        assert chat.history()[0]["content"] == "first"
+        assert len(chat.history()) == 2
+        server.fail(Fault.status(401))
+        with pytest.raises(AuthenticationFailed, match="OPENAI_API_KEY"):
+            chat.send("third")
+        assert len(chat.history()) == 2
+
+
+def test_params_are_checked_before_any_request(tmp_path, server):
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation()
+        with pytest.raises(ConfigurationError, match="temperature"):
+            chat.send("hi", temperature=3)
+        with pytest.raises(ConfigurationError, match="max_tokens"):
+            chat.send("hi", max_tokens=10_000)
+        assert server.chat_requests == []
+        assert chat.history() == []
+
+
+def test_stream_stores_the_reply_once_at_the_end(tmp_path, server):
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation()
+        stream = chat.stream("Tell me a story")
+        pieces = list(stream)
+        assert len(pieces) > 1
+        assert stream.reply is not None
+        assert stream.reply.complete
+        assert chat.history()[-1] == {"role": "assistant", "content": "".join(pieces)}
+        assert rows(memory, "messages")[-1].complete
+
+
+def test_a_cut_stream_is_stored_as_incomplete(tmp_path, server):
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation()
+        server.fail(Fault.cut_stream(after_chunks=2))
+        pieces = list(chat.stream("Tell me a story"))
+        entries = chat.entries()
+        assert [e.message["role"] for e in entries] == ["user", "assistant"]
+        assert entries[-1].message["content"] == "".join(pieces)
+        assert entries[-1].complete is False
+
+
+def test_an_abandoned_stream_is_stored_once_as_incomplete_or_dropped(tmp_path, server):
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation()
+        with chat.stream("Tell me a story") as stream:
+            for _piece in stream:
+                break
+        assert [e.complete for e in chat.entries()] == [True, False]
+        dropped = memory.conversation()
+        with dropped.stream("again", on_incomplete="drop") as stream:
+            next(iter(stream))
+        assert dropped.history() == []
+
+
+def test_bring_your_own_client_tool_loop(tmp_path, server):
+    call = {"name": "weather", "arguments": json.dumps({"city": "Oslo"})}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation()
+        client = server.client()
+        server_reply = {"tool_calls": [call]}
+        server.reply = server_reply
+        messages = chat.prepare("Weather in Oslo?", tools=tools)
+        completion = client.chat.completions.create(model=MODEL, messages=messages, tools=tools)
+        recorded = chat.record(completion)
+        assert recorded.tool_calls
+        call_id = recorded.tool_calls[0]["id"]
+        server.reply = None
+        messages = chat.prepare({"role": "tool", "tool_call_id": call_id, "content": "-3C"})
+        assert messages[-1]["role"] == "tool"
+        completion = client.chat.completions.create(model=MODEL, messages=messages)
+        chat.record(completion.model_dump())
+        roles = [m["role"] for m in chat.history()]
+        assert roles == ["user", "assistant", "tool", "assistant"]
+        assert server.rejections == []
+
+
+def test_long_conversation_stays_inside_a_small_window(tmp_path, server):
+    """300 turns, 1,000-token window, a tokenizer that isn't ours: every request fits."""
+    with open_memory(tmp_path / "c.db", server, strategy="summary") as memory:
+        chat = memory.conversation(system="You are a helpful assistant.")
+        for turn in range(300):
+            chat.send(f"Turn {turn}: my favourite number today is {turn * 7}.", max_tokens=60)
+        assert server.rejections == []
+        statuses = {r.status for r in server.chat_requests}
+        assert statuses <= {200, 400}
+        chats = [r for r in server.chat_requests if r.status == 200]
+        assert any(SUMMARY_HEADER in json.dumps(r.body["messages"]) for r in chats[-10:]), (
+            "the summary is sent"
+        )
+        assert len(chat.history()) == 600
+        assert rows(memory, "summaries")
+        overflows = [r for r in server.chat_requests if r.status == 400]
+        assert len(overflows) <= 3, "calibration learns the server's tokenizer quickly"
+
+
+def test_failed_summarization_answers_with_truncation_and_changes_nothing(tmp_path, server):
+    summarizer = RecordingSummarizer()
+    with open_memory(
+        tmp_path / "c.db", server, strategy="summary", summarizer=summarizer
+    ) as memory:
+        chat = memory.conversation()
+        summarizer.fail_next(1000)
+        for turn in range(60):
+            chat.send(f"message number {turn} " + "word " * 20, max_tokens=30)
+        assert rows(memory, "summaries") == []
+        failures = [u for u in rows(memory, "usage") if u.kind == "summary"]
+        assert failures
+        assert all(u.error for u in failures)
+        assert len(chat.history()) == 120  # every turn answered (by truncation)
+        before = chat.export()
+        outcome = chat.compact()
+        assert outcome.error
+        assert chat.export() == before  # byte for byte
+        summarizer.recover()  # the next turn compacts
+        chat.send("one more", max_tokens=30)
+        assert rows(memory, "summaries")
+        assert len(chat.history()) == 122
+
+
+def test_refused_summaries_are_never_stored(tmp_path, server):
+    summarizer = RecordingSummarizer(replies=["", "   ", "I'm sorry, I can't help with that."])
+    with open_memory(
+        tmp_path / "c.db", server, strategy="summary", summarizer=summarizer
+    ) as memory:
+        chat = memory.conversation()
+        for turn in range(40):
+            chat.send(f"message number {turn} " + "word " * 20, max_tokens=30)
+        texts = [s.text for s in rows(memory, "summaries")]
+        assert all(text.strip() and not text.startswith("I'm sorry") for text in texts)
