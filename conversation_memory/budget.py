@@ -309,11 +309,12 @@ def summary_message(summary: Summary) -> dict[str, Any]:
     marked by a fixed header so neither the model nor a reader takes it for
     something anyone said.
     """
+    level = f", level {summary.level}" if summary.level else ""
     return {
         "role": "system",
         "content": (
-            f"Summary of the earlier conversation (messages {summary.start} to {summary.end}):"
-            f"\n{summary.text}"
+            f"Summary of the earlier conversation (messages {summary.start} to "
+            f"{summary.end}{level}):\n{summary.text}"
         ),
     }
 
@@ -331,6 +332,8 @@ class Selection:
     """Summary to send, placed after the system prompt and older pinned messages."""
     dropped: tuple[Item, ...]
     """Tail items left out to fit, oldest first (a prefix of the tail, pinned ones excepted)."""
+    summaries: tuple[Summary, ...] = ()
+    """Several summaries to send instead, oldest first, each its own message."""
     fold_through: int | None = None
     """A summarizing strategy's request: fold every message after the current
     summary up to this position (inclusive) into a new summary. Compaction acts
@@ -392,7 +395,10 @@ class Context:
     messages: list[dict[str, Any]]
     items: tuple[Item, ...]
     summary: Summary | None
+    """The (newest) summary sent, if any."""
     report: Report
+    summaries: tuple[Summary, ...] = ()
+    """Every summary sent, oldest first (one, or a hierarchical cover)."""
 
 
 def _limit_terms(budget: Budget) -> str:
@@ -443,10 +449,11 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
         )
     items = selection.items
     summary = selection.summary
+    sent_summaries = selection.summaries or ((summary,) if summary is not None else ())
     tail_start = state.tail[0].position if state.tail else None
     messages: list[dict[str, Any]] = []
     previous: int | None = None
-    placed = summary is None
+    placed = not sent_summaries
     for item in items:
         if previous is not None and item.position <= previous:
             raise InvalidPayload(
@@ -461,11 +468,11 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
             and item.position >= tail_start
             and item is not state.system
         ):
-            messages.append(summary_message(summary))  # type: ignore[arg-type]
+            messages.extend(summary_message(each) for each in sent_summaries)
             placed = True
         messages.append(dict(item.message))
     if not placed:
-        messages.append(summary_message(summary))  # type: ignore[arg-type]
+        messages.extend(summary_message(each) for each in sent_summaries)
     if state.system is not None and (not items or items[0] is not state.system):
         raise InvalidPayload(
             f"strategy {chosen.name!r} left out the system prompt or did not put it first",
@@ -473,7 +480,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
         )
     validate(messages)
     total = sum(item.tokens for item in items) + REPLY_PRIMING
-    total += summary.tokens if summary is not None else 0
+    total += sum(each.tokens for each in sent_summaries)
     if not budget.fits(total):
         raise BudgetExceeded(
             f"strategy {chosen.name!r} chose {total} prompt tokens, over the limit of "
@@ -485,7 +492,13 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
     report = _report(
         state, budget, strategy=chosen.name, selection=selection, messages=messages, total=total
     )
-    return Context(messages=messages, items=items, summary=summary, report=report)
+    return Context(
+        messages=messages,
+        items=items,
+        summary=sent_summaries[-1] if sent_summaries else None,
+        report=report,
+        summaries=tuple(sent_summaries),
+    )
 
 
 def _report(
@@ -523,7 +536,9 @@ def _report(
         elif i.pinned:
             pinned += i.tokens
             pinned_sent += 1
-    summary = selection.summary.tokens if selection.summary is not None else 0
+    summary = sum(each.tokens for each in selection.summaries) or (
+        selection.summary.tokens if selection.summary is not None else 0
+    )
     corrected = budget.correction.apply(total)
     limit = budget.limit
     return Report(
@@ -563,7 +578,9 @@ def _report(
         repaired=tuple(repaired),
         orphaned=tuple(orphaned),
         covered=covered,
-        summary_omitted=state.summary is not None and selection.summary is None,
+        summary_omitted=state.summary is not None
+        and selection.summary is None
+        and not selection.summaries,
     )
 
 
@@ -594,8 +611,9 @@ def explain(context: Context) -> str:
         f"  pinned    {r.pinned:>8}  ({_messages(r.pinned_sent)})",
     ]
     if context.summary is not None:
-        s = context.summary
-        lines.append(f"  summary   {r.summary:>8}  (messages {s.start} to {s.end})")
+        first, s = (context.summaries or (context.summary,))[0], context.summary
+        parts = f", {len(context.summaries)} summaries" if len(context.summaries) > 1 else ""
+        lines.append(f"  summary   {r.summary:>8}  (messages {first.start} to {s.end}{parts})")
     else:
         lines.append(f"  summary   {0:>8}" + ("  (left out: no room)" if r.summary_omitted else ""))
     lines += [

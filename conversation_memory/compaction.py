@@ -128,23 +128,29 @@ def _store_summary(
     tokens: int,
     strategy: str,
     result: Any,
+    level: int = 0,
 ) -> Summary | None:
-    """Insert the summary if ``previous`` is still the newest; None if another won."""
+    """Insert the summary if ``previous`` is still the newest; None if another won.
+
+    A merge (``level`` > 0) replaces no newest summary; the unique range rule
+    alone keeps concurrent merges of one range down to one row.
+    """
     db = conversation.database
     segments = conversation.segments()
     try:
         with db.write() as conn:
-            # The hot path's query, on this transaction's own connection.
-            newest = conversation.hot.newest_summary(conn.connection.cursor(), segments)
-            if (newest.id if newest else None) != (previous.id if previous else None):
-                return None
+            if level == 0:
+                # The hot path's query, on this transaction's own connection.
+                newest = conversation.hot.newest_summary(conn.connection.cursor(), segments)
+                if (newest.id if newest else None) != (previous.id if previous else None):
+                    return None
             new_id = conn.execute(
                 insert(summaries)
                 .values(
                     conversation_id=conversation.id,
                     start_position=start,
                     end_position=end,
-                    level=0,
+                    level=level,
                     text=text,
                     tokens=tokens,
                     strategy=strategy,
@@ -170,7 +176,7 @@ def _store_summary(
             )
     except IntegrityError:
         return None  # the same range was stored by a concurrent compaction
-    return Summary(id=new_id, start=start, end=end, text=text, tokens=tokens, level=0)
+    return Summary(id=new_id, start=start, end=end, text=text, tokens=tokens, level=level)
 
 
 def _record_failure(conversation: Conversation, model: str, error: str) -> None:
@@ -184,6 +190,57 @@ def _record_failure(conversation: Conversation, model: str, error: str) -> None:
                 created_at=repository.now(),
             )
         )
+
+
+def _merge(
+    conversation: Conversation,
+    summarizer: Summarizer,
+    summarizer_model: str,
+    cap: int,
+    done: list[Summary],
+) -> str | None:
+    """Merge every run of ``fanout`` same-level summaries in the cover, bottom up."""
+    fanout = conversation.strategy.fanout  # type: ignore[attr-defined]
+    counter = conversation.counter
+    while True:
+        cover = conversation.summary_cover()
+        run = _first_full_run(cover, fanout)
+        if run is None:
+            return None
+        texts = [{"role": "system", "content": each.text} for each in run]
+        try:
+            result = summarizer.summarize(None, texts, max_tokens=cap)
+            text = check_summary(result.text, max_tokens=cap, count=counter.count_text)
+        except (SummarizationFailed, ModelError) as exc:
+            _record_failure(conversation, summarizer_model, str(exc))
+            return str(exc)
+        level = run[0].level + 1
+        rendered = summary_message(
+            Summary(start=run[0].start, end=run[-1].end, text=text, tokens=0, level=level)
+        )
+        stored = _store_summary(
+            conversation,
+            previous=run[-1],
+            start=run[0].start,
+            end=run[-1].end,
+            text=text,
+            tokens=counter.count_message(rendered),
+            strategy=conversation.strategy.name,
+            result=result,
+            level=level,
+        )
+        if stored is None:
+            return None  # merged by a concurrent compaction
+        done.append(stored)
+
+
+def _first_full_run(cover: list[Summary], fanout: int) -> list[Summary] | None:
+    """The oldest ``fanout`` consecutive summaries of one level in ``cover``, if any."""
+    for i in range(len(cover) - fanout + 1):
+        run = cover[i : i + fanout]
+        if all(each.level == run[0].level for each in run):
+            return run
+    return None
 
 
 def compact(
@@ -205,15 +262,22 @@ def compact(
     if not _take_lease(conversation, holder, 0):
         return Outcome(skipped="another compaction of this conversation is running")
     done: list[Summary] = []
+    hierarchical = bool(getattr(strategy, "hierarchical", False))
     try:
         previous = state.summary
         first = previous.end + 1 if previous is not None else 0
         start = previous.start if previous is not None else 0
         counter = conversation.counter
-        for _, last, chunk in _chunks(conversation, first, fold, chunk_tokens=chunk_tokens):
+        for chunk_start, last, chunk in _chunks(
+            conversation, first, fold, chunk_tokens=chunk_tokens
+        ):
+            if hierarchical:
+                start = chunk_start  # each level-0 summary stands for its own period
             try:
                 result = summarizer.summarize(
-                    previous.text if previous is not None else None, chunk, max_tokens=cap
+                    None if hierarchical or previous is None else previous.text,
+                    chunk,
+                    max_tokens=cap,
                 )
                 text = check_summary(result.text, max_tokens=cap, count=counter.count_text)
             except (SummarizationFailed, ModelError) as exc:
@@ -234,6 +298,10 @@ def compact(
                 return Outcome(summaries=tuple(done), skipped="another compaction won")
             done.append(stored)
             previous = stored
+            if hierarchical:
+                error = _merge(conversation, summarizer, summarizer_model, cap, done)
+                if error is not None:
+                    return Outcome(summaries=tuple(done), error=error)
     finally:
         _drop_lease(conversation, holder, 0)
     return Outcome(summaries=tuple(done))

@@ -47,9 +47,9 @@ from conversation_memory.store.database import (
     parse_target,
 )
 from conversation_memory.store.schema import VERSION_TABLE
-from conversation_memory.strategies import Strategy, as_strategy
+from conversation_memory.strategies import Strategy, Summarizing, as_strategy
 from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
-from conversation_memory.types import Budget, Correction, Item, State
+from conversation_memory.types import Budget, Correction, Item, State, Summary
 
 DEFAULT_USER = "default"
 COMPACTION_CHOICES = ("after", "manual")
@@ -718,7 +718,12 @@ class Conversation:
             )
             budget = self.budget(tools=tools, correction=correction, reserve=reserve)
             segments = self._segments_of(head, cur)
-            summary = hot.newest_summary(cur, segments)
+            cover: list[Summary] = []
+            if getattr(self._strategy, "hierarchical", False):
+                cover = hot.summary_cover(cur, segments)
+                summary = cover[-1] if cover else None
+            else:
+                summary = hot.newest_summary(cur, segments)
             after = summary.end if summary is not None else -1
             # Read until the tail alone would overflow: anything older can't fit.
             need = int(budget.limit / max(correction.factor, 1e-9)) + 1
@@ -760,6 +765,7 @@ class Conversation:
             has_older=has_older,
             older=max(0, start - (after + 1) - len(gap_pinned)),
             older_from=older_from,
+            summaries=tuple(cover),
         )
         return state, budget
 
@@ -784,6 +790,18 @@ class Conversation:
         with self._db.read() as conn:
             self._fresh_row(conn)
             return self._lineage(conn)
+
+    def summary_cover(self) -> list[Summary]:
+        """The stored summaries that together cover the summarized range, oldest first."""
+        hot = self._memory._hot
+        with self._db.cursor(write=False) as cur:
+            head = hot.head(cur, self.id, self.user, self.model)
+            if head is None:
+                raise ConversationNotFound(
+                    f"conversation {self.id!r} no longer exists (deleted?)",
+                    conversation_id=self.id,
+                )
+            return hot.summary_cover(cur, self._segments_of(head, cur))
 
     def entries_between(self, first: int, last: int) -> list[repository.Entry]:
         """Stored messages at positions ``first..last``, oldest first."""
@@ -842,7 +860,7 @@ class Conversation:
         return compaction.compact(self, summarizer, summarizer_model=model)
 
     def _after_turn(self) -> None:
-        if self._memory.compaction == "after" and getattr(self._strategy, "fold_point", None):
+        if self._memory.compaction == "after" and isinstance(self._strategy, Summarizing):
             with suppress(ConfigurationError):  # no client to summarize with: truncation only
                 self.compact()
 

@@ -21,16 +21,18 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol, TypeAlias, runtime_checkable
 
 from conversation_memory.budget import Selection, group_units, too_big
-from conversation_memory.errors import ConfigurationError
+from conversation_memory.errors import BudgetExceeded, ConfigurationError
 from conversation_memory.tokens import REPLY_PRIMING
-from conversation_memory.types import Budget, Item, State
+from conversation_memory.types import Budget, Item, State, Summary
 
 __all__ = [
     "TRUNCATE",
     "FunctionStrategy",
+    "Hierarchical",
     "Strategy",
     "StrategyLike",
     "Summarize",
+    "Summarizing",
     "Truncate",
     "Window",
     "as_strategy",
@@ -49,6 +51,19 @@ class Strategy(Protocol):
 
     def select(self, state: State, budget: Budget) -> Selection:
         """What to send next within ``budget``."""
+        ...
+
+
+@runtime_checkable
+class Summarizing(Protocol):
+    """An optional ability: a strategy that folds old turns into summaries.
+
+    Its selections may carry ``fold_through``; compaction runs only for
+    strategies with this ability, and sizes each summary by ``summary_cap``.
+    """
+
+    def summary_cap(self, budget: Budget) -> int:
+        """The most tokens one summary may take."""
         ...
 
 
@@ -257,6 +272,82 @@ class Summarize:
         return fold if fold > after else None
 
 
+@dataclass(frozen=True, slots=True)
+class Hierarchical:
+    """Summaries of summaries: recent periods in detail, older ones ever more condensed.
+
+    Folding works like :class:`Summarize`, but each fold becomes a level-0
+    summary of just the folded turns; once ``fanout`` summaries of one level
+    follow each other, compaction merges them into one summary a level up.
+    What is sent is the *cover* of the summarized range: the highest-level
+    summaries for the oldest periods, then lower levels, each its own
+    message, so the summary part stays bounded (about ``fanout`` per level)
+    while recent periods keep their detail. When the cover doesn't fit beside
+    what must be sent, its oldest summaries are left out first.
+    """
+
+    fanout: int = 4
+    high: float = 0.9
+    low: float = 0.6
+    summary_tokens: int | None = None
+    inner: Strategy = field(default_factory=lambda: TRUNCATE)
+
+    hierarchical: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fanout, bool) or not isinstance(self.fanout, int) or self.fanout < 2:
+            raise ConfigurationError(
+                f"fanout must be a whole number >= 2, got {self.fanout!r}", argument="fanout"
+            )
+        self._rolling()  # validates high, low and summary_tokens
+
+    def _rolling(self) -> Summarize:
+        return Summarize(
+            high=self.high, low=self.low, summary_tokens=self.summary_tokens, inner=self.inner
+        )
+
+    @property
+    def name(self) -> str:
+        if (self.fanout, self.high, self.low) == (4, 0.9, 0.6):
+            return "hierarchical"
+        return f"hierarchical:fanout={self.fanout},high={self.high:g},low={self.low:g}"
+
+    def summary_cap(self, budget: Budget) -> int:
+        """Each summary's cap: the summary share of the budget over the cover's usual size."""
+        if self.summary_tokens is not None:
+            return self.summary_tokens
+        return max(16, min(512, budget.limit // (4 * self.fanout)))
+
+    def select(self, state: State, budget: Budget) -> Selection:
+        cover = list(state.summaries or ((state.summary,) if state.summary else ()))
+        end = cover[-1].end if cover else -1
+        tail = [item for item in state.tail if item.pinned or item.position > end]
+        bare = replace(state, summary=None, summaries=(), tail=tail)
+        while True:
+            room = sum(each.tokens for each in cover)
+            try:
+                selection = self.inner.select(bare, replace(budget, margin=budget.margin + room))
+                break
+            except BudgetExceeded:
+                if not cover:
+                    raise
+                cover.pop(0)  # the oldest, most condensed period goes first
+        fold = self._rolling().fold_point(
+            replace(state, summary=_as_one(cover) if cover else None), budget
+        )
+        return replace(selection, summary=None, summaries=tuple(cover), fold_through=fold)
+
+
+def _as_one(cover: list[Summary]) -> Summary:
+    """The cover as one summary, for the fold arithmetic (range and total size)."""
+    return Summary(
+        start=cover[0].start,
+        end=cover[-1].end,
+        text="",
+        tokens=sum(each.tokens for each in cover),
+    )
+
+
 _CHOICES = (
     "'truncate', 'window' or 'window:N' (N turns, at least 1), 'summary' or 'summary:high=H,low=L'"
 )
@@ -274,6 +365,8 @@ def _by_name(text: str) -> Strategy:
             return Window(turns=int(argument))
     if key == "summary":
         return _summary_from(text, argument if colon else "")
+    if key == "hierarchical":
+        return _summary_from(text, argument if colon else "", hierarchical=True)
     raise ConfigurationError(
         f"unknown strategy {text!r}; choose {_CHOICES}, or pass a strategy object "
         "or a function (state, budget) -> Selection",
@@ -282,7 +375,7 @@ def _by_name(text: str) -> Strategy:
     )
 
 
-def _summary_from(text: str, arguments: str) -> Strategy:
+def _summary_from(text: str, arguments: str, *, hierarchical: bool = False) -> Strategy:
     options: dict[str, float | int] = {}
     for pair in filter(None, (part.strip() for part in arguments.split(","))):
         key, equals, value = pair.partition("=")
@@ -294,12 +387,17 @@ def _summary_from(text: str, arguments: str) -> Strategy:
             if key in ("summary_tokens", "tokens") and equals:
                 options["summary_tokens"] = int(value)
                 continue
+            if key == "fanout" and equals and hierarchical:
+                options["fanout"] = int(value)
+                continue
         except ValueError:
             pass
         raise ConfigurationError(
             f"cannot read {pair!r} in strategy {text!r}; use e.g. 'summary:high=0.9,low=0.6'",
             argument="strategy",
         )
+    if hierarchical:
+        return Hierarchical(**options)  # type: ignore[arg-type]
     return Summarize(**options)  # type: ignore[arg-type]
 
 

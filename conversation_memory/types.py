@@ -100,6 +100,9 @@ class State:
     tail: Sequence[Item]
     has_older: bool = False
     """True when messages older than ``tail`` (and not covered by ``summary``) exist."""
+    summaries: Sequence[Summary] = ()
+    """For hierarchical summaries: the cover of the summarized range, oldest first
+    (highest levels for the oldest periods); ``summary`` is then its last element."""
     older: int = 0
     """How many of those there are, pinned ones excepted (they were not read)."""
     older_from: int = 0

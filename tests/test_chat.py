@@ -6,6 +6,7 @@ Everything goes through the real ``openai`` SDK over HTTP to
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -232,3 +233,34 @@ def test_refused_summaries_are_never_stored(tmp_path, server):
             chat.send(f"message number {turn} " + "word " * 20, max_tokens=30)
         texts = [s.text for s in rows(memory, "summaries")]
         assert all(text.strip() and not text.startswith("I'm sorry") for text in texts)
+
+
+def test_hierarchical_summaries_stay_bounded_with_detail_for_recent_periods(tmp_path, server):
+    summarizer = RecordingSummarizer(words_per_message=4)
+    with open_memory(
+        tmp_path / "c.db",
+        server,
+        strategy="hierarchical:fanout=3",
+        summarizer=summarizer,
+    ) as memory:
+        chat = memory.conversation(system="You are terse.")
+        for turn in range(150):
+            chat.send(f"Turn {turn}: remember the code word K{turn}.", max_tokens=40)
+        assert server.rejections == []
+        stored = rows(memory, "summaries")
+        levels = {row.level for row in stored}
+        assert {0, 1} <= levels, levels
+        context = chat.context()
+        cover = context.summaries
+        assert len(cover) >= 2
+        assert [s.level for s in cover] == sorted((s.level for s in cover), reverse=True)
+        assert all(a.end + 1 == b.start for a, b in itertools.pairwise(cover))
+        assert cover[0].start == 0
+        assert len(cover) <= 3 * (max(levels) + 1)
+        sent = [m["content"] for m in context.messages if m["role"] == "system"]
+        assert sum(SUMMARY_HEADER in text for text in sent) == len(cover)
+        assert context.report.total <= context.report.limit
+        assert len(chat.history()) == 300
+        # merges summarize summaries, not the transcript again
+        merges = [c for c in summarizer.calls if all(m["role"] == "system" for m in c.messages)]
+        assert merges

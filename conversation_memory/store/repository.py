@@ -196,6 +196,11 @@ SELECT id, start_position, end_position, text, tokens, level FROM summaries
  WHERE conversation_id = :id AND end_position <= :upto
  ORDER BY end_position DESC, level DESC LIMIT 1
 """
+_COVER_STEP = """
+SELECT id, start_position, end_position, text, tokens, level FROM summaries
+ WHERE conversation_id = :id AND start_position = :start AND end_position <= :upto
+ ORDER BY end_position DESC, level DESC LIMIT 1
+"""
 _RECENT = """
 SELECT position, role, tool_calls, tool_call_id FROM messages
  WHERE conversation_id = :id AND position <= :upto
@@ -262,6 +267,7 @@ class HotPath:
         self.pinned_sql = prepare(_PINNED)
         self.summary_sql = prepare(_SUMMARY)
         self.recent_sql = prepare(_RECENT)
+        self.cover_sql = prepare(_COVER_STEP)
         self.parent_sql = prepare(_PARENT)
         self.usage_sql = prepare(_USAGE)
 
@@ -377,6 +383,43 @@ class HotPath:
                     id=row[0], start=row[1], end=row[2], text=row[3], tokens=row[4], level=row[5]
                 )
         return best
+
+    def summary_cover(self, cur: Any, segments: Sequence[Segment]) -> list[Summary]:
+        """Summaries covering positions 0..n back to back, each reaching as far as any.
+
+        For hierarchical summaries this picks the merged (higher-level)
+        summaries for old periods and the fine ones after them; for a rolling
+        summary it is just the newest one. One indexed lookup per element.
+        """
+        cover: list[Summary] = []
+        start = 0
+        while True:
+            best = None
+            for conversation_id, upto in segments:
+                cur.execute(
+                    self.cover_sql,
+                    {
+                        "id": conversation_id,
+                        "start": start,
+                        "upto": _NO_LIMIT if upto is None else upto,
+                    },
+                )
+                row = cur.fetchone()
+                if row is not None and (best is None or (row[2], row[5]) > (best[2], best[5])):
+                    best = row
+            if best is None:
+                return cover
+            cover.append(
+                Summary(
+                    id=best[0],
+                    start=best[1],
+                    end=best[2],
+                    text=best[3],
+                    tokens=best[4],
+                    level=best[5],
+                )
+            )
+            start = best[2] + 1
 
     def pending_calls(self, cur: Any, segments: Sequence[Segment], before: int) -> set[str] | None:
         """Unanswered call ids of the tool-calling assistant message just before ``before``.
