@@ -4,6 +4,7 @@ Everything public is importable from here; the modules behind it are
 implementation detail (see DESIGN in the README for the layers).
 """
 
+from conversation_memory.aio import AsyncConversation, AsyncMemory, AsyncTurnStream
 from conversation_memory.budget import (
     Context,
     Report,
@@ -87,6 +88,9 @@ __all__ = [
     "DEFAULT_PROMPT",
     "REPLY_PRIMING",
     "TRUNCATE",
+    "AsyncConversation",
+    "AsyncMemory",
+    "AsyncTurnStream",
     "AuthenticationFailed",
     "BadRequest",
     "Budget",

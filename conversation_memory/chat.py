@@ -100,16 +100,22 @@ def _with_refit(
     try:
         return call(context), context, counted
     except ContextLengthExceeded as exc:
-        requested = getattr(exc, "requested", None)
-        limit = getattr(exc, "limit", None)
-        if not requested and limit:
-            # Only the limit is known: assume we undercount by what overflowed.
-            requested = max(counted + 1, int(counted * 1.1))
-        if not requested:
+        reported = overflow_count(exc, counted)
+        if reported is None:
             raise
-        conversation.calibrate(counted=counted, reported=max(int(requested), 1))
+        conversation.calibrate(counted=counted, reported=reported)
         context, counted = _context(conversation, pending, tools=tools, params=params)
         return call(context), context, counted
+
+
+def overflow_count(exc: ContextLengthExceeded, counted: int) -> int | None:
+    """The prompt size the server says it counted for our ``counted``, or None if unknown."""
+    requested = getattr(exc, "requested", None)
+    limit = getattr(exc, "limit", None)
+    if not requested and limit:
+        # Only the limit is known: assume we undercount by what overflowed.
+        requested = max(counted + 1, int(counted * 1.1))
+    return max(int(requested), 1) if requested else None
 
 
 def _usage_row(completion: Any, counted: int, *, error: str | None = None) -> dict[str, Any]:

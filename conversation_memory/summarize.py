@@ -193,6 +193,10 @@ class ModelSummarizer:
             )
         except ModelError as exc:
             raise SummarizationFailed(f"the summarizer call failed: {exc}") from exc
+        return self.summary_of(reply)
+
+    def summary_of(self, reply: Any) -> SummaryText:
+        """The summary and its provenance from a model reply (a ``Completion``)."""
         return SummaryText(
             text=reply.text,
             model=reply.model or self.model,
