@@ -54,7 +54,6 @@ import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -804,5 +803,12 @@ class AsyncConversation:
     async def _after_turn(self) -> None:
         # As Conversation._after_turn: the wrapped Memory is "manual", so it is done here.
         if self._memory.compaction == "after" and isinstance(self.strategy, Summarizing):
-            with suppress(ConfigurationError):  # no client to summarize with: truncation only
+            try:
                 await self.compact()
+            except ConfigurationError as exc:  # e.g. no client to summarize with
+                await self._run(
+                    compaction.record_failure,
+                    self._conversation,
+                    self._memory.summary_model or self.model,
+                    str(exc),
+                )

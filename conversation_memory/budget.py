@@ -399,6 +399,8 @@ class Context:
     report: Report
     summaries: tuple[Summary, ...] = ()
     """Every summary sent, oldest first (one, or a hierarchical cover)."""
+    fold_through: int | None = None
+    """The strategy's request to fold messages up to here into a summary."""
 
 
 def _limit_terms(budget: Budget) -> str:
@@ -498,6 +500,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
         summary=sent_summaries[-1] if sent_summaries else None,
         report=report,
         summaries=tuple(sent_summaries),
+        fold_through=selection.fold_through,
     )
 
 

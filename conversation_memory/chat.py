@@ -140,6 +140,7 @@ def finish_turn(
     counted: int | None,
     *,
     store_reply: bool = True,
+    fold_wanted: bool = False,
 ) -> Reply:
     """Store the turn in one transaction, then calibrate and compact as needed."""
     batch = list(pending)
@@ -152,7 +153,7 @@ def finish_turn(
     reported = completion.usage.prompt_tokens
     if counted and reported and completion.usage.reported:
         conversation._observe(counted=counted, reported=reported)
-    conversation._after_turn()
+    conversation._after_turn(fold_wanted)
     return Reply(
         text=completion.text,
         message=dict(completion.message),
@@ -185,10 +186,12 @@ def send(
             model=conversation.model, messages=context.messages, tools=tool_list, **checked
         )
 
-    completion, _, counted = _with_refit(
+    completion, context, counted = _with_refit(
         conversation, pending, tools=tool_list, params=checked, call=call
     )
-    return finish_turn(conversation, pending, completion, counted)
+    return finish_turn(
+        conversation, pending, completion, counted, fold_wanted=context.fold_through is not None
+    )
 
 
 class TurnStream:
@@ -215,6 +218,8 @@ class TurnStream:
         self._iterator: Iterator[str] = iter(inner)
         self.reply: Reply | None = None
         self._done = False
+        self.fold_wanted = False
+        """Whether the turn's context asked for compaction afterwards."""
 
     def __iter__(self) -> TurnStream:
         return self
@@ -253,7 +258,13 @@ class TurnStream:
         if completion is None:
             return  # the call failed before anything arrived: nothing to store
         if completion.complete or self._on_incomplete == "store":
-            self.reply = finish_turn(self._conversation, self._pending, completion, self._counted)
+            self.reply = finish_turn(
+                self._conversation,
+                self._pending,
+                completion,
+                self._counted,
+                fold_wanted=self.fold_wanted,
+            )
         else:
             self.reply = None
 
@@ -286,10 +297,12 @@ def stream(
         inner.start()  # connects (with retries) so a context-length error surfaces here
         return inner
 
-    inner, _, counted = _with_refit(
+    inner, context, counted = _with_refit(
         conversation, pending, tools=tool_list, params=checked, call=call
     )
-    return TurnStream(conversation, pending, inner, counted, on_incomplete=mode)
+    stream = TurnStream(conversation, pending, inner, counted, on_incomplete=mode)
+    stream.fold_wanted = context.fold_through is not None
+    return stream
 
 
 @dataclass
@@ -322,6 +335,7 @@ def record(conversation: Conversation, reply: Any) -> Reply:
     prepared = conversation._prepared
     pending = prepared.pending if prepared is not None else []
     counted = prepared.counted if prepared is not None else None
-    result = finish_turn(conversation, pending, completion, counted)
+    fold_wanted = prepared is not None and prepared.context.fold_through is not None
+    result = finish_turn(conversation, pending, completion, counted, fold_wanted=fold_wanted)
     conversation._prepared = None
     return result

@@ -28,7 +28,8 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from conversation_memory.budget import summary_message
-from conversation_memory.errors import ModelError, SummarizationFailed
+from conversation_memory.errors import ConfigurationError, ModelError, SummarizationFailed
+from conversation_memory.registry import get_model
 from conversation_memory.store import repository
 from conversation_memory.store.schema import compaction_leases, summaries, usage
 from conversation_memory.summarize import Summarizer, check_summary
@@ -179,7 +180,7 @@ def _store_summary(
     return Summary(id=new_id, start=start, end=end, text=text, tokens=tokens, level=level)
 
 
-def _record_failure(conversation: Conversation, model: str, error: str) -> None:
+def record_failure(conversation: Conversation, model: str, error: str) -> None:
     with conversation.database.write() as conn:
         conn.execute(
             insert(usage).values(
@@ -212,7 +213,7 @@ def _merge(
             result = summarizer.summarize(None, texts, max_tokens=cap)
             text = check_summary(result.text, max_tokens=cap, count=counter.count_text)
         except (SummarizationFailed, ModelError) as exc:
-            _record_failure(conversation, summarizer_model, str(exc))
+            record_failure(conversation, summarizer_model, str(exc))
             return str(exc)
         level = run[0].level + 1
         rendered = summary_message(
@@ -243,27 +244,60 @@ def _first_full_run(cover: list[Summary], fanout: int) -> list[Summary] | None:
     return None
 
 
+PROMPT_ALLOWANCE = 400
+"""Tokens kept for the summarizer's instructions and framing around the transcript."""
+
+
+def _sizes(
+    strategy: Any,
+    budget: Any,
+    summarizer_model: str,
+    previous: Summary | None,
+    chunk_tokens: int | None,
+) -> tuple[int, int]:
+    """The summary cap and the transcript size per summarizer call.
+
+    Both fit the summarizer model: the cap is at most its output limit, and a
+    chunk plus the previous summary, the instructions and the cap fit its
+    window (so a backlog after an outage or an import is summarized in
+    pieces instead of failing forever).
+    """
+    cap_of = getattr(strategy, "summary_cap", None)
+    cap = cap_of(budget) if callable(cap_of) else min(DEFAULT_SUMMARY_CAP, budget.limit // 4)
+    try:
+        info = get_model(summarizer_model)
+        window, max_output = info.window, info.max_output
+    except ConfigurationError:
+        window, max_output = budget.window, cap  # a model we don't know: the chat's window
+    cap = max(16, min(cap, max_output))
+    room = window - cap - PROMPT_ALLOWANCE - (previous.tokens if previous else 0)
+    room = int(room / max(budget.correction.factor, 1.0))
+    fitted = max(64, room)
+    return cap, fitted if chunk_tokens is None else min(chunk_tokens, fitted)
+
+
 def compact(
     conversation: Conversation,
     summarizer: Summarizer,
     *,
     summarizer_model: str,
-    chunk_tokens: int = 8000,
+    chunk_tokens: int | None = None,
 ) -> Outcome:
     """Fold what the strategy asks for into summaries; see the module docstring."""
     strategy = conversation.strategy
-    state, budget = conversation.read_state()
-    fold = strategy.select(state, budget).fold_through
-    if fold is None:
-        return Outcome(skipped="nothing to fold")
-    cap_of = getattr(strategy, "summary_cap", None)
-    cap = cap_of(budget) if callable(cap_of) else min(DEFAULT_SUMMARY_CAP, budget.limit // 4)
     holder = uuid.uuid4().hex
+    # The lease comes first: a compaction that read the state before another
+    # finished would otherwise summarize the same range again.
     if not _take_lease(conversation, holder, 0):
         return Outcome(skipped="another compaction of this conversation is running")
     done: list[Summary] = []
     hierarchical = bool(getattr(strategy, "hierarchical", False))
     try:
+        state, budget = conversation.read_state()
+        fold = strategy.select(state, budget).fold_through
+        if fold is None:
+            return Outcome(skipped="nothing to fold")
+        cap, chunk_tokens = _sizes(strategy, budget, summarizer_model, state.summary, chunk_tokens)
         previous = state.summary
         first = previous.end + 1 if previous is not None else 0
         start = previous.start if previous is not None else 0
@@ -281,7 +315,7 @@ def compact(
                 )
                 text = check_summary(result.text, max_tokens=cap, count=counter.count_text)
             except (SummarizationFailed, ModelError) as exc:
-                _record_failure(conversation, summarizer_model, str(exc))
+                record_failure(conversation, summarizer_model, str(exc))
                 return Outcome(summaries=tuple(done), error=str(exc))
             rendered = summary_message(Summary(start=start, end=last, text=text, tokens=0))
             stored = _store_summary(

@@ -18,7 +18,6 @@ import io
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -114,6 +113,19 @@ USAGE_DEFAULTS: dict[str, Any] = {
     "request_id": None,
     "error": None,
 }
+
+
+def next_correction(factor: float | None, counted: int, reported: int) -> tuple[float, int]:
+    """The calibration after one observation: (factor, margin).
+
+    The factor follows the observed ratio (an exponential average that never
+    drops below the newest ratio, so one surprise is never averaged away); a
+    server that disagrees with us at all also gets a margin.
+    """
+    ratio = reported / counted
+    new = ratio if factor is None else max(ratio, 0.7 * factor + 0.3 * ratio)
+    exact = reported == counted and new == 1.0
+    return new, 0 if exact else 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,7 +499,7 @@ class Conversation:
         self._segments: tuple[tuple[str, int | None], list[repository.Segment]] | None = None
         self._plain_limit = self.budget().limit
         self._prepared: Any = None
-        self._calibrated = False
+        self._last_correction: Correction | None = None
 
     def _stored_strategy(self, name: str | None) -> Strategy:
         """The strategy saved at creation: a built-in by name, or the Memory's own."""
@@ -726,10 +738,13 @@ class Conversation:
                 summary = hot.newest_summary(cur, segments)
             after = summary.end if summary is not None else -1
             # Read until the tail alone would overflow: anything older can't fit.
+            # A strategy that re-sends covered turns beside the summary reads past it.
             need = int(budget.limit / max(correction.factor, 1e-9)) + 1
+            read_after = -1 if getattr(self._strategy, "overlap", False) else after
             tail, has_older = hot.tail(
-                cur, segments, tokens=need, after=after, first_page=head.page_for(need)
+                cur, segments, tokens=need, after=read_after, first_page=head.page_for(need)
             )
+            has_older = has_older and (not tail or tail[0].position > after + 1)
             if extra:
                 tail = [
                     *tail,
@@ -859,16 +874,38 @@ class Conversation:
         summarizer, model = self._memory.summarizer_for(self)
         return compaction.compact(self, summarizer, summarizer_model=model)
 
-    def _after_turn(self) -> None:
-        if self._memory.compaction == "after" and isinstance(self._strategy, Summarizing):
-            with suppress(ConfigurationError):  # no client to summarize with: truncation only
-                self.compact()
+    def _after_turn(self, fold_wanted: bool) -> None:
+        """Compact after a turn whose context asked for a fold (compaction="after")."""
+        if not (
+            fold_wanted
+            and self._memory.compaction == "after"
+            and isinstance(self._strategy, Summarizing)
+        ):
+            return
+        try:
+            self.compact()
+        except ConfigurationError as exc:  # e.g. no client to summarize with
+            compaction.record_failure(self, self._memory.summary_model or self.model, str(exc))
 
     def _observe(self, *, counted: int, reported: int) -> None:
-        """Feed a server's prompt count to the calibration when it tells us something."""
-        if reported != counted or self._calibrated:
+        """Feed a server's prompt count to the calibration when it changes something.
+
+        A write per turn would cost an fsync per turn; the correction is only
+        stored again when it moves by more than 2% (or its margin changes).
+        """
+        if self._last_correction is None:
+            if reported == counted:
+                return  # agrees with us and nothing stored yet: nothing to learn
+            self._last_correction = self.correction()
+        known = self._last_correction
+        stored = known if known != Correction() else None
+        factor, margin = next_correction(stored.factor if stored else None, counted, reported)
+        if (
+            stored is None
+            or margin != known.margin
+            or abs(factor - known.factor) > 0.02 * known.factor
+        ):
             self.calibrate(counted=counted, reported=reported)
-            self._calibrated = True
 
     def usage(self) -> UsageTotals:
         """Tokens, calls, latency and estimated cost of every model call of this conversation."""
@@ -907,22 +944,16 @@ class Conversation:
     def calibrate(self, *, counted: int, reported: int) -> Correction:
         """Record what the server reported for a prompt we counted; return the new correction.
 
-        The factor follows the observed ratio (an exponential average that
-        never drops below the newest ratio, so one surprise is never averaged
-        away); a server that disagrees with us at all also gets a margin.
+        See :func:`next_correction` for the rule.
         """
         _check_positive("counted", counted)
         _check_positive("reported", reported)
-        ratio = reported / counted
         with self._db.write() as conn:
             found = repository.get_calibration(conn, self.id, self.model)
-            if found is None:
-                factor, samples = ratio, 1
-            else:
-                factor = max(ratio, 0.7 * found.factor + 0.3 * ratio)
-                samples = found.samples + 1
-            exact = reported == counted and factor == 1.0
-            margin = 0 if exact else 16
+            factor, margin = next_correction(
+                found.factor if found is not None else None, counted, reported
+            )
+            samples = found.samples + 1 if found is not None else 1
             repository.put_calibration(
                 conn,
                 {
@@ -937,7 +968,8 @@ class Conversation:
                 },
                 exists=found is not None,
             )
-        return Correction(factor=factor, margin=margin)
+        self._last_correction = Correction(factor=factor, margin=margin)
+        return self._last_correction
 
     # -- fork, delete, export ----------------------------------------------------
 

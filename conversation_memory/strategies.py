@@ -16,6 +16,7 @@ only the oldest end is ever dropped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol, TypeAlias, runtime_checkable
@@ -70,7 +71,9 @@ class Summarizing(Protocol):
 StrategyLike: TypeAlias = "Strategy | Callable[[State, Budget], Selection] | str"
 
 
-def keep_newest(state: State, budget: Budget, *, turns: int | None = None) -> Selection:
+def keep_newest(
+    state: State, budget: Budget, *, turns: int | None = None, overlap: bool = False
+) -> Selection:
     """System, pinned, newest turn, summary, then as many newer whole units as fit.
 
     With ``turns``, no unit older than the ``turns``-th newest user message is kept
@@ -79,7 +82,7 @@ def keep_newest(state: State, budget: Budget, *, turns: int | None = None) -> Se
     """
     summary = state.summary
     tail = state.tail
-    if summary is not None:
+    if summary is not None and not overlap:
         tail = [item for item in tail if item.pinned or item.position > summary.end]
     head = group_units(state.pinned)
     units = group_units(tail)
@@ -202,6 +205,10 @@ class Summarize:
     summary_tokens: int | None = None
     """Cap on a summary's size; default: a quarter of the limit, at most 1,024."""
     inner: Strategy = field(default_factory=lambda: TRUNCATE)
+    overlap: bool = True
+    """Fill the room left beside the summary with the newest turns, even ones it
+    already covers (with truncation as the inner strategy): the budget stays
+    full between folds instead of sinking to ``low`` after each one."""
 
     def __post_init__(self) -> None:
         if not (0 < self.low < self.high <= 1):
@@ -231,7 +238,10 @@ class Summarize:
         return max(16, min(1024, budget.limit // 4))
 
     def select(self, state: State, budget: Budget) -> Selection:
-        selection = self.inner.select(state, budget)
+        if self.overlap and isinstance(self.inner, Truncate):
+            selection = keep_newest(state, budget, overlap=True)
+        else:
+            selection = self.inner.select(state, budget)
         fold = self.fold_point(state, budget)
         return replace(selection, fold_through=fold) if fold is not None else selection
 
@@ -324,7 +334,8 @@ class Hierarchical:
         tail = [item for item in state.tail if item.pinned or item.position > end]
         bare = replace(state, summary=None, summaries=(), tail=tail)
         while True:
-            room = sum(each.tokens for each in cover)
+            # The calibration factor applies to the summaries too.
+            room = math.ceil(sum(each.tokens for each in cover) * budget.correction.factor)
             try:
                 selection = self.inner.select(bare, replace(budget, margin=budget.margin + room))
                 break

@@ -196,7 +196,16 @@ class ModelSummarizer:
         return self.summary_of(reply)
 
     def summary_of(self, reply: Any) -> SummaryText:
-        """The summary and its provenance from a model reply (a ``Completion``)."""
+        """The summary and its provenance from a model reply (a ``Completion``).
+
+        A reply cut off at ``max_tokens`` (finish_reason "length") is refused:
+        a summary that stops mid-sentence is not stored.
+        """
+        if getattr(reply, "finish_reason", None) == "length":
+            raise SummarizationFailed(
+                "the summary was cut off at its token cap (finish_reason 'length'); "
+                "nothing was stored"
+            )
         return SummaryText(
             text=reply.text,
             model=reply.model or self.model,

@@ -199,5 +199,5 @@ compaction_leases = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 """One compaction per conversation and level at a time: a compaction claims
-the lease before calling the summarizer and drops it in the transaction that
-stores the summary. A holder killed mid-call leaves a lease that expires."""
+the lease before reading what to fold and drops it when it is done. A holder
+killed mid-call leaves a lease that expires after ``LEASE_SECONDS``."""
