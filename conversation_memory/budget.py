@@ -294,7 +294,9 @@ def group_units(items: Sequence[Item]) -> list[Unit]:
             units.append(_unit((item,), ()))
             i += 1
         else:
-            units.append(_unit((item,), (item,)))
+            # The common case, built directly: this runs for every message of every turn.
+            single = (item,)
+            units.append(Unit(single, single, item.tokens, item.pinned, role == "user"))
             i += 1
     return units
 

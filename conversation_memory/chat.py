@@ -149,10 +149,11 @@ def finish_turn(
             conversation._pending(completion.message, complete=completion.complete, check=False)
         )
     error = None if completion.complete else "the reply was cut off"
-    stored = conversation._commit(batch, usage=_usage_row(completion, counted or 0, error=error))
     reported = completion.usage.prompt_tokens
-    if counted and reported and completion.usage.reported:
-        conversation._observe(counted=counted, reported=reported)
+    observed = (counted, reported) if counted and reported and completion.usage.reported else None
+    stored = conversation._commit(
+        batch, usage=_usage_row(completion, counted or 0, error=error), observed=observed
+    )
     conversation._after_turn(fold_wanted)
     return Reply(
         text=completion.text,

@@ -617,23 +617,32 @@ class Conversation:
         return Pending(row=row, message=normalized, pinned=pinned, complete=complete)
 
     def _commit(
-        self, batch: Sequence[Pending], *, usage: Mapping[str, Any] | None = None
+        self,
+        batch: Sequence[Pending],
+        *,
+        usage: Mapping[str, Any] | None = None,
+        observed: tuple[int, int] | None = None,
     ) -> list[StoredMessage]:
-        """Store ``batch`` (and its usage row) in one transaction: all of it or nothing."""
+        """Store ``batch``, its usage row and any calibration change in one transaction.
+
+        ``observed`` is (our count, the server's count) of the turn's prompt.
+        """
+        calibration = self._calibration_change(*observed) if observed else None
         when = repository.now()
         hot = self._memory._hot
         stamp = hot.stamp(when)
         stored: list[StoredMessage] = []
         with self._db.cursor(write=True) as cur:
             segments: list[repository.Segment] | None = None
-            for pending in batch:
+            total = sum(pending.row["tokens"] for pending in batch)
+            first = hot.claim(cur, self.id, self.user, total, stamp, count=len(batch))
+            if first is None:
+                raise ConversationNotFound(
+                    f"conversation {self.id!r} no longer exists (deleted?)",
+                    conversation_id=self.id,
+                )
+            for position, pending in enumerate(batch, start=first):
                 tokens = pending.row["tokens"]
-                position = hot.claim(cur, self.id, self.user, tokens, stamp)
-                if position is None:
-                    raise ConversationNotFound(
-                        f"conversation {self.id!r} no longer exists (deleted?)",
-                        conversation_id=self.id,
-                    )
                 if pending.message["role"] == "tool":
                     if segments is None:
                         head = hot.head(cur, self.id, self.user, self.model)
@@ -661,6 +670,18 @@ class Conversation:
                         "created_at": stamp,
                     },
                 )
+            if calibration is not None:
+                hot.upsert_calibration(
+                    cur,
+                    {
+                        **calibration,
+                        "conversation_id": self.id,
+                        "model": self.model,
+                        "updated_at": stamp,
+                    },
+                )
+        if calibration is not None:
+            self._last_correction = Correction(calibration["factor"], calibration["margin"])
         return stored
 
     def _check_answer(self, open_calls: set[str] | None, pending: Pending) -> None:
@@ -728,6 +749,7 @@ class Conversation:
                 if head.factor is not None
                 else Correction()
             )
+            self._last_correction = correction
             budget = self.budget(tools=tools, correction=correction, reserve=reserve)
             segments = self._segments_of(head, cur)
             cover: list[Summary] = []
@@ -887,25 +909,29 @@ class Conversation:
         except ConfigurationError as exc:  # e.g. no client to summarize with
             compaction.record_failure(self, self._memory.summary_model or self.model, str(exc))
 
-    def _observe(self, *, counted: int, reported: int) -> None:
-        """Feed a server's prompt count to the calibration when it changes something.
+    def _calibration_change(self, counted: int, reported: int) -> dict[str, Any] | None:
+        """The calibration row to write for one observation, or None if nothing moves.
 
-        A write per turn would cost an fsync per turn; the correction is only
-        stored again when it moves by more than 2% (or its margin changes).
+        Written in the turn's own transaction, and only when the correction
+        moves by more than 2% or its margin changes: an extra write per turn
+        would cost an extra fsync per turn.
         """
-        if self._last_correction is None:
-            if reported == counted:
-                return  # agrees with us and nothing stored yet: nothing to learn
-            self._last_correction = self.correction()
-        known = self._last_correction
+        if counted <= 0 or reported <= 0:
+            return None
+        known = self._last_correction or Correction()
         stored = known if known != Correction() else None
+        if stored is None and reported == counted:
+            return None  # agrees with us and nothing stored yet: nothing to learn
         factor, margin = next_correction(stored.factor if stored else None, counted, reported)
-        if (
-            stored is None
-            or margin != known.margin
-            or abs(factor - known.factor) > 0.02 * known.factor
-        ):
-            self.calibrate(counted=counted, reported=reported)
+        moved = stored is None or abs(factor - known.factor) > 0.02 * known.factor
+        if not moved and margin == known.margin:
+            return None
+        return {
+            "factor": factor,
+            "margin": margin,
+            "last_counted": counted,
+            "last_reported": reported,
+        }
 
     def usage(self) -> UsageTotals:
         """Tokens, calls, latency and estimated cost of every model call of this conversation."""

@@ -159,7 +159,7 @@ def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None
 
 _CLAIM = """
 UPDATE conversations
-   SET next_position = next_position + 1, message_count = message_count + 1,
+   SET next_position = next_position + :count, message_count = message_count + :count,
        total_tokens = total_tokens + :tokens, updated_at = :now
  WHERE id = :id AND user_id = :user
 RETURNING next_position
@@ -207,6 +207,16 @@ SELECT position, role, tool_calls, tool_call_id FROM messages
  ORDER BY position DESC LIMIT :n
 """
 _PARENT = "SELECT forked_from, fork_position FROM conversations WHERE id = :id"
+_CALIBRATE = """
+INSERT INTO calibrations (conversation_id, model, factor, margin, samples, last_counted,
+                          last_reported, updated_at)
+VALUES (:conversation_id, :model, :factor, :margin, 1, :last_counted, :last_reported,
+        :updated_at)
+ON CONFLICT (conversation_id, model) DO UPDATE
+   SET factor = excluded.factor, margin = excluded.margin,
+       samples = calibrations.samples + 1, last_counted = excluded.last_counted,
+       last_reported = excluded.last_reported, updated_at = excluded.updated_at
+"""
 _USAGE = """
 INSERT INTO usage (conversation_id, kind, model, position, prompt_tokens, completion_tokens,
                    counted_prompt_tokens, latency_ms, finish_reason, request_id, error,
@@ -270,6 +280,7 @@ class HotPath:
         self.cover_sql = prepare(_COVER_STEP)
         self.parent_sql = prepare(_PARENT)
         self.usage_sql = prepare(_USAGE)
+        self.calibrate_sql = prepare(_CALIBRATE)
 
     def stamp(self, when: datetime) -> Any:
         """A timestamp as SQLAlchemy's DateTime would store it on this backend."""
@@ -278,26 +289,43 @@ class HotPath:
         return when
 
     def claim(
-        self, cur: Any, conversation_id: str, user: str, tokens: int, when: Any
+        self,
+        cur: Any,
+        conversation_id: str,
+        user: str,
+        tokens: int,
+        when: Any,
+        *,
+        count: int = 1,
     ) -> int | None:
-        """Reserve the next position, updating the running totals (None: no such conversation).
+        """Reserve the next ``count`` positions; return the first (None: no such conversation).
 
-        The UPDATE takes the conversation row's write lock, so concurrent
-        appends to one conversation queue here on PostgreSQL too; positions
-        stay unique and gap-free because a rolled-back append also rolls back
-        its claim.
+        The UPDATE also moves the running totals and takes the conversation
+        row's write lock, so concurrent appends to one conversation queue here
+        on PostgreSQL too; positions stay unique and gap-free because a
+        rolled-back append also rolls back its claim.
         """
         cur.execute(
-            self.claim_sql, {"tokens": tokens, "now": when, "id": conversation_id, "user": user}
+            self.claim_sql,
+            {
+                "count": count,
+                "tokens": tokens,
+                "now": when,
+                "id": conversation_id,
+                "user": user,
+            },
         )
         found = cur.fetchone()
-        return None if found is None else found[0] - 1
+        return None if found is None else found[0] - count
 
     def insert(self, cur: Any, row: Mapping[str, Any]) -> None:
         cur.execute(self.insert_sql, row)
 
     def insert_usage(self, cur: Any, row: Mapping[str, Any]) -> None:
         cur.execute(self.usage_sql, row)
+
+    def upsert_calibration(self, cur: Any, row: Mapping[str, Any]) -> None:
+        cur.execute(self.calibrate_sql, row)
 
     def head(self, cur: Any, conversation_id: str, user: str, model: str) -> Head | None:
         cur.execute(self.head_sql, {"id": conversation_id, "user": user, "model": model})
