@@ -181,6 +181,7 @@ def send(
     checked = check_params(params, model=conversation.model)
     tool_list = check_tools(tools) if tools else None
     pending = turn_input(conversation, new)
+    conversation._before_turn()
 
     def call(context: Context) -> Any:
         return llm.complete(
@@ -290,6 +291,7 @@ def stream(
     checked = check_params(params, model=conversation.model)
     tool_list = check_tools(tools) if tools else None
     pending = turn_input(conversation, new)
+    conversation._before_turn()
 
     def call(context: Context) -> Any:
         inner = llm.stream(

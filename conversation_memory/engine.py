@@ -51,8 +51,10 @@ from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
 from conversation_memory.types import Budget, Correction, Item, State, Summary
 
 DEFAULT_USER = "default"
-COMPACTION_CHOICES = ("after", "manual")
-"""When to fold old turns into summaries: after each reply, or only on ``compact()``."""
+COMPACTION_CHOICES = ("after", "before", "manual")
+"""When to fold old turns into summaries: after each reply (off the response
+path), before each request (so the request already carries the new summary),
+or only when ``compact()`` is called."""
 
 
 def _check_user(user: Any) -> str:
@@ -895,6 +897,14 @@ class Conversation:
         """Fold old messages into a summary now, if the strategy asks for it."""
         summarizer, model = self._memory.summarizer_for(self)
         return compaction.compact(self, summarizer, summarizer_model=model)
+
+    def _before_turn(self) -> None:
+        """Compact before building a request (compaction="before")."""
+        if self._memory.compaction == "before" and isinstance(self._strategy, Summarizing):
+            try:
+                self.compact()
+            except ConfigurationError as exc:  # e.g. no client to summarize with
+                compaction.record_failure(self, self._memory.summary_model or self.model, str(exc))
 
     def _after_turn(self, fold_wanted: bool) -> None:
         """Compact after a turn whose context asked for a fold (compaction="after")."""

@@ -264,3 +264,35 @@ def test_hierarchical_summaries_stay_bounded_with_detail_for_recent_periods(tmp_
         # merges summarize summaries, not the transcript again
         merges = [c for c in summarizer.calls if all(m["role"] == "system" for m in c.messages)]
         assert merges
+
+
+def test_tool_loop_through_send(tmp_path, server):
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation()
+        server.reply = {"tool_calls": [{"name": "weather", "arguments": '{"city": "Oslo"}'}]}
+        first = chat.send("Weather in Oslo?", tools=tools)
+        assert first.finish_reason == "tool_calls"
+        (call,) = first.tool_calls
+        server.reply = None
+        final = chat.send(
+            [{"role": "tool", "tool_call_id": call["id"], "content": "-3C, snow"}], tools=tools
+        )
+        assert final.text
+        assert [m["role"] for m in chat.history()] == ["user", "assistant", "tool", "assistant"]
+        assert server.chat_requests[-1].body["messages"][-1]["role"] == "tool"
+        assert server.rejections == []
+
+
+def test_compaction_before_the_request(tmp_path, server):
+    summarizer = RecordingSummarizer()
+    with open_memory(
+        tmp_path / "c.db", server, strategy="summary", summarizer=summarizer, compaction="before"
+    ) as memory:
+        chat = memory.conversation()
+        for turn in range(40):
+            chat.send(f"message number {turn} " + "word " * 20, max_tokens=30)
+        assert summarizer.calls
+        assert rows(memory, "summaries")
+        last = json.dumps(server.chat_requests[-1].body["messages"])
+        assert SUMMARY_HEADER in last
