@@ -28,7 +28,12 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from conversation_memory.budget import summary_message
-from conversation_memory.errors import ConfigurationError, ModelError, SummarizationFailed
+from conversation_memory.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    ModelError,
+    SummarizationFailed,
+)
 from conversation_memory.registry import get_model
 from conversation_memory.store import repository
 from conversation_memory.store.schema import compaction_leases, summaries, usage
@@ -294,7 +299,12 @@ def compact(
     hierarchical = bool(getattr(strategy, "hierarchical", False))
     try:
         state, budget = conversation.read_state()
-        fold = strategy.select(state, budget).fold_through
+        try:
+            fold = strategy.select(state, budget).fold_through
+        except BudgetExceeded:
+            # The newest turn alone is over the budget (a long reply): there is
+            # nothing to decide here; the next request's own check reports it.
+            return Outcome(skipped="the newest turn alone is over the budget")
         if fold is None:
             return Outcome(skipped="nothing to fold")
         cap, chunk_tokens = _sizes(strategy, budget, summarizer_model, state.summary, chunk_tokens)

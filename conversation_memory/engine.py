@@ -18,6 +18,7 @@ import io
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from conversation_memory.errors import (
     BudgetExceeded,
     ConfigurationError,
     ConversationExists,
+    ConversationMemoryError,
     ConversationNotFound,
     InvalidMessage,
     UserNotFound,
@@ -127,7 +129,9 @@ def next_correction(factor: float | None, counted: int, reported: int) -> tuple[
     ratio = reported / counted
     new = ratio if factor is None else max(ratio, 0.7 * factor + 0.3 * ratio)
     exact = reported == counted and new == 1.0
-    return new, 0 if exact else 16
+    # The ratio differs between the messages of one prompt, so the margin grows
+    # with the prompt: 16 tokens plus 2% of what the server counted.
+    return new, 0 if exact else 16 + reported // 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -901,23 +905,25 @@ class Conversation:
     def _before_turn(self) -> None:
         """Compact before building a request (compaction="before")."""
         if self._memory.compaction == "before" and isinstance(self._strategy, Summarizing):
-            try:
-                self.compact()
-            except ConfigurationError as exc:  # e.g. no client to summarize with
-                compaction.record_failure(self, self._memory.summary_model or self.model, str(exc))
+            self._compact_quietly()
 
     def _after_turn(self, fold_wanted: bool) -> None:
         """Compact after a turn whose context asked for a fold (compaction="after")."""
-        if not (
+        if (
             fold_wanted
             and self._memory.compaction == "after"
             and isinstance(self._strategy, Summarizing)
         ):
-            return
+            self._compact_quietly()
+
+    def _compact_quietly(self) -> None:
+        """Compaction around a turn never fails the turn: errors become usage rows."""
         try:
             self.compact()
-        except ConfigurationError as exc:  # e.g. no client to summarize with
-            compaction.record_failure(self, self._memory.summary_model or self.model, str(exc))
+        except ConversationMemoryError as exc:  # e.g. no client to summarize with
+            with suppress(ConversationMemoryError):
+                model = self._memory.summary_model or self.model
+                compaction.record_failure(self, model, str(exc))
 
     def _calibration_change(self, counted: int, reported: int) -> dict[str, Any] | None:
         """The calibration row to write for one observation, or None if nothing moves.

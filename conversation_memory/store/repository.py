@@ -246,7 +246,7 @@ class Head:
         if self.message_count == 0:
             return 16
         average = max(self.total_tokens / self.message_count, 1.0)
-        return min(int(tokens / average * 1.25) + 8, 4096)
+        return min(int(tokens / average * 1.1) + 4, 4096)
 
 
 def _item_from(row: Sequence[Any]) -> Item:
