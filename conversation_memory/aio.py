@@ -69,6 +69,7 @@ from conversation_memory.engine import (
     Pending,
     StoredMessage,
     UsageTotals,
+    llm_options,
 )
 from conversation_memory.errors import (
     ConfigurationError,
@@ -453,12 +454,7 @@ class AsyncMemory:
             client = self.client
             if client is None:
                 client = self._own_client = async_client_from_env(self._env)
-            options: dict[str, Any] = {}
-            if self._retry is not None:
-                options["retry"] = self._retry
-            if self._sleep is not None:
-                options["sleep"] = self._sleep
-            self._llm = AsyncLLM(client, **options)
+            self._llm = AsyncLLM(client, **llm_options(self._retry, self._sleep))
         return self._llm
 
     def summarizer_for(self, conversation: AsyncConversation) -> tuple[Any, str]:

@@ -119,6 +119,16 @@ USAGE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def llm_options(retry: Any, sleep: Any) -> dict[str, Any]:
+    """The retry policy and sleep a Memory was given, as LLM/AsyncLLM keywords."""
+    options: dict[str, Any] = {}
+    if retry is not None:
+        options["retry"] = retry
+    if sleep is not None:
+        options["sleep"] = sleep
+    return options
+
+
 def next_correction(factor: float | None, counted: int, reported: int) -> tuple[float, int]:
     """The calibration after one observation: (factor, margin).
 
@@ -268,12 +278,7 @@ class Memory:
             from conversation_memory.llm import LLM, client_from_env
 
             client = self.client if self.client is not None else client_from_env(self._env)
-            options: dict[str, Any] = {}
-            if self._retry is not None:
-                options["retry"] = self._retry
-            if self._sleep is not None:
-                options["sleep"] = self._sleep
-            self._llm = LLM(client, **options)
+            self._llm = LLM(client, **llm_options(self._retry, self._sleep))
         return self._llm
 
     def summarizer_for(self, conversation: Conversation) -> tuple[Any, str]:
