@@ -54,6 +54,7 @@ import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -62,18 +63,19 @@ from conversation_memory.budget import Context
 from conversation_memory.chat import Reply
 from conversation_memory.compaction import Outcome
 from conversation_memory.engine import (
-    COMPACTION_CHOICES,
     Conversation,
     ConversationInfo,
     Memory,
     Pending,
     StoredMessage,
     UsageTotals,
+    check_modes,
     llm_options,
 )
 from conversation_memory.errors import (
     ConfigurationError,
     ContextLengthExceeded,
+    ConversationMemoryError,
     ModelError,
     SummarizationFailed,
 )
@@ -243,6 +245,7 @@ class AsyncTurnStream:
         self._inner: AsyncReplyStream | None = None
         self._pending: list[Pending] = []
         self._counted = 0
+        self._fold_wanted = False
         self._started = False
         self._done = False
         self.reply: Reply | None = None
@@ -258,7 +261,12 @@ class AsyncTurnStream:
             return
         self._started = True
         try:
-            self._pending, self._inner, self._counted = await self._conversation._call(
+            (
+                self._pending,
+                self._inner,
+                self._counted,
+                self._fold_wanted,
+            ) = await self._conversation._call(
                 self._new, tools=self._tools, params=self._params, call=self._call
             )
         except BaseException:
@@ -333,7 +341,9 @@ class AsyncTurnStream:
         if completion is None:
             return  # the call failed before anything arrived: nothing to store
         if completion.complete or self._on_incomplete == "store":
-            self.reply = await self._conversation._finish(self._pending, completion, self._counted)
+            self.reply = await self._conversation._finish(
+                self._pending, completion, self._counted, self._fold_wanted
+            )
 
 
 # --- memory and conversations ------------------------------------------------------------
@@ -369,16 +379,7 @@ class AsyncMemory:
         env: Mapping[str, str] | None = None,
         echo: bool = False,
     ) -> None:
-        if compaction not in COMPACTION_CHOICES:
-            raise ConfigurationError(
-                f"compaction must be one of {COMPACTION_CHOICES}, got {compaction!r}",
-                argument="compaction",
-            )
-        if on_incomplete not in chat.INCOMPLETE_CHOICES:
-            raise ConfigurationError(
-                f"on_incomplete must be one of {chat.INCOMPLETE_CHOICES}, got {on_incomplete!r}",
-                argument="on_incomplete",
-            )
+        check_modes(compaction=compaction, on_incomplete=on_incomplete)
         self._options: dict[str, Any] = {
             "db": db,
             "model": model,
@@ -692,8 +693,9 @@ class AsyncConversation:
 
     async def record(self, reply: Any) -> Reply:
         """Store the reply to the last :meth:`prepare` (a ChatCompletion, its dict, or text)."""
+        prepared = self._conversation._prepared
         stored = await self._run(self._conversation.record, reply)
-        await self._after_turn()
+        await self._after_turn(prepared is not None and prepared.context.fold_through is not None)
         return stored
 
     # -- talking to the model --------------------------------------------------------
@@ -714,10 +716,10 @@ class AsyncConversation:
                 model=conversation.model, messages=context.messages, tools=tool_list, **checked
             )
 
-        pending, completion, counted = await self._call(
+        pending, completion, counted, fold_wanted = await self._call(
             message, tools=tool_list, params=checked, call=call
         )
-        return await self._finish(pending, completion, counted)
+        return await self._finish(pending, completion, counted, fold_wanted)
 
     def stream(
         self,
@@ -736,12 +738,7 @@ class AsyncConversation:
 
         conversation = self._conversation
         llm = self._memory.llm
-        mode = on_incomplete or self._memory.on_incomplete
-        if mode not in chat.INCOMPLETE_CHOICES:
-            raise ConfigurationError(
-                f"on_incomplete must be one of {chat.INCOMPLETE_CHOICES}, got {mode!r}",
-                argument="on_incomplete",
-            )
+        mode = chat.incomplete_mode(on_incomplete or self._memory.on_incomplete)
         checked = check_params(params, model=conversation.model)
         tool_list = check_tools(tools) if tools else None
 
@@ -767,12 +764,18 @@ class AsyncConversation:
         tools: Sequence[Mapping[str, Any]] | None,
         params: Mapping[str, Any],
         call: Callable[[Context], Awaitable[T]],
-    ) -> tuple[list[Pending], T, int]:
-        """Build the turn's context and call the model; re-fit once on a context-length error."""
+    ) -> tuple[list[Pending], T, int, bool]:
+        """Build the turn's context and call the model; re-fit once on a context-length error.
+
+        Returns the new messages, the call's result, our count of the prompt,
+        and whether the context asked for compaction afterwards.
+        """
         conversation = self._conversation
+        if self._memory.compaction == "before":
+            await self._compact_quietly()
         pending, context, counted = await self._run(_turn_context, conversation, new, tools, params)
         try:
-            return pending, await call(context), counted
+            return pending, await call(context), counted, context.fold_through is not None
         except ContextLengthExceeded as exc:
             reported = chat.overflow_count(exc, counted)
             if reported is None:
@@ -786,22 +789,33 @@ class AsyncConversation:
                 tools=tools,
                 params=params,
             )
-            return pending, await call(context), counted
+            return pending, await call(context), counted, context.fold_through is not None
 
     async def _finish(
-        self, pending: Sequence[Pending], completion: Completion, counted: int | None
+        self,
+        pending: Sequence[Pending],
+        completion: Completion,
+        counted: int | None,
+        fold_wanted: bool,
     ) -> Reply:
-        """Store the turn (one transaction, then calibration) in a thread; then compact."""
+        """Store the turn (one transaction, with calibration) in a thread; then compact."""
         reply = await self._run(chat.finish_turn, self._conversation, pending, completion, counted)
-        await self._after_turn()
+        await self._after_turn(fold_wanted)
         return reply
 
-    async def _after_turn(self) -> None:
-        # As Conversation._after_turn: the wrapped Memory is "manual", so it is done here.
-        if self._memory.compaction == "after" and isinstance(self.strategy, Summarizing):
-            try:
-                await self.compact()
-            except ConfigurationError as exc:  # e.g. no client to summarize with
+    async def _after_turn(self, fold_wanted: bool) -> None:
+        # As Conversation._after_turn (the wrapped Memory is "manual", so it is done here):
+        # only when the turn's context asked for a fold, never failing the stored turn.
+        if fold_wanted and self._memory.compaction == "after":
+            await self._compact_quietly()
+
+    async def _compact_quietly(self) -> None:
+        if not isinstance(self.strategy, Summarizing):
+            return
+        try:
+            await self.compact()
+        except ConversationMemoryError as exc:  # e.g. no client to summarize with
+            with suppress(ConversationMemoryError):
                 await self._run(
                     compaction.record_failure,
                     self._conversation,

@@ -51,6 +51,16 @@ class Reply:
         return list(self.message.get("tool_calls") or [])
 
 
+def incomplete_mode(mode: Any) -> str:
+    """Check an ``on_incomplete`` setting."""
+    if mode not in INCOMPLETE_CHOICES:
+        raise ConfigurationError(
+            f"on_incomplete must be one of {INCOMPLETE_CHOICES}, got {mode!r}",
+            argument="on_incomplete",
+        )
+    return str(mode)
+
+
 def turn_input(conversation: Conversation, new: Any) -> list[Pending]:
     """The new messages of a turn: text (a user message), one message, or several."""
     if new is None:
@@ -282,12 +292,7 @@ def stream(
     llm = conversation._memory.llm
     from conversation_memory.llm import check_params, check_tools
 
-    mode = on_incomplete or conversation._memory.on_incomplete
-    if mode not in INCOMPLETE_CHOICES:
-        raise ConfigurationError(
-            f"on_incomplete must be one of {INCOMPLETE_CHOICES}, got {mode!r}",
-            argument="on_incomplete",
-        )
+    mode = incomplete_mode(on_incomplete or conversation._memory.on_incomplete)
     checked = check_params(params, model=conversation.model)
     tool_list = check_tools(tools) if tools else None
     pending = turn_input(conversation, new)

@@ -119,6 +119,16 @@ USAGE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def check_modes(*, compaction: Any, on_incomplete: Any) -> None:
+    """Check the ``compaction`` and ``on_incomplete`` settings of a memory."""
+    if compaction not in COMPACTION_CHOICES:
+        raise ConfigurationError(
+            f"compaction must be one of {COMPACTION_CHOICES}, got {compaction!r}",
+            argument="compaction",
+        )
+    chat.incomplete_mode(on_incomplete)
+
+
 def llm_options(retry: Any, sleep: Any) -> dict[str, Any]:
     """The retry policy and sleep a Memory was given, as LLM/AsyncLLM keywords."""
     options: dict[str, Any] = {}
@@ -243,16 +253,7 @@ class Memory:
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{target.path}{suffix}").unlink(missing_ok=True)
             raise
-        if compaction not in COMPACTION_CHOICES:
-            raise ConfigurationError(
-                f"compaction must be one of {COMPACTION_CHOICES}, got {compaction!r}",
-                argument="compaction",
-            )
-        if on_incomplete not in chat.INCOMPLETE_CHOICES:
-            raise ConfigurationError(
-                f"on_incomplete must be one of {chat.INCOMPLETE_CHOICES}, got {on_incomplete!r}",
-                argument="on_incomplete",
-            )
+        check_modes(compaction=compaction, on_incomplete=on_incomplete)
         self.client = client
         self.model = model or _config.default_model(env)
         get_model(self.model)

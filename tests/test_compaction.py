@@ -58,7 +58,8 @@ WINDOW = 1000
 MAX_OUTPUT = 200
 """A prompt budget of 800 tokens: a few dozen messages overflow it."""
 USER = "compaction"
-API_KEY = "sk-convmem-compaction-secret-0123456789"
+API_KEY = "test-credential-for-the-local-server-0123456789"
+"""Not a real key: a distinctive value, to check no error text or row repeats it."""
 
 NAMES = ("Alice", "Bob", "Chidi", "Dana", "Émile", "Farah", "Goro", "Hana", "Ivan", "Jude")
 WORDS = (
