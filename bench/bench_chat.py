@@ -49,13 +49,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from _measure import Row, interleaved, ms, print_table
 
 from conversation_memory import Memory, register_model
 from conversation_memory.messages import dumps
@@ -113,18 +113,6 @@ def chat_reply(body: dict[str, Any]) -> str | None:
 def tokens(message: dict[str, Any]) -> int:
     """One message as the server counts it inside a prompt (its share, priming excluded)."""
     return wire.count_tokens([message]) - wire.PRIMING
-
-
-@dataclass
-class Row:
-    name: str
-    value: str
-    target: str = ""
-    ok: bool | None = None
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
 
 
 def open_memory(path: Path, server: ChatServer, client: Any, **options: Any) -> Memory:
@@ -285,25 +273,6 @@ def export_text(conversation_id: str, count: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def interleaved(
-    a: Callable[[int], object], b: Callable[[int], object], runs: int, warmup: int
-) -> tuple[list[float], list[float]]:
-    for i in range(warmup):
-        a(i)
-        b(i)
-    times_a: list[float] = []
-    times_b: list[float] = []
-    clock = time.perf_counter
-    for i in range(warmup, warmup + runs):
-        start = clock()
-        a(i)
-        times_a.append(clock() - start)
-        start = clock()
-        b(i)
-        times_b.append(clock() - start)
-    return times_a, times_b
-
-
 def bench_overhead(folder: Path, history: int, runs: int) -> list[Row]:
     rng = random.Random(3)
     texts = [sentence(rng) for _ in range(runs + 20)]
@@ -360,24 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_long(folder, turns, tuned_turns=200 if args.quick else 500)
         print("engine overhead ...", file=sys.stderr)
         rows += bench_overhead(folder, 10_000, runs)
-    print_table(rows, quick=args.quick, runs=runs, seconds=time.perf_counter() - started)
-    return 0 if all(row.ok is not False for row in rows) else 1
-
-
-def print_table(rows: list[Row], *, quick: bool, runs: int, seconds: float) -> None:
-    width = max(len(row.name) for row in rows)
-    vwidth = max(len(row.value) for row in rows)
-    print(
-        f"conversation_memory chat bench ({'quick' if quick else 'full'}; ChatServer window "
+    print_table(
+        f"conversation_memory chat bench ({'quick' if args.quick else 'full'}; ChatServer window "
         f"{WINDOW:,}, max_output {MAX_OUTPUT}, budget {BUDGET:,}; overhead medians of {runs} "
-        f"runs; Python {sys.version.split()[0]})"
+        f"runs; Python {sys.version.split()[0]})",
+        rows,
+        seconds=time.perf_counter() - started,
     )
-    print(f"{'measure':<{width}}  {'value':>{vwidth}}  {'target':<8}  result")
-    print("-" * (width + vwidth + 20))
-    for row in rows:
-        verdict = "" if row.ok is None else ("PASS" if row.ok else "FAIL")
-        print(f"{row.name:<{width}}  {row.value:>{vwidth}}  {row.target:<8}  {verdict}")
-    print(f"(total {seconds:.0f} s)")
+    return 0 if all(row.ok is not False for row in rows) else 1
 
 
 if __name__ == "__main__":

@@ -38,11 +38,12 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from _measure import Row, interleaved, ms, print_table
 
 from conversation_memory.engine import Conversation, Memory
 from conversation_memory.messages import dumps
@@ -180,26 +181,6 @@ class RawLog:
 # -- measuring ------------------------------------------------------------------------
 
 
-def interleaved(
-    a: Callable[[int], object], b: Callable[[int], object], runs: int, warmup: int
-) -> tuple[list[float], list[float]]:
-    """Time ``a(i)`` and ``b(i)`` alternately; return both lists of seconds."""
-    for i in range(warmup):
-        a(i)
-        b(i)
-    times_a: list[float] = []
-    times_b: list[float] = []
-    clock = time.perf_counter
-    for i in range(warmup, warmup + runs):
-        start = clock()
-        a(i)
-        times_a.append(clock() - start)
-        start = clock()
-        b(i)
-        times_b.append(clock() - start)
-    return times_a, times_b
-
-
 def peak_mb(conversation: Conversation) -> float:
     """Peak Python memory allocated while building one context, in MB."""
     conversation.context()  # warm: nothing first-use-only in the figure
@@ -213,18 +194,6 @@ def peak_mb(conversation: Conversation) -> float:
         tracemalloc.stop()
     del context
     return (peak - base) / 1e6
-
-
-@dataclass
-class Row:
-    name: str
-    value: str
-    target: str = ""
-    ok: bool | None = None
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
 
 
 @dataclass
@@ -373,24 +342,14 @@ def main(argv: list[str] | None = None) -> int:
             print("appends ...", file=sys.stderr)
             rows += bench_append(setup)
             rows += bench_memory(small, big, setup.big_size)
-    print_table(rows, quick=args.quick, runs=setup.runs, seconds=time.perf_counter() - started)
-    return 0 if all(row.ok is not False for row in rows) else 1
-
-
-def print_table(rows: list[Row], *, quick: bool, runs: int, seconds: float) -> None:
-    width = max(len(row.name) for row in rows)
-    vwidth = max(len(row.value) for row in rows)
-    print(
-        f"conversation_memory engine bench ({'quick' if quick else 'full'}; "
-        f"medians of {runs} runs; SQLite {sqlite3.sqlite_version}; Python "
-        f"{sys.version.split()[0]})"
+    print_table(
+        f"conversation_memory engine bench ({'quick' if args.quick else 'full'}; "
+        f"medians of {setup.runs} runs; SQLite {sqlite3.sqlite_version}; Python "
+        f"{sys.version.split()[0]})",
+        rows,
+        seconds=time.perf_counter() - started,
     )
-    print(f"{'measure':<{width}}  {'value':>{vwidth}}  {'target':<8}  result")
-    print("-" * (width + vwidth + 20))
-    for row in rows:
-        verdict = "" if row.ok is None else ("PASS" if row.ok else "FAIL")
-        print(f"{row.name:<{width}}  {row.value:>{vwidth}}  {row.target:<8}  {verdict}")
-    print(f"(total {seconds:.0f} s)")
+    return 0 if all(row.ok is not False for row in rows) else 1
 
 
 if __name__ == "__main__":
