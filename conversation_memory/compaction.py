@@ -134,6 +134,7 @@ def _store_summary(
     tokens: int,
     strategy: str,
     result: Any,
+    segments: list[Any],
     level: int = 0,
 ) -> Summary | None:
     """Insert the summary if ``previous`` is still the newest; None if another won.
@@ -142,7 +143,6 @@ def _store_summary(
     alone keeps concurrent merges of one range down to one row.
     """
     db = conversation.database
-    segments = conversation.segments()
     try:
         with db.write() as conn:
             if level == 0:
@@ -204,6 +204,8 @@ def _merge(
     summarizer_model: str,
     cap: int,
     done: list[Summary],
+    *,
+    segments: list[Any],
 ) -> str | None:
     """Merge every run of ``fanout`` same-level summaries in the cover, bottom up."""
     fanout = conversation.strategy.fanout  # type: ignore[attr-defined]
@@ -233,6 +235,7 @@ def _merge(
             tokens=counter.count_message(rendered),
             strategy=conversation.strategy.name,
             result=result,
+            segments=segments,
             level=level,
         )
         if stored is None:
@@ -308,6 +311,7 @@ def compact(
         if fold is None:
             return Outcome(skipped="nothing to fold")
         cap, chunk_tokens = _sizes(strategy, budget, summarizer_model, state.summary, chunk_tokens)
+        segments = conversation.segments()  # once per compaction, not once per summary
         previous = state.summary
         first = previous.end + 1 if previous is not None else 0
         start = previous.start if previous is not None else 0
@@ -337,13 +341,16 @@ def compact(
                 tokens=counter.count_message(rendered),
                 strategy=strategy.name,
                 result=result,
+                segments=segments,
             )
             if stored is None:
                 return Outcome(summaries=tuple(done), skipped="another compaction won")
             done.append(stored)
             previous = stored
             if hierarchical:
-                error = _merge(conversation, summarizer, summarizer_model, cap, done)
+                error = _merge(
+                    conversation, summarizer, summarizer_model, cap, done, segments=segments
+                )
                 if error is not None:
                     return Outcome(summaries=tuple(done), error=error)
     finally:

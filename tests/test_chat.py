@@ -296,3 +296,34 @@ def test_compaction_before_the_request(tmp_path, server):
         assert rows(memory, "summaries")
         last = json.dumps(server.chat_requests[-1].body["messages"])
         assert SUMMARY_HEADER in last
+
+
+def test_no_transaction_is_open_during_a_model_call(tmp_path, server):
+    """While the model (chat or summarizer) works, another writer gets the database at once."""
+    import sqlite3
+
+    path = tmp_path / "c.db"
+    free: list[bool] = []
+
+    def write_now() -> None:
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # fails at once if a write lock is held
+            other.execute("ROLLBACK")
+            free.append(True)
+        except sqlite3.OperationalError:
+            free.append(False)
+        finally:
+            other.close()
+
+    def reply(body):  # returns None: the server's default reply or summary
+        write_now()
+
+    server.reply = reply
+    with open_memory(path, server, strategy="summary") as memory:
+        chat = memory.conversation()
+        for turn in range(30):
+            chat.send(f"message number {turn} " + "word " * 20, max_tokens=30)
+        assert rows(memory, "summaries"), "the summarizer was called too"
+    assert free
+    assert all(free)

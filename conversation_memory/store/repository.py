@@ -663,10 +663,6 @@ def delete_conversation(conn: Connection, conversation_id: str) -> None:
     conn.execute(delete(conversations).where(conversations.c.id == conversation_id))
 
 
-def user_conversation_ids(conn: Connection, user: str) -> list[str]:
-    return list(conn.scalars(select(conversations.c.id).where(conversations.c.user_id == user)))
-
-
 def erase_user(conn: Connection, user: str) -> int:
     ids = select(conversations.c.id).where(conversations.c.user_id == user).scalar_subquery()
     for table in (usage, summaries, calibrations, compaction_leases, messages):
