@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -21,24 +21,42 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
+@dataclass
+class Timings:
+    """One timed function's runs, in seconds."""
+
+    wall: list[float]
+    cpu: list[float]
+    """``time.thread_time()`` of the timing thread: its own work, without waits (disk,
+    network, other threads, other processes), so it holds still on a busy machine."""
+
+
+def alternating(
+    functions: Sequence[Callable[[int], object]], runs: int, warmup: int
+) -> list[Timings]:
+    """Time ``f(i)`` for each function in turn, round after round, so drift hits all alike."""
+    for i in range(warmup):
+        for function in functions:
+            function(i)
+    timings = [Timings([], []) for _ in functions]
+    clock, cpu_clock = time.perf_counter, time.thread_time
+    for i in range(warmup, warmup + runs):
+        for function, timing in zip(functions, timings, strict=True):
+            cpu_start = cpu_clock()
+            start = clock()
+            function(i)
+            end = clock()
+            timing.cpu.append(cpu_clock() - cpu_start)
+            timing.wall.append(end - start)
+    return timings
+
+
 def interleaved(
     a: Callable[[int], object], b: Callable[[int], object], runs: int, warmup: int
 ) -> tuple[list[float], list[float]]:
     """Time ``a(i)`` and ``b(i)`` alternately, so drift hits both; both lists of seconds."""
-    for i in range(warmup):
-        a(i)
-        b(i)
-    times_a: list[float] = []
-    times_b: list[float] = []
-    clock = time.perf_counter
-    for i in range(warmup, warmup + runs):
-        start = clock()
-        a(i)
-        times_a.append(clock() - start)
-        start = clock()
-        b(i)
-        times_b.append(clock() - start)
-    return times_a, times_b
+    first, second = alternating((a, b), runs, warmup)
+    return first.wall, second.wall
 
 
 def print_table(title: str, rows: list[Row], *, seconds: float) -> None:

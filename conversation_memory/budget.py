@@ -25,6 +25,7 @@ only what is sent, never what is stored, and the report lists them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,7 @@ MAX_RESERVE = 4096
 """Default reply reserve: the model's output limit, but at most this much."""
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_TEXT_ROLES = ROLES - {"tool"}
 _PARTS = {
     "system": frozenset({"text"}),
     "developer": frozenset({"text"}),
@@ -142,6 +144,19 @@ def validate(messages: Sequence[Message]) -> None:
     pending: set[str] = set()
     answered: set[str] = set()
     for index, message in enumerate(messages):
+        # Most messages are a plain dict with text content and no name or tool fields;
+        # they pass every check below, so they are recognized at once (this runs for
+        # every message of every request).
+        if (
+            type(message) is dict
+            and not pending
+            and message.get("role") in _TEXT_ROLES
+            and type(message.get("content")) is str
+            and message.get("name") is None
+            and message.get("tool_calls") is None
+        ):
+            caller = -1
+            continue
         if not isinstance(message, Mapping):
             raise InvalidPayload(
                 f"message {index}: is a {type(message).__name__}, not a dict", index=index
@@ -414,6 +429,39 @@ def _limit_terms(budget: Budget) -> str:
     if budget.cap is not None:
         terms += f", capped at {budget.cap}"
     return terms
+
+
+_HUGE = 2**62
+
+
+def largest_fit(budget: Budget) -> int | None:
+    """The largest prompt, in our own tokens, that ``budget.fits`` (-1 if not even 0 does).
+
+    With a positive correction factor ``fits`` never turns false as the count
+    grows, so ``count <= largest_fit(budget)`` is ``budget.fits(count)`` for any
+    count from 0 to 2**62: the selection loops compare integers instead of applying the
+    correction once per unit. The answer is checked with ``fits`` itself, so
+    float rounding can't move it. None for a factor that is not a positive
+    finite number (``fits`` is then asked each time).
+    """
+    factor = budget.correction.factor
+    if not 0 < factor < math.inf:
+        return None
+    fits = budget.fits
+    guess = math.floor((budget.limit - budget.correction.margin) / factor)
+    for candidate in (guess, guess - 1, guess + 1):
+        if 0 <= candidate < _HUGE and fits(candidate) and not fits(candidate + 1):
+            return candidate
+    if not fits(0):
+        return -1
+    low, high = 0, _HUGE  # fits(low), and the answer is at most high
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def too_big(budget: Budget, *, system: int, pinned: int, newest: int) -> BudgetExceeded:

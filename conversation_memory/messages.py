@@ -269,6 +269,8 @@ def from_row(  # noqa: PLR0917 - one argument per stored column, in column order
     tool_call_id: str | None,
 ) -> dict[str, Any]:
     """Rebuild the OpenAI message from its stored columns (keys in a fixed order)."""
+    if parts is None and name is None and tool_calls is None and tool_call_id is None:
+        return {"role": role, "content": content}  # most rows: read on every turn
     message: dict[str, Any] = {"role": role}
     message["content"] = json.loads(parts) if parts is not None else content
     if name is not None:

@@ -17,11 +17,13 @@ only the oldest end is ever dropped.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import ClassVar, Protocol, TypeAlias, runtime_checkable
 
-from conversation_memory.budget import Selection, group_units, too_big
+from conversation_memory.budget import Selection, Unit, group_units, largest_fit, too_big
 from conversation_memory.errors import BudgetExceeded, ConfigurationError
 from conversation_memory.tokens import REPLY_PRIMING
 from conversation_memory.types import Budget, Item, State, Summary
@@ -80,12 +82,22 @@ def keep_newest(
     (pinned ones excepted). Tail items the summary covers are not sent: it stands
     in for them.
     """
+    return _keep_newest(state, budget, turns=turns, overlap=overlap)[0]
+
+
+def _keep_newest(
+    state: State, budget: Budget, *, turns: int | None, overlap: bool
+) -> tuple[Selection, list[Unit], Sequence[Item]]:
+    """:func:`keep_newest`, with the units it grouped and the tail they came from."""
     summary = state.summary
     tail = state.tail
     if summary is not None and not overlap:
         tail = [item for item in tail if item.pinned or item.position > summary.end]
     head = group_units(state.pinned)
     units = group_units(tail)
+    bound = largest_fit(budget)
+    # ``fits(n)`` is ``bound >= n``: one comparison instead of a correction per unit.
+    fits = budget.fits if bound is None else partial(operator.ge, bound)
 
     start = len(units)  # units[start:] is the newest turn, always sent
     for k in range(len(units) - 1, -1, -1):
@@ -103,9 +115,9 @@ def keep_newest(
     pinned += sum(unit.tokens for unit in units[:start] if unit.pinned)
     newest = sum(unit.tokens for unit in units[start:])
     total = system + pinned + newest + REPLY_PRIMING
-    if not budget.fits(total):
+    if not fits(total):
         raise too_big(budget, system=system, pinned=pinned, newest=newest)
-    if summary is not None and budget.fits(total + summary.tokens):
+    if summary is not None and fits(total + summary.tokens):
         total += summary.tokens
     else:
         summary = None
@@ -117,7 +129,7 @@ def keep_newest(
         if turns is not None and users >= turns:
             break
         if not unit.pinned:
-            if not budget.fits(total + unit.tokens):
+            if not fits(total + unit.tokens):
                 break
             total += unit.tokens
         cut = k
@@ -134,7 +146,8 @@ def keep_newest(
             dropped.extend(unit.source)
     for unit in units[cut:]:
         items.extend(unit.items)
-    return Selection(items=tuple(items), summary=summary, dropped=tuple(dropped))
+    selection = Selection(items=tuple(items), summary=summary, dropped=tuple(dropped))
+    return selection, units, tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,14 +252,24 @@ class Summarize:
 
     def select(self, state: State, budget: Budget) -> Selection:
         if self.overlap and isinstance(self.inner, Truncate):
-            selection = keep_newest(state, budget, overlap=True)
+            selection, units, tail = _keep_newest(state, budget, turns=None, overlap=True)
+            fold = self._fold_point(state, budget, grouped=(tail, units))
         else:
             selection = self.inner.select(state, budget)
-        fold = self.fold_point(state, budget)
+            fold = self.fold_point(state, budget)
         return replace(selection, fold_through=fold) if fold is not None else selection
 
     def fold_point(self, state: State, budget: Budget) -> int | None:
         """The last position to fold, or None while the unfolded turns stay under ``high``."""
+        return self._fold_point(state, budget)
+
+    def _fold_point(
+        self,
+        state: State,
+        budget: Budget,
+        grouped: tuple[Sequence[Item], list[Unit]] | None = None,
+    ) -> int | None:
+        """:meth:`fold_point`; ``grouped`` is ``state.tail`` with its units, if already known."""
         factor = max(budget.correction.factor, 1e-9)
         limit = (budget.limit - budget.correction.margin) / factor  # in our own tokens
         after = state.summary.end if state.summary is not None else -1
@@ -259,7 +282,9 @@ class Summarize:
         if not state.has_older and fixed + summary + loose <= self.high * limit:
             return None
         room = self.low * limit - fixed - self.summary_cap(budget)
-        units = group_units(tail)
+        units = _units_after(grouped, len(state.tail) - len(tail), after) if grouped else None
+        if units is None:
+            units = group_units(tail)
         newest = len(units)
         for k in range(len(units) - 1, -1, -1):
             if units[k].has_user:
@@ -275,11 +300,33 @@ class Summarize:
             start = k
         while start < newest and not units[start].has_user:
             start += 1  # keep whole turns: what stays begins with a user message
-        if start == 0 and not state.has_older:
-            return None  # nothing older than what is kept
+        if (start == 0 and not state.has_older) or not tail:
+            return None  # nothing older than what is kept, or no position to fold up to
         first_kept = units[start].source[0].position if start < len(units) else None
         fold = (first_kept - 1) if first_kept is not None else tail[-1].position
         return fold if fold > after else None
+
+
+def _units_after(
+    grouped: tuple[Sequence[Item], list[Unit]], covered: int, after: int
+) -> list[Unit] | None:
+    """``group_units`` of the tail past ``after``, taken from the units of the whole tail.
+
+    ``covered`` tail items are at or before ``after``. When they are the first
+    ones and end where a unit ends, grouping the rest gives the units that follow
+    (grouping only looks forward); otherwise None, and the caller groups anew.
+    """
+    tail, units = grouped
+    if covered == 0:
+        return units
+    if any(item.position > after for item in tail[:covered]):
+        return None
+    count = 0
+    for k, unit in enumerate(units):
+        if count == covered:
+            return units[k:]
+        count += len(unit.source)
+    return [] if count == covered else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,13 @@ is either built and checked against every rule, or refused with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from types import MappingProxyType
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -21,11 +25,12 @@ from conversation_memory.budget import (
     Selection,
     build,
     fit,
+    largest_fit,
     summary_message,
     validate,
 )
 from conversation_memory.errors import BudgetExceeded, InvalidPayload
-from conversation_memory.strategies import TRUNCATE, Strategy, Window
+from conversation_memory.strategies import TRUNCATE, Strategy, Summarize, Window
 from conversation_memory.tokens import REPLY_PRIMING
 from conversation_memory.types import Budget, Correction, Item, State, Summary
 
@@ -330,3 +335,74 @@ def test_fit_keeps_within_budget_and_order(
     users = [m for m in plain if m["role"] == "user"]
     if users:
         assert any(m is users[-1] or m == users[-1] for m in kept)
+
+
+# --- the shortcuts of the selection code agree with the long way -----------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(history=messages(any_texts), broken=st.integers(0, 5))
+def test_validate_treats_plain_dicts_like_any_mapping(
+    history: list[tuple[dict[str, Any], bool]], broken: int
+) -> None:
+    # Plain dicts take a shortcut through the validator; other mappings never do.
+    payload = [dict(m) for m, _ in history]
+    if broken < len(payload):  # sometimes a message no API accepts
+        payload[broken] = {**payload[broken], "name": 5}
+
+    def verdict(messages: Sequence[Mapping[str, Any]]) -> str:
+        try:
+            validate(messages)
+        except InvalidPayload as exc:
+            return str(exc)
+        return "valid"
+
+    assert verdict(payload) == verdict([MappingProxyType(m) for m in payload])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    limit=st.integers(-50, 10**9),
+    factor=st.floats(1e-6, 1e6) | st.sampled_from([1.0, 0.9, 1.25, 1 / 3, 0.1 + 0.2]),
+    margin=st.integers(0, 10**6),
+    probes=st.lists(st.integers(0, 2**62), max_size=5),
+)
+def test_largest_fit_is_where_fits_turns_false(
+    limit: int, factor: float, margin: int, probes: list[int]
+) -> None:
+    budget = Budget(window=limit, correction=Correction(factor=factor, margin=margin))
+    bound = largest_fit(budget)
+    assert bound is not None
+    for count in (0, 1, bound - 1, bound, bound + 1, *probes):
+        if 0 <= count <= 2**62:
+            assert budget.fits(count) == (count <= bound), count
+
+
+@pytest.mark.parametrize("factor", [0.0, -1.0, math.inf, math.nan])
+def test_largest_fit_leaves_odd_corrections_to_fits(factor: float) -> None:
+    assert largest_fit(Budget(window=100, correction=Correction(factor=factor))) is None
+
+
+@st.composite
+def summarized_states(draw: st.DrawFn) -> State:
+    """A state whose summary may reach into the tail (what a strategy that overlaps reads)."""
+    state = draw(states())
+    if not state.tail or not draw(st.booleans()):
+        return state
+    first = state.pinned[0].position if state.pinned else state.tail[0].position
+    end = draw(st.integers(first, state.tail[-1].position))
+    summary = Summary(first, end, draw(texts), draw(token_counts))
+    return replace(state, summary=summary)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(state=summarized_states(), data=st.data())
+def test_summarize_folds_where_fold_point_says(state: State, data: st.DataObject) -> None:
+    # select() reuses the units it grouped for the fold; fold_point() groups anew.
+    budget = data.draw(budgets_for(state))
+    strategy = Summarize(high=0.5, low=0.3, summary_tokens=16)
+    selection = attempt(lambda: strategy.select(state, budget))
+    if isinstance(selection, BudgetExceeded):
+        return
+    assert isinstance(selection, Selection)
+    assert selection.fold_through == strategy.fold_point(state, budget)
