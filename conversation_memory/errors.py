@@ -8,7 +8,8 @@ describes the same kind of failure, the error inherits it too, so
     ConversationMemoryError
     ├── ConfigurationError (ValueError)      bad argument to a constructor or call
     │   ├── UnknownModel (LookupError)       model not in the registry
-    │   └── TokenizerDataError               tokenizer files missing or corrupt
+    │   ├── TokenizerDataError               tokenizer files missing or corrupt
+    │   └── LocalModelUnavailable            local model not installed (xllamacpp, GGUF file)
     ├── InvalidMessage (ValueError)          a message the store refuses; nothing written
     ├── InvalidPayload (ValueError)          a message list the API would reject
     ├── BudgetExceeded (ValueError)          cannot fit inside the prompt budget
@@ -50,6 +51,7 @@ __all__ = [
     "ImportFormatError",
     "InvalidMessage",
     "InvalidPayload",
+    "LocalModelUnavailable",
     "MalformedResponse",
     "ModelError",
     "ModelTimeout",
@@ -92,6 +94,10 @@ class UnknownModel(ConfigurationError, LookupError):
 
 class TokenizerDataError(ConfigurationError):
     """tiktoken's data files could not be found or failed verification."""
+
+
+class LocalModelUnavailable(ConfigurationError):
+    """xllamacpp or the local model's file is missing; the message says how to install them."""
 
 
 class InvalidMessage(ConversationMemoryError, ValueError):

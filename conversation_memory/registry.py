@@ -13,6 +13,14 @@ per-tool overheads of the cookbook's ``num_tokens_for_tools`` approximation
 (which differ between the cl100k and the gpt-4o families) and the image tile
 costs. Prices are approximate list prices, dated in the table; they serve cost
 estimates, never budgeting.
+
+A model whose server tokenizes differently from every tiktoken encoding (the
+local SmolLM2, any llama.cpp model) also carries an initial ``correction``:
+how far the server's count is expected to run above ours *before* its first
+reply has calibrated the conversation (see
+:func:`conversation_memory.engine.next_correction`). It comes from
+measurements against the real server, chosen so a first request already fits
+the window; OpenAI models keep the identity, their counts being exact.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from importlib import resources
 from typing import Any
 
 from conversation_memory.errors import ConfigurationError, UnknownModel
+from conversation_memory.types import Correction
 
 __all__ = [
     "ImageCost",
@@ -100,6 +109,9 @@ class ModelInfo:
     image_cost: ImageCost = field(default_factory=ImageCost)
     prices_as_of: str | None = None
     """Date of the price list the prices come from."""
+    correction: Correction = field(default_factory=Correction)
+    """Expected ``server count = ours * factor + margin`` until the server's own usage
+    calibrates a conversation (identity when our count is the server's)."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int = 0) -> float | None:
         """Approximate USD cost of one request, or None when a price is unknown."""
@@ -141,6 +153,32 @@ def _price(argument: str, value: object, model: str) -> float | None:
     return float(value)
 
 
+def _correction(value: object, model: str) -> Correction:
+    if value is None:
+        return Correction()
+    if isinstance(value, Mapping) and set(value) <= {"factor", "margin"}:
+        value = Correction(**value)  # a models.json row
+    factor = getattr(value, "factor", None)
+    margin = getattr(value, "margin", None)
+    if (
+        not isinstance(value, Correction)
+        or isinstance(factor, bool)
+        or not isinstance(factor, int | float)
+        or not math.isfinite(factor)
+        or factor <= 0
+        or isinstance(margin, bool)
+        or not isinstance(margin, int)
+        or margin < 0
+    ):
+        raise ConfigurationError(
+            f"correction for model {model!r} must be a Correction(factor=..., margin=...) "
+            f"with factor > 0 and a whole margin >= 0 tokens, got {value!r}.",
+            model=model,
+            argument="correction",
+        )
+    return value
+
+
 def _make_info(
     name: object,
     *,
@@ -152,6 +190,7 @@ def _make_info(
     tool_constants: ToolConstants | None,
     image_cost: ImageCost | None,
     prices_as_of: str | None,
+    correction: object = None,
 ) -> ModelInfo:
     if not isinstance(name, str) or not name.strip():
         raise ConfigurationError(
@@ -183,6 +222,7 @@ def _make_info(
         tool_constants=tool_constants or _default_tools(encoding),
         image_cost=image_cost or ImageCost(),
         prices_as_of=prices_as_of,
+        correction=_correction(correction, name),
     )
 
 
@@ -244,8 +284,14 @@ class ModelRegistry:
         output_price: float | None = None,
         tool_constants: ToolConstants | None = None,
         image_cost: ImageCost | None = None,
+        correction: Correction | None = None,
     ) -> ModelInfo:
-        """Add (or replace) a model; arguments are validated and named when wrong."""
+        """Add (or replace) a model; arguments are validated and named when wrong.
+
+        ``correction`` is the expected gap between the server's token count and
+        ours until its replies calibrate a conversation; give one for a server
+        whose tokenizer is not the ``encoding``'s (e.g. ``Correction(1.25, 16)``).
+        """
         info = _make_info(
             name,
             window=window,
@@ -256,6 +302,7 @@ class ModelRegistry:
             tool_constants=tool_constants,
             image_cost=image_cost,
             prices_as_of=None,
+            correction=correction,
         )
         with self._lock:
             self._models = {**self._models, name: info}
@@ -302,6 +349,7 @@ def _parse_table(table: Mapping[str, Any]) -> list[ModelInfo]:
                 tool_constants=tools[row.get("tools", encoding.removesuffix("_base"))],
                 image_cost=images[row.get("images", "tiles")],
                 prices_as_of=as_of,
+                correction=row.get("correction"),
             )
         )
     return infos
@@ -321,6 +369,7 @@ def register_model(
     output_price: float | None = None,
     tool_constants: ToolConstants | None = None,
     image_cost: ImageCost | None = None,
+    correction: Correction | None = None,
 ) -> ModelInfo:
     """Register a model in the default registry (see :meth:`ModelRegistry.register`)."""
     return default_registry.register(
@@ -332,6 +381,7 @@ def register_model(
         output_price=output_price,
         tool_constants=tool_constants,
         image_cost=image_cost,
+        correction=correction,
     )
 
 

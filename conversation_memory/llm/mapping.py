@@ -57,10 +57,12 @@ _KEY_HELP = (
 # Each wording seen in the wild, in either order inside the message:
 #   OpenAI:     "This model's maximum context length is 8192 tokens. However, your messages
 #                resulted in 9000 tokens." / "... However, you requested 9000 tokens (...)"
-#   llama-cpp-python: the same sentences as OpenAI's.
-#   llama.cpp:  "request (9000 tokens) exceeds the available context size (8192 tokens)"
-#               with n_prompt_tokens and n_ctx fields; older builds say only
-#               "the request exceeds the available context size".
+#   llama-cpp-python: the same sentences as OpenAI's from its server; its library's own
+#               ValueError reads "Requested tokens (9000) exceed context window of 8192".
+#   llama.cpp:  "request (9000 tokens) exceeds the available context size (8192 tokens),
+#               try increasing it", type "exceed_context_size_error", with n_prompt_tokens
+#               and n_ctx fields (checked against the server conversation_memory.local runs);
+#               older builds say only "the request exceeds the available context size".
 _LIMIT_RES = (
     re.compile(r"maximum context length is (\d+)", re.IGNORECASE),
     re.compile(r"context (?:size|window|length) (?:of |is )?\(?(\d+)", re.IGNORECASE),
@@ -70,6 +72,7 @@ _REQUESTED_RES = (
     re.compile(r"resulted in (\d+) tokens", re.IGNORECASE),
     re.compile(r"requested (\d+) tokens", re.IGNORECASE),
     re.compile(r"request \((\d+) tokens?\)", re.IGNORECASE),
+    re.compile(r"requested tokens \((\d+)\)", re.IGNORECASE),
     re.compile(r"n_prompt_tokens\b\W{0,3}(\d+)", re.IGNORECASE),
     re.compile(r"prompt (?:is|has|of) (\d+) tokens", re.IGNORECASE),
     re.compile(r"(\d+) tokens? (?:exceeds?|is more than|is longer than)", re.IGNORECASE),
