@@ -4,7 +4,8 @@ Everything public is importable from here; the modules behind it are
 implementation detail (see DESIGN in the README for the layers).
 """
 
-from conversation_memory.aio import AsyncConversation, AsyncMemory, AsyncTurnStream
+from typing import TYPE_CHECKING, Any
+
 from conversation_memory.budget import (
     Context,
     Report,
@@ -37,6 +38,7 @@ from conversation_memory.errors import (
     ImportFormatError,
     InvalidMessage,
     InvalidPayload,
+    LocalModelUnavailable,
     MalformedResponse,
     ModelError,
     ModelTimeout,
@@ -52,7 +54,7 @@ from conversation_memory.errors import (
     UnknownModel,
     UserNotFound,
 )
-from conversation_memory.llm import Completion, RetryPolicy, Usage
+from conversation_memory.llm.retry import RetryPolicy
 from conversation_memory.registry import ModelInfo, ModelRegistry, get_model, register_model
 from conversation_memory.store.repository import Entry
 from conversation_memory.strategies import (
@@ -81,6 +83,32 @@ from conversation_memory.tokens import (
     get_encoding,
 )
 from conversation_memory.types import Budget, Correction, Item, State, Summary
+
+if TYPE_CHECKING:
+    from conversation_memory.aio import AsyncConversation, AsyncMemory, AsyncTurnStream
+    from conversation_memory.llm import Completion, Usage
+
+_LAZY = {
+    "AsyncConversation": "conversation_memory.aio",
+    "AsyncMemory": "conversation_memory.aio",
+    "AsyncTurnStream": "conversation_memory.aio",
+    "Completion": "conversation_memory.llm",
+    "Usage": "conversation_memory.llm",
+}
+"""Names whose modules import the ``openai`` SDK (about a second): loaded on first use,
+so ``convmem sessions`` and code that only stores and budgets start fast."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'conversation_memory' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0.dev0"
 
@@ -112,6 +140,7 @@ __all__ = [
     "InvalidMessage",
     "InvalidPayload",
     "Item",
+    "LocalModelUnavailable",
     "MalformedResponse",
     "Memory",
     "ModelError",

@@ -96,6 +96,20 @@ class ConversationInfo:
     forked_from: str | None
 
 
+def _conversation_info(row: repository.ConversationRow) -> ConversationInfo:
+    return ConversationInfo(
+        id=row.id,
+        user=row.user_id,
+        title=row.title,
+        model=row.model,
+        message_count=row.message_count,
+        tokens=row.total_tokens,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        forked_from=row.forked_from,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Pending:
     """A checked, counted message waiting for its transaction."""
@@ -168,31 +182,60 @@ class UsageTotals:
     """Estimated USD from the registry's list prices (None if a model has no price)."""
 
     @classmethod
-    def of(cls, rows: Sequence[Any]) -> UsageTotals:
-        prompt = completion = failed = summaries = 0
-        latency = 0.0
+    def of(cls, calls: Sequence[Call]) -> UsageTotals:
         cost: float | None = 0.0
-        for kind, model, p, c, counted, ms, error in rows:
-            failed += error is not None
-            summaries += kind == "summary"
-            prompt_tokens = p if p is not None else (counted or 0)
-            prompt += prompt_tokens
-            completion += c or 0
-            latency += ms or 0.0
-            try:
-                price = get_model(model).cost(prompt_tokens, c or 0)
-            except ConfigurationError:
-                price = None
-            cost = None if cost is None or price is None else cost + price
+        for call in calls:
+            cost = None if cost is None or call.cost is None else cost + call.cost
         return cls(
-            calls=len(rows),
-            failed=failed,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            summary_calls=summaries,
-            latency_ms=latency,
+            calls=len(calls),
+            failed=sum(call.error is not None for call in calls),
+            prompt_tokens=sum(call.prompt_tokens for call in calls),
+            completion_tokens=sum(call.completion_tokens for call in calls),
+            summary_calls=sum(call.kind == "summary" for call in calls),
+            latency_ms=sum(call.latency_ms or 0.0 for call in calls),
             cost=cost,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One model call of a conversation, as its usage row recorded it."""
+
+    kind: str
+    """``chat`` for a turn, ``summary`` for a compaction."""
+    model: str
+    position: int | None
+    """Position of the reply it stored (chat calls that stored one)."""
+    prompt_tokens: int
+    """As the server reported it, else as we counted it."""
+    completion_tokens: int
+    latency_ms: float | None
+    finish_reason: str | None
+    error: str | None
+    created_at: datetime
+    cost: float | None
+    """Estimated USD from the registry's list prices (None if the model has no price)."""
+
+
+def _call(row: Any) -> Call:
+    kind, model, position, prompt, completion, counted, ms, finish, error, when = row
+    prompt_tokens = prompt if prompt is not None else (counted or 0)
+    try:
+        cost = get_model(model).cost(prompt_tokens, completion or 0)
+    except ConfigurationError:
+        cost = None
+    return Call(
+        kind=kind,
+        model=model,
+        position=position,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion or 0,
+        latency_ms=ms,
+        finish_reason=finish,
+        error=error,
+        created_at=repository.aware(when),
+        cost=cost,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,18 +439,52 @@ class Memory:
             rows = repository.list_conversations(conn, user_id, limit=limit)
         return [
             ConversationInfo(
-                id=row.id,
-                user=row.user_id,
-                title=row.title,
-                model=row.model,
-                message_count=row.message_count,
-                tokens=row.total_tokens,
-                created_at=row.created_at,
-                updated_at=row.updated_at,
-                forked_from=row.forked_from,
+                id=id_,
+                user=user_,
+                title=title,
+                model=model,
+                message_count=count,
+                tokens=tokens,
+                created_at=repository.aware(created),
+                updated_at=repository.aware(updated),
+                forked_from=parent,
             )
-            for row in rows
+            for id_, user_, title, model, count, tokens, created, updated, parent in rows
         ]
+
+    def count(self, *, user: str | None = None, all_users: bool = False) -> int:
+        """How many conversations this user (or everyone) has."""
+        user_id = None if all_users else _check_user(user)
+        with self._db.read() as conn:
+            return repository.count_conversations(conn, user_id)
+
+    def find(self, ref: str, *, user: str | None = None) -> ConversationInfo:
+        """The conversation ``ref`` names: an id, a unique id prefix, or a title.
+
+        ``user=None`` looks across every user (what a command-line tool on
+        its own database wants); a title shared by several conversations means
+        the most recently active one.
+        """
+        if not isinstance(ref, str) or not ref:
+            raise ConfigurationError(f"a conversation id or title is needed, got {ref!r}")
+        user_id = None if user is None else _check_user(user)
+        with self._db.read() as conn:
+            rows = repository.find_conversations(conn, ref, user_id)
+        if not rows:
+            whose = "" if user_id is None else f" of user {user_id!r}"
+            raise ConversationNotFound(
+                f"no conversation{whose} has the id, id prefix or title {ref!r}; "
+                "`convmem sessions` lists them",
+                conversation_id=ref,
+                user=user_id,
+            )
+        if len(rows) > 1 and rows[0].id.startswith(ref) and rows[0].id != ref:
+            raise ConversationNotFound(
+                f"{ref!r} is the start of several conversation ids; give more of it",
+                conversation_id=ref,
+                user=user_id,
+            )
+        return _conversation_info(rows[0])
 
     def erase_user(self, user: str) -> int:
         """Delete every conversation, message, summary and usage row of ``user``."""
@@ -759,7 +836,9 @@ class Conversation:
             correction = (
                 Correction(factor=head.factor, margin=head.margin or 0)
                 if head.factor is not None
-                else Correction()
+                # Nothing learnt yet: the registry's expected gap for this model (identity
+                # for OpenAI models; e.g. 1.25 for the local model's own tokenizer).
+                else self._info.correction
             )
             self._last_correction = correction
             budget = self.budget(tools=tools, correction=correction, reserve=reserve)
@@ -959,8 +1038,14 @@ class Conversation:
         """Tokens, calls, latency and estimated cost of every model call of this conversation."""
         with self._db.read() as conn:
             self._fresh_row(conn)
-            rows = repository.usage_rows(conn, self.id)
-        return UsageTotals.of(rows)
+            rows = repository.usage_calls(conn, self.id)
+        return UsageTotals.of([_call(row) for row in rows])
+
+    def calls(self) -> list[Call]:
+        """Every model call of this conversation (turns and summaries), oldest first."""
+        with self._db.read() as conn:
+            self._fresh_row(conn)
+            return [_call(row) for row in repository.usage_calls(conn, self.id)]
 
     def history(self) -> list[dict[str, Any]]:
         """Every stored message, oldest first, as OpenAI-format dicts."""
@@ -982,11 +1067,12 @@ class Conversation:
     # -- calibration -------------------------------------------------------------
 
     def correction(self) -> Correction:
-        """The calibrated correction for this conversation's model (identity if none)."""
+        """The calibrated correction for this conversation's model (the registry's
+        initial one, identity for OpenAI models, until the server has reported counts)."""
         with self._db.read() as conn:
             found = repository.get_calibration(conn, self.id, self.model)
         if found is None:
-            return Correction()
+            return self._info.correction
         return Correction(factor=found.factor, margin=found.margin)
 
     def calibrate(self, *, counted: int, reported: int) -> Correction:

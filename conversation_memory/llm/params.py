@@ -22,6 +22,7 @@ Which parameters pass, and how:
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -44,7 +45,14 @@ _RESERVED = {
 _SDK_EXTRAS = frozenset({"extra_headers", "extra_query", "extra_body"})
 
 
-def _known_names() -> frozenset[str]:
+@functools.cache
+def _known() -> frozenset[str]:
+    """Every parameter the SDK's ``create()`` accepts (read on first use: importing
+    the SDK's types takes about a second)."""
+    return _sdk_names() | _CHECKED
+
+
+def _sdk_names() -> frozenset[str]:
     try:
         from openai.types.chat.completion_create_params import CompletionCreateParamsBase
     except ImportError:  # pragma: no cover - an SDK that moved its types
@@ -55,19 +63,21 @@ def _known_names() -> frozenset[str]:
     return frozenset(keys) - set(_RESERVED)
 
 
-_KNOWN = _known_names() | {
-    "temperature",
-    "top_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "max_tokens",
-    "max_completion_tokens",
-    "n",
-    "seed",
-    "stop",
-    "tools",
-    "tool_choice",
-}
+_CHECKED = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "seed",
+        "stop",
+        "tools",
+        "tool_choice",
+    }
+)
 
 
 def _fail(name: str, problem: str, value: Any) -> ConfigurationError:
@@ -194,10 +204,10 @@ def check_params(params: Mapping[str, Any], *, model: str) -> dict[str, Any]:
             if not isinstance(value, Mapping):
                 raise _fail(name, "must be a dict", value)
             extra_body.update(value)
-        elif name in _KNOWN or name in _SDK_EXTRAS:
+        elif name in _known() or name in _SDK_EXTRAS:
             out[name] = value
         else:
-            close = difflib.get_close_matches(name, sorted(_KNOWN), n=1, cutoff=0.85)
+            close = difflib.get_close_matches(name, sorted(_known()), n=1, cutoff=0.85)
             if close:
                 raise ConfigurationError(
                     f"unknown parameter {name!r}; did you mean {close[0]!r}? "

@@ -96,17 +96,67 @@ def conversation_exists(conn: Connection, conversation_id: str) -> bool:
     return found is not None
 
 
+_LISTING_COLUMNS = [
+    conversations.c.id,
+    conversations.c.user_id,
+    conversations.c.title,
+    conversations.c.model,
+    conversations.c.message_count,
+    conversations.c.total_tokens,
+    conversations.c.created_at,
+    conversations.c.updated_at,
+    conversations.c.forked_from,
+]
+
+
 def list_conversations(
     conn: Connection, user: str | None, *, limit: int | None = None
-) -> list[ConversationRow]:
-    query = select(*_CONVERSATION_COLUMNS).order_by(
+) -> list[Any]:
+    """``_LISTING_COLUMNS`` of each conversation, newest activity first.
+
+    Only the columns a listing shows: no settings JSON to parse, which keeps
+    ``convmem sessions --all`` over 10,000 conversations well under a second.
+    """
+    query = select(*_LISTING_COLUMNS).order_by(
         conversations.c.updated_at.desc(), conversations.c.id.desc()
     )
     if user is not None:
         query = query.where(conversations.c.user_id == user)
     if limit is not None:
         query = query.limit(limit)
-    return [_conversation(row) for row in conn.execute(query)]
+    return list(conn.execute(query).all())
+
+
+def count_conversations(conn: Connection, user: str | None) -> int:
+    query = select(func.count()).select_from(conversations)
+    if user is not None:
+        query = query.where(conversations.c.user_id == user)
+    return conn.execute(query).scalar_one()
+
+
+def find_conversations(conn: Connection, ref: str, user: str | None) -> list[ConversationRow]:
+    """Conversations ``ref`` may mean: its exact id, else ids starting with it, else its title.
+
+    At most two rows per kind are read: a caller only needs to know whether
+    the match is unique. Titles are matched newest activity first.
+    """
+    owned = [] if user is None else [conversations.c.user_id == user]
+    base = select(*_CONVERSATION_COLUMNS).where(*owned)
+    row = conn.execute(base.where(conversations.c.id == ref)).first()
+    if row is not None:
+        return [_conversation(row)]
+    if ref.isalnum() and ref == ref.lower():
+        prefixed = conn.execute(
+            base.where(conversations.c.id.startswith(ref, autoescape=True)).limit(2)
+        ).all()
+        if prefixed:
+            return [_conversation(row) for row in prefixed]
+    titled = conn.execute(
+        base.where(conversations.c.title == ref)
+        .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
+        .limit(2)
+    ).all()
+    return [_conversation(row) for row in titled]
 
 
 def walk_lineage(
@@ -251,12 +301,13 @@ class Head:
 
 def _item_from(row: Sequence[Any]) -> Item:
     position, role, content, parts, name, calls, call_id, tokens, pinned, complete = row
+    # Positional: this runs for every message read on every turn.
     return Item(
-        position=position,
-        message=from_row(role, content, parts, name, calls, call_id),
-        tokens=tokens,
-        pinned=bool(pinned),
-        complete=bool(complete),
+        position,
+        from_row(role, content, parts, name, calls, call_id),
+        tokens,
+        bool(pinned),
+        bool(complete),
     )
 
 
@@ -589,17 +640,21 @@ def put_calibration(conn: Connection, values: Mapping[str, Any], *, exists: bool
         conn.execute(insert(calibrations).values(**values))
 
 
-def usage_rows(conn: Connection, conversation_id: str) -> list[Any]:
+def usage_calls(conn: Connection, conversation_id: str) -> list[Any]:
+    """Every usage row of a conversation, oldest first, with its time and outcome."""
     return list(
         conn.execute(
             select(
                 usage.c.kind,
                 usage.c.model,
+                usage.c.position,
                 usage.c.prompt_tokens,
                 usage.c.completion_tokens,
                 usage.c.counted_prompt_tokens,
                 usage.c.latency_ms,
+                usage.c.finish_reason,
                 usage.c.error,
+                usage.c.created_at,
             )
             .where(usage.c.conversation_id == conversation_id)
             .order_by(usage.c.id)

@@ -1,0 +1,322 @@
+"""``convmem chat``: talk with memory in the terminal, or through a pipe.
+
+Which server answers: ``--base-url`` if given; else the OpenAI-compatible
+server that ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` describe; with neither,
+a local model (SmolLM2-135M-Instruct served by llama.cpp on 127.0.0.1),
+started for the session and stopped when it ends.
+
+Compaction runs after a reply, behind a spinner, rather than inside the
+stream, so the reply is on screen before any summary is written.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import click
+
+from conversation_memory import _config
+from conversation_memory.cli import _render
+from conversation_memory.cli._app import command, console, user_option
+from conversation_memory.engine import Conversation, Memory
+from conversation_memory.errors import ConversationMemoryError, ModelError
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+"""Sent when a new conversation names no system prompt.
+
+Some local chat templates insert their own (uncounted) system prompt when a
+request has none; sending ours keeps the count exact.
+"""
+
+DEFAULT_STRATEGY = "summary"
+LOCAL_STRATEGY = "truncate"
+"""The local model's default: SmolLM2-135M's summaries run past their size cap and are
+refused (measured: 24 of 24 in a 40-turn chat), so summarizing would only add waits."""
+
+HELP = """\
+/context   what the next request will send, with its tokens
+/history   the whole conversation, summaries included
+/usage     tokens, latency and cost of every model call
+/fork      continue in a fork of this conversation (the original stays as it is)
+/new       start a new conversation
+/help      this list
+/exit      leave (Ctrl-D does too)
+Ctrl-C during a reply stops it; the part received is stored as incomplete."""
+
+
+@contextmanager
+def model_client(base_url: str | None, model: str | None) -> Iterator[tuple[Any, str | None, str]]:
+    """The client to talk through, the model name (None: the default) and the default
+    strategy for new conversations."""
+    if base_url is not None:
+        from openai import OpenAI
+
+        key = _config.openai_api_key() or "not-needed"
+        yield OpenAI(base_url=base_url, api_key=key, max_retries=0), model, DEFAULT_STRATEGY
+        return
+    if _config.openai_api_key() or _config.openai_base_url():
+        yield None, model, DEFAULT_STRATEGY
+        return
+    from conversation_memory.local import LOCAL_MODEL, LocalServer
+
+    with console(stderr=True).status("starting the local model (SmolLM2-135M)…"):
+        server = LocalServer()
+        server.start()
+    try:
+        yield server.client(), model or LOCAL_MODEL, LOCAL_STRATEGY
+    finally:
+        server.stop()
+
+
+class Session:
+    """One chat session: the current conversation and what the commands do with it."""
+
+    def __init__(
+        self,
+        memory: Memory,
+        conversation: Conversation,
+        *,
+        interactive: bool,
+        settings: dict[str, Any],
+    ) -> None:
+        self.memory = memory
+        self.conversation = conversation
+        self.interactive = interactive
+        self.settings = settings
+        self.out = console()
+        self.err = console(stderr=True)
+
+    def banner(self) -> None:
+        c = self.conversation
+        info = self.memory.find(c.id, user=c.user)
+        state = (
+            "new conversation"
+            if info.message_count == 0
+            else f"resumed, {info.message_count} messages"
+        )
+        self.err.print(
+            f"[bold]{c.title or 'untitled'}[/bold] [dim]{c.id[:12]} · {state} · model {c.model} · "
+            f"strategy {c.strategy.name} · budget {c.budget().limit:,} tokens[/dim]\n"
+            "[dim]/help for commands, Ctrl-D to leave[/dim]"
+        )
+
+    def turn(self, text: str) -> None:
+        """Send one message, print the reply as it streams, then compact if asked."""
+        status = self.err.status("thinking…") if self.interactive else None
+        if status is not None:
+            status.start()
+        stream = self.conversation.stream(text)
+        started = False
+        try:
+            with stream:
+                for piece in stream:
+                    if not started:
+                        started = True
+                        if status is not None:
+                            status.stop()
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            if status is not None:
+                status.stop()
+            kept = "stored as incomplete" if self.memory.on_incomplete == "store" else "not stored"
+            sys.stdout.write("\n")
+            self.err.print(f"[yellow]stopped; the partial reply was {kept}[/yellow]")
+            return
+        finally:
+            if status is not None:
+                status.stop()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if stream.fold_wanted:
+            self.compact()
+
+    def compact(self) -> None:
+        try:
+            if self.interactive:
+                with self.err.status("updating the summary of older turns…"):
+                    outcome = self.conversation.compact()
+            else:
+                outcome = self.conversation.compact()
+        except ConversationMemoryError as error:
+            self.err.print(
+                f"[yellow]summary not updated ({error}); older turns are left out "
+                "until it works[/yellow]"
+            )
+            return
+        if outcome.error:
+            self.err.print(
+                f"[yellow]summary not updated ({outcome.error}); "
+                "retried after the next turn[/yellow]"
+            )
+
+    def command(self, line: str) -> bool:
+        """Run an in-chat command; False means leave."""
+        name = line.split(maxsplit=1)[0].lower()
+        c = self.conversation
+        if name in {"/exit", "/quit"}:
+            return False
+        if name == "/help":
+            self.out.print(HELP, highlight=False)
+        elif name == "/context":
+            self.out.print(_render.context_view(c.context(), model=c.model))
+        elif name == "/history":
+            info = self.memory.find(c.id, user=c.user)
+            self.out.print(_render.history_view(info, c.system, c.entries(), c.summary_cover()))
+        elif name == "/usage":
+            self.out.print(_render.usage_view(c.calls(), c.usage()))
+        elif name == "/fork":
+            self.conversation = c.fork()
+            self.err.print(f"now in fork {self.conversation.id[:12]} of {c.id[:12]}")
+        elif name == "/new":
+            self.conversation = self.memory.conversation(**self.settings)
+            self.err.print(f"new conversation {self.conversation.id[:12]}")
+        else:
+            self.err.print(f"[red]unknown command {name}[/red]; /help lists them")
+        return True
+
+    def loop(self, read: Callable[[], str]) -> None:
+        while True:
+            try:
+                line = read()
+            except EOFError:
+                if self.interactive:
+                    self.err.print()
+                return
+            except KeyboardInterrupt:
+                self.err.print()
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/") and " " not in text:
+                if not self.command(text):
+                    return
+                continue
+            try:
+                self.turn(line.rstrip("\n"))
+            except ModelError as error:
+                # The turn was not stored; the chat goes on.
+                self.err.print(f"[red]the model call failed: {error}[/red]")
+                if not self.interactive:
+                    raise
+
+
+def read_terminal() -> str:
+    import readline  # noqa: F401  (line editing and history for input())
+
+    return input("you › ")
+
+
+@command("chat")
+@click.argument("ref", metavar="[ID]", required=False)
+@click.option("--new", "new", is_flag=True, help="Start a new conversation instead of resuming.")
+@click.option("--title", "-t", default=None, help="Title of a new conversation.")
+@click.option("--system", default=None, help="System prompt of a new conversation.")
+@click.option(
+    "--model",
+    "-m",
+    default=None,
+    help="Model name (default: CONVMEM_MODEL, else gpt-4o-mini; the local model without a key).",
+)
+@click.option(
+    "--base-url",
+    default=None,
+    metavar="URL",
+    help="An OpenAI-compatible server (llama.cpp, vLLM, Ollama…).",
+)
+@click.option(
+    "--strategy",
+    "-s",
+    default=None,
+    help="truncate | window:N | summary[:high=..,low=..] | hierarchical[:fanout=F] "
+    "(default: summary; truncate on the local model, whose summaries fail).",
+)
+@click.option(
+    "--budget",
+    "-b",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Prompt token cap (default: the model's window minus the reply reserve).",
+)
+@user_option("Whose conversations to use (default: 'default').")
+def chat(
+    db: str | None,
+    ref: str | None,
+    new: bool,
+    title: str | None,
+    system: str | None,
+    model: str | None,
+    base_url: str | None,
+    strategy: str | None,
+    budget: int | None,
+    user: str | None,
+    debug: bool,
+) -> None:
+    """Chat with memory; resumes the most recent conversation.
+
+    ID resumes a conversation by id, id prefix or title; --new starts one.
+    Replies stream as they arrive. With stdin not a terminal, each line is
+    one message and each reply is printed, so a chat can be scripted:
+
+        printf 'hello\\nwhat did I just say?\\n' | convmem chat --new
+    """
+    if new and ref is not None:
+        raise click.UsageError("give an ID to resume or --new, not both")
+    interactive = sys.stdin.isatty()
+    with ExitStack() as stack:
+        client, chosen_model, default_strategy = stack.enter_context(model_client(base_url, model))
+        memory = stack.enter_context(
+            Memory(db, client=client, model=chosen_model, compaction="manual")
+        )
+        settings: dict[str, Any] = {
+            "user": user,
+            "system": system or DEFAULT_SYSTEM,
+            "model": chosen_model,
+            "strategy": strategy or default_strategy,
+            "budget": budget,
+            "title": title,
+        }
+        conversation = resume(memory, ref, new=new, settings=settings, strategy=strategy)
+        session = Session(memory, conversation, interactive=interactive, settings=settings)
+        if interactive:
+            session.banner()
+            session.loop(read_terminal)
+        else:
+            session.loop(_lines())
+
+
+def _lines() -> Callable[[], str]:
+    def read() -> str:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    return read
+
+
+def resume(
+    memory: Memory, ref: str | None, *, new: bool, settings: dict[str, Any], strategy: str | None
+) -> Conversation:
+    """The conversation to chat in: the one named, a new one, or the most recent.
+
+    A resumed conversation keeps its stored strategy unless ``strategy`` is given.
+    """
+    if ref is None and not new:
+        latest = memory.conversations(user=settings["user"], limit=1)
+        if latest:
+            ref = latest[0].id
+    if ref is None:
+        return memory.conversation(**settings)
+    info = memory.find(ref, user=settings["user"])
+    return memory.conversation(
+        info.id,
+        user=info.user,
+        model=settings["model"],
+        strategy=strategy,
+        budget=settings["budget"],
+    )

@@ -1,0 +1,71 @@
+"""``convmem db``: the schema revision of a database, and its upgrade."""
+
+from __future__ import annotations
+
+import click
+
+from conversation_memory.cli._app import command, json_option, print_json
+from conversation_memory.store import migrate
+
+
+@click.group("db")
+def db_group() -> None:
+    """Inspect or upgrade a database's schema (upgrade | current | check)."""
+
+
+@command("current")
+@json_option
+def current(db: str | None, as_json: bool, debug: bool) -> None:
+    """Print the database's schema revision and the one this version needs."""
+    with migrate.opened(db) as database:
+        revision = migrate.current(database)
+        where = database.target.display()
+    head = migrate.head_revision()
+    if as_json:
+        print_json({"db": where, "current": revision, "head": head, "up_to_date": revision == head})
+        return
+    state = "up to date" if revision == head else "run `convmem db upgrade`"
+    click.echo(f"{where}: revision {revision or '(none)'}; this version needs {head} ({state})")
+
+
+@command("upgrade")
+@json_option
+def upgrade(db: str | None, as_json: bool, debug: bool) -> None:
+    """Upgrade the database's schema to the one this version needs.
+
+    Back the database up first. Upgrading a database that is already
+    current does nothing.
+    """
+    with migrate.opened(db) as database:
+        before = migrate.current(database)
+        after = migrate.upgrade(database)
+        where = database.target.display()
+    if as_json:
+        print_json({"db": where, "from": before, "to": after})
+    elif before == after:
+        click.echo(f"{where}: already at {after}")
+    else:
+        click.echo(f"{where}: upgraded {before or '(empty)'} → {after}")
+
+
+@command("check")
+@json_option
+def check(db: str | None, as_json: bool, debug: bool) -> None:
+    """Compare the database's tables with the library's models; exit 1 if they differ."""
+    with migrate.opened(db) as database:
+        differences = migrate.check(database)
+        where = database.target.display()
+    if as_json:
+        print_json({"db": where, "differences": differences})
+    elif differences:
+        click.echo(f"{where} differs from the models:")
+        for line in differences:
+            click.echo(f"  {line}")
+    else:
+        click.echo(f"{where}: schema matches the models")
+    if differences:
+        raise SystemExit(1)
+
+
+for _command in (upgrade, current, check):
+    db_group.add_command(_command)

@@ -1,0 +1,293 @@
+"""Commands over stored conversations: sessions, show, context, usage, export, import,
+fork, rm, erase. Each opens the database, asks the library, and prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from conversation_memory.cli import _render
+from conversation_memory.cli._app import command, console, json_option, print_json, user_option
+from conversation_memory.engine import Memory
+
+
+def open_memory(db: str | None) -> Memory:
+    return Memory(db)
+
+
+def resolve(memory: Memory, ref: str, user: str | None) -> Any:
+    """The conversation a command line names, resumed as its owner."""
+    info = memory.find(ref, user=user)
+    return info, memory.conversation(info.id, user=info.user)
+
+
+PAGE = 50
+"""Conversations ``convmem sessions`` lists unless told otherwise."""
+
+REF = click.argument("ref", metavar="ID")
+USER = user_option("Only look among this user's conversations.")
+
+
+@command("sessions")
+@user_option("Only this user's conversations.")
+@click.option(
+    "--limit", "-n", type=click.IntRange(min=1), default=PAGE, show_default=True,
+    help="Show the N most recent.",
+)  # fmt: skip
+@click.option("--all", "show_all", is_flag=True, help="Show every conversation (no limit).")
+@json_option
+def sessions(
+    db: str | None, user: str | None, limit: int, show_all: bool, as_json: bool, debug: bool
+) -> None:
+    """List conversations, most recent activity first.
+
+    Shows id (the first 12 characters are enough anywhere an ID is asked
+    for), title, user, messages, tokens and last activity.
+    """
+    with open_memory(db) as memory:
+        rows = memory.conversations(
+            user=user, all_users=user is None, limit=None if show_all else limit
+        )
+        total = (
+            len(rows)
+            if show_all or len(rows) < limit
+            else memory.count(user=user, all_users=user is None)
+        )
+    if as_json:
+        print_json(rows)
+    elif rows:
+        console().print(_render.sessions_table(rows, total=total))
+    else:
+        click.echo("no conversations yet: start one with `convmem chat`")
+
+
+@command("show")
+@REF
+@USER
+@json_option
+def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool) -> None:
+    """Print a conversation's full history, with its summaries where they sit.
+
+    ID is an id, a unique id prefix, or a title (the most recent one with
+    that title).
+    """
+    with open_memory(db) as memory:
+        info, conversation = resolve(memory, ref, user)
+        entries = conversation.entries()
+        summaries = conversation.summary_cover()
+        system = conversation.system
+    if as_json:
+        print_json(
+            {
+                "conversation": info,
+                "system": system,
+                "messages": [
+                    {
+                        "position": e.position,
+                        "message": e.message,
+                        "tokens": e.tokens,
+                        "created_at": e.created_at,
+                        "pinned": e.pinned,
+                        "complete": e.complete,
+                        "metadata": e.metadata,
+                    }
+                    for e in entries
+                ],
+                "summaries": summaries,
+            }
+        )
+        return
+    console().print(_render.history_view(info, system, entries, summaries))
+
+
+@command("context")
+@REF
+@USER
+@click.option(
+    "--strategy", "-s", default=None, help="Show it under another strategy, e.g. window:20."
+)
+@click.option(
+    "--budget",
+    "-b",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Show it under another prompt budget.",
+)
+@json_option
+def context(
+    db: str | None,
+    ref: str,
+    user: str | None,
+    strategy: str | None,
+    budget: int | None,
+    as_json: bool,
+    debug: bool,
+) -> None:
+    """Show exactly what the next request would send, and why.
+
+    Every message and summary with its tokens, the window, the reply
+    reserve, utilization and an estimated cost: the answer to "why did
+    the model forget that?". Nothing is sent and nothing is stored;
+    --strategy and --budget show the same conversation under other
+    settings without changing it.
+    """
+    with open_memory(db) as memory:
+        info = memory.find(ref, user=user)
+        conversation = memory.conversation(
+            info.id, user=info.user, strategy=strategy, budget=budget
+        )
+        built = conversation.context()
+        model = conversation.model
+    if as_json:
+        print_json({"conversation": info.id, **_render.context_json(built, model=model)})
+        return
+    console().print(_render.context_view(built, model=model))
+
+
+@command("usage")
+@REF
+@USER
+@json_option
+def usage(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool) -> None:
+    """Tokens, latency and estimated cost of every model call, and in total."""
+    with open_memory(db) as memory:
+        _, conversation = resolve(memory, ref, user)
+        calls = conversation.calls()
+        totals = conversation.usage()
+    if as_json:
+        print_json({"conversation": conversation.id, "calls": calls, "total": totals})
+        return
+    console().print(_render.usage_view(calls, totals))
+
+
+@command("export")
+@REF
+@USER
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write to FILE instead of stdout.",
+)
+def export(db: str | None, ref: str, user: str | None, output: str | None, debug: bool) -> None:
+    """Write a conversation as JSONL: a header line, then one message per line.
+
+    `convmem import` reads it back; exporting the import again gives the
+    same bytes.
+    """
+    with open_memory(db) as memory:
+        _, conversation = resolve(memory, ref, user)
+        text = conversation.export()
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        Path(output).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
+@command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@user_option("Store it as this user's (default: the user in the file).")
+@click.option(
+    "--new-id", is_flag=True, help="Give it a fresh id (to import a copy next to the original)."
+)
+@json_option
+def import_(
+    db: str | None, file: str, user: str | None, new_id: bool, as_json: bool, debug: bool
+) -> None:
+    """Load a conversation from a JSONL file written by `convmem export`.
+
+    Nothing is written unless every line is valid; a bad line is named
+    in the error.
+    """
+    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    with open_memory(db) as memory:
+        with console(stderr=True).status("importing…"):
+            conversation = memory.import_conversation(data, user=user, new_id=new_id)
+        info = memory.find(conversation.id, user=conversation.user)
+    if as_json:
+        print_json(info)
+    else:
+        click.echo(f"imported {info.id} ({info.message_count} messages, {info.tokens:,} tokens)")
+
+
+@command("fork")
+@REF
+@USER
+@click.option(
+    "--at",
+    type=int,
+    default=None,
+    help="Last message position to share (default: all; -1 for none).",
+)
+@click.option("--title", default=None, help="Title of the fork (default: the original's).")
+@json_option
+def fork(
+    db: str | None,
+    ref: str,
+    user: str | None,
+    at: int | None,
+    title: str | None,
+    as_json: bool,
+    debug: bool,
+) -> None:
+    """Start a new conversation that shares messages 0..AT with this one.
+
+    Nothing is copied: the fork points at its parent. Continue it with
+    `convmem chat NEW_ID`.
+    """
+    with open_memory(db) as memory:
+        _, conversation = resolve(memory, ref, user)
+        child = conversation.fork(at, title=title)
+        info = memory.find(child.id, user=child.user)
+    if as_json:
+        print_json(info)
+    else:
+        click.echo(
+            f"forked {info.id} from {conversation.id} ({info.message_count} messages shared)"
+        )
+
+
+@command("rm")
+@REF
+@USER
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def rm(db: str | None, ref: str, user: str | None, yes: bool, debug: bool) -> None:
+    """Delete a conversation with its summaries and usage.
+
+    Forks of it keep the messages they share. Asks first unless --yes
+    (or stdin is not a terminal).
+    """
+    with open_memory(db) as memory:
+        info, conversation = resolve(memory, ref, user)
+        if not yes and sys.stdin.isatty():
+            click.confirm(
+                f"delete {info.id} ({info.title or 'untitled'}, {info.message_count} messages)?",
+                abort=True,
+            )
+        conversation.delete()
+    click.echo(f"deleted {info.id}")
+
+
+@command("erase")
+@click.option("--user", "-u", required=True, metavar="USER", help="The user whose data goes.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def erase(db: str | None, user: str, yes: bool, as_json: bool, debug: bool) -> None:
+    """Delete everything stored for a user: conversations, summaries, usage."""
+    with open_memory(db) as memory:
+        if not yes and sys.stdin.isatty():
+            click.confirm(f"erase every conversation of user {user!r}?", abort=True)
+        erased = memory.erase_user(user)
+    if as_json:
+        print_json({"user": user, "conversations": erased})
+    else:
+        click.echo(f"erased {erased} conversation(s) of user {user!r}")
+
+
+COMMANDS = (sessions, show, context, usage, export, import_, fork, rm, erase)
