@@ -65,7 +65,8 @@ class Budget:
     tools: int = 0
     """Tokens taken by tool definitions sent with the request."""
     margin: int = 0
-    """Extra safety margin."""
+    """Extra safety margin (or room a strategy keeps for itself), taken off the
+    window and the cap alike."""
     cap: int | None = None
     """A caller's own cap on prompt tokens (``budget=``), tool definitions included."""
     correction: Correction = field(default_factory=Correction)
@@ -76,7 +77,9 @@ class Budget:
         """Prompt tokens allowed, as the server counts them (messages + priming)."""
         limit = self.window - self.reserve - self.tools - self.margin
         if self.cap is not None:
-            limit = min(limit, self.cap - self.tools)
+            # The margin applies under a cap too: hierarchical summaries reserve their
+            # room through it, and a cap that ignored it let them overrun the cap.
+            limit = min(limit, self.cap - self.tools - self.margin)
         return limit
 
     def fits(self, counted: int) -> bool:

@@ -434,3 +434,13 @@ def test_a_system_prompt_kept_apart_from_the_messages_comes_first() -> None:
     context = build(State(system, (), Summary(0, 0, "s", 4), history[1:]), Budget(100))
     assert [m["role"] for m in context.messages] == ["system", "system", "assistant", "user"]
     assert context.report.system == 5
+
+
+def test_the_margin_applies_under_a_cap_too():
+    """Hierarchical summaries reserve their room through the margin; with a tight cap the
+    margin used to be ignored and the strategy chose more than the cap (found by the lab)."""
+    from conversation_memory.types import Budget
+
+    assert Budget(window=128_000, reserve=4096, margin=190, cap=600).limit == 410
+    assert Budget(window=1000, reserve=200, margin=50, cap=5000).limit == 750
+    assert Budget(window=1000, reserve=200, tools=30, margin=50, cap=600).limit == 520
