@@ -37,7 +37,7 @@ from typing import Any
 
 from conversation_memory.lab.scoring import JUDGE_PROMPT
 from conversation_memory.testing import ChatServer
-from conversation_memory.testing.wire import count_text
+from conversation_memory.testing.wire import count_text, text_of
 
 __all__ = ["VERSION", "answer", "extract_summary", "lab_server", "reply"]
 
@@ -69,8 +69,8 @@ _STOP = frozenset((
 def reply(body: Mapping[str, Any]) -> str:
     """The lab model's reply to one chat request body (a ``ChatServer(reply=...)``)."""
     messages = [m for m in body.get("messages") or () if isinstance(m, Mapping)]
-    system = _text(messages[0].get("content")) if messages else ""
-    last = _text(messages[-1].get("content")) if messages else ""
+    system = text_of(messages[0].get("content")) if messages else ""
+    last = text_of(messages[-1].get("content")) if messages else ""
     if system == JUDGE_PROMPT.system:
         return _judge(last)
     block = _BLOCK.search(last) if messages and messages[-1].get("role") == "user" else None
@@ -89,14 +89,14 @@ def answer(messages: Sequence[Mapping[str, Any]]) -> str:
     question_at = max((n for n, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if question_at is None:
         return UNKNOWN
-    wanted = _words(_text(messages[question_at].get("content")))
+    wanted = _words(text_of(messages[question_at].get("content")))
     if not wanted:
         return UNKNOWN
     best, best_score = None, 0
     for n, message in enumerate(messages):
         if n == question_at:
             continue
-        for sentence in _sentences(_text(message.get("content"))):
+        for sentence in _sentences(text_of(message.get("content"))):
             score = len(wanted & _words(sentence))
             if score and score >= best_score:
                 best, best_score = sentence, score
@@ -164,15 +164,3 @@ def _sentences(text: str) -> list[str]:
 
 def _words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.casefold()) if len(w) > 1 and w not in _STOP}
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, Mapping) and part.get("type") == "text"
-        )
-    return ""
