@@ -374,3 +374,59 @@ def test_interactive_chat_in_a_terminal(db, server):
     [row] = run_json("sessions", "--db", db)
     assert row["title"] == "tty"
     assert row["message_count"] == 2
+
+
+def test_every_command_through_the_installed_script(db, server, tmp_path):
+    """Each command once as a subprocess of the `convmem` script, --json parsed."""
+    run_process(
+        "chat", "--db", db, "--base-url", server.base_url, "--model", MODEL, "--new",
+        "--title", "script", stdin="one\ntwo\n",
+    )  # fmt: skip
+    [row] = json.loads(run_process("sessions", "--db", db, "--json").stdout)
+    ref = row["id"][:12]
+    assert len(json.loads(run_process("show", ref, "--db", db, "--json").stdout)["messages"]) == 4
+    context = json.loads(run_process("context", ref, "--db", db, "--json").stdout)
+    assert context["report"]["total"] == sum(p["tokens"] for p in context["parts"]) + 3
+    assert len(json.loads(run_process("usage", ref, "--db", db, "--json").stdout)["calls"]) == 2
+    exported = tmp_path / "x.jsonl"
+    run_process("export", ref, "--db", db, "-o", str(exported))
+    copy = json.loads(run_process("import", str(exported), "--db", db, "--new-id", "--json").stdout)
+    fork = json.loads(run_process("fork", ref, "--db", db, "--at", "0", "--json").stdout)
+    assert fork["message_count"] == 1
+    run_process("rm", copy["id"], "--db", db, "--yes")
+    assert len(json.loads(run_process("sessions", "--db", db, "--json").stdout)) == 2
+    assert json.loads(run_process("db", "check", "--db", db, "--json").stdout)["differences"] == []
+    assert json.loads(run_process("db", "current", "--db", db, "--json").stdout)["up_to_date"]
+    lab = json.loads(
+        run_process("lab", "--turns", "20", "-s", "truncate", "-b", "300", "--json").stdout
+    )
+    assert lab["runs"][0]["strategy"] == "truncate"
+    erased = json.loads(
+        run_process("erase", "--user", "default", "--db", db, "--yes", "--json").stdout
+    )
+    assert erased["conversations"] == 2
+
+
+def test_an_outdated_database_says_what_to_run_and_db_upgrade_runs_it(tmp_path):
+    from conversation_memory.store import migrate
+    from conversation_memory.store.database import (
+        Database,
+        create_sqlite_file,
+        make_engine,
+        parse_target,
+    )
+
+    path = tmp_path / "old.db"
+    create_sqlite_file(path)
+    target = parse_target(path)
+    old = Database(target, make_engine(target))
+    migrate.upgrade(old, "0001")
+    old.dispose()
+
+    refused = run("sessions", "--db", str(path), check=False)
+    assert refused.returncode == 4
+    assert "convmem db upgrade" in refused.stderr
+    assert run_json("db", "current", "--db", str(path))["current"] == "0001"
+    upgraded = run_json("db", "upgrade", "--db", str(path))
+    assert (upgraded["from"], upgraded["to"]) == ("0001", migrate.HEAD)
+    assert run_json("sessions", "--db", str(path)) == []
