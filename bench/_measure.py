@@ -59,8 +59,9 @@ def interleaved(
     return first.wall, second.wall
 
 
-def print_table(title: str, rows: list[Row], *, seconds: float) -> None:
-    """The figures with PASS/FAIL against their targets, under ``title``."""
+def print_table(title: str, rows: list[Row], *, seconds: float) -> int:
+    """Print the figures with PASS/FAIL against their targets, under ``title``; return the
+    exit status (1 when a target fails)."""
     width = max(len(row.name) for row in rows)
     vwidth = max(len(row.value) for row in rows)
     print(title)
@@ -70,3 +71,4 @@ def print_table(title: str, rows: list[Row], *, seconds: float) -> None:
         verdict = "" if row.ok is None else ("PASS" if row.ok else "FAIL")
         print(f"{row.name:<{width}}  {row.value:>{vwidth}}  {row.target:<8}  {verdict}")
     print(f"(total {seconds:.0f} s)")
+    return 0 if all(row.ok is not False for row in rows) else 1

@@ -371,14 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_long(folder, turns, tuned_turns=200 if args.quick else 500)
         print("engine overhead ...", file=sys.stderr)
         rows += bench_overhead(folder, 10_000, runs)
-    print_table(
+    return print_table(
         f"conversation_memory chat bench ({'quick' if args.quick else 'full'}; ChatServer window "
         f"{WINDOW:,}, max_output {MAX_OUTPUT}, budget {BUDGET:,}; overhead medians of {runs} "
         f"runs; Python {sys.version.split()[0]})",
         rows,
         seconds=time.perf_counter() - started,
     )
-    return 0 if all(row.ok is not False for row in rows) else 1
 
 
 if __name__ == "__main__":

@@ -418,6 +418,9 @@ class Context:
     """Every summary sent, oldest first (one, or a hierarchical cover)."""
     fold_through: int | None = None
     """The strategy's request to fold messages up to here into a summary."""
+    summary_index: int = 0
+    """Where the summary messages start in ``messages``: before it stand ``items[:i]``,
+    then one message per summary, then the rest of ``items``."""
 
 
 def _limit_terms(budget: Budget) -> str:
@@ -506,6 +509,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
     messages: list[dict[str, Any]] = []
     previous: int | None = None
     placed = not sent_summaries
+    summary_index = 0
     for item in items:
         if previous is not None and item.position <= previous:
             raise InvalidPayload(
@@ -520,10 +524,12 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
             and item.position >= tail_start
             and item is not state.system
         ):
+            summary_index = len(messages)
             messages.extend(summary_message(each) for each in sent_summaries)
             placed = True
         messages.append(dict(item.message))
     if not placed:
+        summary_index = len(messages)
         messages.extend(summary_message(each) for each in sent_summaries)
     if state.system is not None and (not items or items[0] is not state.system):
         raise InvalidPayload(
@@ -551,6 +557,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
         report=report,
         summaries=tuple(sent_summaries),
         fold_through=selection.fold_through,
+        summary_index=summary_index,
     )
 
 

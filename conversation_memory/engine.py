@@ -96,17 +96,19 @@ class ConversationInfo:
     forked_from: str | None
 
 
-def _conversation_info(row: repository.ConversationRow) -> ConversationInfo:
+def _conversation_info(row: Any) -> ConversationInfo:
+    """A row of ``repository.LISTING_COLUMNS``."""
+    id_, user, title, model, count, tokens, created, updated, parent = row
     return ConversationInfo(
-        id=row.id,
-        user=row.user_id,
-        title=row.title,
-        model=row.model,
-        message_count=row.message_count,
-        tokens=row.total_tokens,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        forked_from=row.forked_from,
+        id=id_,
+        user=user,
+        title=title,
+        model=model,
+        message_count=count,
+        tokens=tokens,
+        created_at=repository.aware(created),
+        updated_at=repository.aware(updated),
+        forked_from=parent,
     )
 
 
@@ -437,20 +439,7 @@ class Memory:
             _check_positive("limit", limit)
         with self._db.read() as conn:
             rows = repository.list_conversations(conn, user_id, limit=limit)
-        return [
-            ConversationInfo(
-                id=id_,
-                user=user_,
-                title=title,
-                model=model,
-                message_count=count,
-                tokens=tokens,
-                created_at=repository.aware(created),
-                updated_at=repository.aware(updated),
-                forked_from=parent,
-            )
-            for id_, user_, title, model, count, tokens, created, updated, parent in rows
-        ]
+        return [_conversation_info(row) for row in rows]
 
     def count(self, *, user: str | None = None, all_users: bool = False) -> int:
         """How many conversations this user (or everyone) has."""
@@ -1019,12 +1008,14 @@ class Conversation:
         """
         if counted <= 0 or reported <= 0:
             return None
-        known = self._last_correction or Correction()
-        stored = known if known != Correction() else None
-        if stored is None and reported == counted:
-            return None  # agrees with us and nothing stored yet: nothing to learn
-        factor, margin = next_correction(stored.factor if stored else None, counted, reported)
-        moved = stored is None or abs(factor - known.factor) > 0.02 * known.factor
+        # What the last request was budgeted with: the stored calibration, else the
+        # registry's initial correction for the model (identity for OpenAI models).
+        known = self._last_correction or self._info.correction
+        prior = known if known != Correction() else None
+        if prior is None and reported == counted:
+            return None  # agrees with us and nothing learnt yet: nothing to write
+        factor, margin = next_correction(prior.factor if prior else None, counted, reported)
+        moved = prior is None or abs(factor - known.factor) > 0.02 * known.factor
         if not moved and margin == known.margin:
             return None
         return {

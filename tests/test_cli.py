@@ -161,6 +161,13 @@ def test_show_marks_summaries_where_they_sit(db, server):
     assert shown["summaries"], "a 300-token budget over 24 messages forces a summary"
     text = run("show", row["id"], "--db", db).stdout
     summary = shown["summaries"][-1]
+    # The context lists the summary exactly where the request carries it.
+    context = run_json("context", row["id"], "--db", db)
+    kinds = [p["kind"] for p in context["parts"]]
+    assert "summary" in kinds
+    assert [p["role"] for p in context["parts"]] == [m["role"] for m in context["messages"]]
+    at = kinds.index("summary")
+    assert context["messages"][at]["content"].startswith("Summary of the earlier conversation")
     assert f"summary of messages {summary['start']}–{summary['end']}" in text
 
 

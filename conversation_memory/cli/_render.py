@@ -8,10 +8,11 @@ conversation listings).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Group
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
@@ -172,46 +173,34 @@ def history_view(
 
 
 def context_rows(context: Context) -> list[dict[str, Any]]:
-    """The parts of the next request in the order they are sent, with their tokens.
+    """The parts of the next request in the order they are sent, with their tokens."""
 
-    The order mirrors :func:`conversation_memory.budget.build`: the system
-    prompt, the messages (pinned ones among them) with the summaries placed
-    before the first message newer than what they cover.
-    """
-    rows: list[dict[str, Any]] = []
-    summaries = list(context.summaries)
-    last_end = summaries[-1].end if summaries else None
+    def item_row(item: Any) -> dict[str, Any]:
+        system = item.position < 0  # the system prompt is stored outside the log
+        return {
+            "kind": "system" if system else ("pinned" if item.pinned else "message"),
+            "position": None if system else item.position,
+            "role": item.message.get("role"),
+            "tokens": item.tokens,
+            "preview": preview(item.message),
+        }
 
-    def put_summaries() -> None:
-        for summary in summaries:
-            rows.append(
-                {
-                    "kind": "summary",
-                    "position": f"{summary.start}-{summary.end}",
-                    "role": "system",
-                    "tokens": summary.tokens,
-                    "preview": " ".join(summary.text.split())[:PREVIEW],
-                }
-            )
-        summaries.clear()
-
-    for index, item in enumerate(context.items):
-        is_system = (
-            index == 0 and item.message.get("role") in {"system", "developer"} and item.position < 0
-        )
-        if summaries and not is_system and last_end is not None and item.position > last_end:
-            put_summaries()
-        rows.append(
-            {
-                "kind": "system" if is_system else ("pinned" if item.pinned else "message"),
-                "position": None if is_system else item.position,
-                "role": item.message.get("role"),
-                "tokens": item.tokens,
-                "preview": preview(item.message),
-            }
-        )
-    put_summaries()
-    return rows
+    split = context.summary_index
+    summaries = [
+        {
+            "kind": "summary",
+            "position": f"{summary.start}-{summary.end}",
+            "role": "system",
+            "tokens": summary.tokens,
+            "preview": " ".join(summary.text.split())[:PREVIEW],
+        }
+        for summary in context.summaries
+    ]
+    return [
+        *map(item_row, context.items[:split]),
+        *summaries,
+        *map(item_row, context.items[split:]),
+    ]
 
 
 def context_json(context: Context, *, model: str) -> dict[str, Any]:
@@ -220,31 +209,7 @@ def context_json(context: Context, *, model: str) -> dict[str, Any]:
         "model": model,
         "messages": context.messages,
         "parts": context_rows(context),
-        "report": {
-            "strategy": r.strategy,
-            "window": r.window,
-            "reserve": r.reserve,
-            "tools": r.tools,
-            "margin": r.margin,
-            "cap": r.cap,
-            "limit": r.limit,
-            "total": r.total,
-            "corrected": r.corrected,
-            "utilization": r.utilization,
-            "system": r.system,
-            "pinned": r.pinned,
-            "summary": r.summary,
-            "messages": r.messages,
-            "priming": r.priming,
-            "sent": r.sent,
-            "dropped": r.dropped,
-            "first_dropped": r.first_dropped,
-            "last_dropped": r.last_dropped,
-            "covered": r.covered,
-            "repaired": list(r.repaired),
-            "orphaned": list(r.orphaned),
-            "summary_omitted": r.summary_omitted,
-        },
+        "report": asdict(r),
         "estimated_cost": estimated_cost(model, r.corrected + r.tools, r.reserve),
     }
 
@@ -379,7 +344,3 @@ def usage_view(calls: Sequence[Any], totals: Any) -> Group:
         style="bold",
     )
     return Group(table)
-
-
-def print_to(console: Console, renderable: Any) -> None:
-    console.print(renderable)

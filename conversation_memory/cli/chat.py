@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import click
@@ -23,8 +23,9 @@ from conversation_memory.cli import _render
 from conversation_memory.cli._app import command, console, user_option
 from conversation_memory.engine import Conversation, Memory
 from conversation_memory.errors import ConversationMemoryError, ModelError
+from conversation_memory.local import LOCAL_MODEL, LOCAL_SYSTEM, LocalServer
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_SYSTEM = LOCAL_SYSTEM
 """Sent when a new conversation names no system prompt.
 
 Some local chat templates insert their own (uncounted) system prompt when a
@@ -60,8 +61,6 @@ def model_client(base_url: str | None, model: str | None) -> Iterator[tuple[Any,
     if _config.openai_api_key() or _config.openai_base_url():
         yield None, model, DEFAULT_STRATEGY
         return
-    from conversation_memory.local import LOCAL_MODEL, LocalServer
-
     with console(stderr=True).status("starting the local model (SmolLM2-135M)…"):
         server = LocalServer()
         server.start()
@@ -103,32 +102,30 @@ class Session:
             "[dim]/help for commands, Ctrl-D to leave[/dim]"
         )
 
+    def waiting(self, text: str) -> Any:
+        """A spinner on stderr while something takes a moment (none when piped)."""
+        return self.err.status(text) if self.interactive else nullcontext()
+
     def turn(self, text: str) -> None:
         """Send one message, print the reply as it streams, then compact if asked."""
-        status = self.err.status("thinking…") if self.interactive else None
-        if status is not None:
-            status.start()
         stream = self.conversation.stream(text)
-        started = False
-        try:
-            with stream:
-                for piece in stream:
-                    if not started:
-                        started = True
+        with self.waiting("thinking…") as status:
+            try:
+                with stream:
+                    for piece in stream:
                         if status is not None:
-                            status.stop()
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            if status is not None:
-                status.stop()
-            kept = "stored as incomplete" if self.memory.on_incomplete == "store" else "not stored"
-            sys.stdout.write("\n")
-            self.err.print(f"[yellow]stopped; the partial reply was {kept}[/yellow]")
-            return
-        finally:
-            if status is not None:
-                status.stop()
+                            status.stop()  # the reply has started (stopping twice is a no-op)
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+            except KeyboardInterrupt:
+                if status is not None:
+                    status.stop()
+                kept = (
+                    "stored as incomplete" if self.memory.on_incomplete == "store" else "not stored"
+                )
+                sys.stdout.write("\n")
+                self.err.print(f"[yellow]stopped; the partial reply was {kept}[/yellow]")
+                return
         sys.stdout.write("\n")
         sys.stdout.flush()
         if stream.fold_wanted:
@@ -136,10 +133,7 @@ class Session:
 
     def compact(self) -> None:
         try:
-            if self.interactive:
-                with self.err.status("updating the summary of older turns…"):
-                    outcome = self.conversation.compact()
-            else:
+            with self.waiting("updating the summary of older turns…"):
                 outcome = self.conversation.compact()
         except ConversationMemoryError as error:
             self.err.print(

@@ -14,10 +14,6 @@ from conversation_memory.cli._app import command, console, json_option, print_js
 from conversation_memory.engine import Memory
 
 
-def open_memory(db: str | None) -> Memory:
-    return Memory(db)
-
-
 def resolve(memory: Memory, ref: str, user: str | None) -> Any:
     """The conversation a command line names, resumed as its owner."""
     info = memory.find(ref, user=user)
@@ -47,7 +43,7 @@ def sessions(
     Shows id (the first 12 characters are enough anywhere an ID is asked
     for), title, user, messages, tokens and last activity.
     """
-    with open_memory(db) as memory:
+    with Memory(db) as memory:
         rows = memory.conversations(
             user=user, all_users=user is None, limit=None if show_all else limit
         )
@@ -74,7 +70,7 @@ def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool)
     ID is an id, a unique id prefix, or a title (the most recent one with
     that title).
     """
-    with open_memory(db) as memory:
+    with Memory(db) as memory:
         info, conversation = resolve(memory, ref, user)
         entries = conversation.entries()
         summaries = conversation.summary_cover()
@@ -134,7 +130,7 @@ def context(
     --strategy and --budget show the same conversation under other
     settings without changing it.
     """
-    with open_memory(db) as memory:
+    with Memory(db) as memory:
         info = memory.find(ref, user=user)
         conversation = memory.conversation(
             info.id, user=info.user, strategy=strategy, budget=budget
@@ -153,7 +149,7 @@ def context(
 @json_option
 def usage(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool) -> None:
     """Tokens, latency and estimated cost of every model call, and in total."""
-    with open_memory(db) as memory:
+    with Memory(db) as memory:
         _, conversation = resolve(memory, ref, user)
         calls = conversation.calls()
         totals = conversation.usage()
@@ -179,7 +175,7 @@ def export(db: str | None, ref: str, user: str | None, output: str | None, debug
     `convmem import` reads it back; exporting the import again gives the
     same bytes.
     """
-    with open_memory(db) as memory:
+    with Memory(db) as memory:
         _, conversation = resolve(memory, ref, user)
         text = conversation.export()
     if output is None:
@@ -206,7 +202,7 @@ def import_(
     in the error.
     """
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    with open_memory(db) as memory:
+    with Memory(db) as memory:
         with console(stderr=True).status("importing…"):
             conversation = memory.import_conversation(data, user=user, new_id=new_id)
         info = memory.find(conversation.id, user=conversation.user)
@@ -241,7 +237,7 @@ def fork(
     Nothing is copied: the fork points at its parent. Continue it with
     `convmem chat NEW_ID`.
     """
-    with open_memory(db) as memory:
+    with Memory(db) as memory:
         _, conversation = resolve(memory, ref, user)
         child = conversation.fork(at, title=title)
         info = memory.find(child.id, user=child.user)
@@ -263,7 +259,7 @@ def rm(db: str | None, ref: str, user: str | None, yes: bool, debug: bool) -> No
     Forks of it keep the messages they share. Asks first unless --yes
     (or stdin is not a terminal).
     """
-    with open_memory(db) as memory:
+    with Memory(db) as memory:
         info, conversation = resolve(memory, ref, user)
         if not yes and sys.stdin.isatty():
             click.confirm(
@@ -280,7 +276,7 @@ def rm(db: str | None, ref: str, user: str | None, yes: bool, debug: bool) -> No
 @json_option
 def erase(db: str | None, user: str, yes: bool, as_json: bool, debug: bool) -> None:
     """Delete everything stored for a user: conversations, summaries, usage."""
-    with open_memory(db) as memory:
+    with Memory(db) as memory:
         if not yes and sys.stdin.isatty():
             click.confirm(f"erase every conversation of user {user!r}?", abort=True)
         erased = memory.erase_user(user)

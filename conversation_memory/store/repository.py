@@ -96,7 +96,7 @@ def conversation_exists(conn: Connection, conversation_id: str) -> bool:
     return found is not None
 
 
-_LISTING_COLUMNS = [
+LISTING_COLUMNS = [
     conversations.c.id,
     conversations.c.user_id,
     conversations.c.title,
@@ -112,12 +112,12 @@ _LISTING_COLUMNS = [
 def list_conversations(
     conn: Connection, user: str | None, *, limit: int | None = None
 ) -> list[Any]:
-    """``_LISTING_COLUMNS`` of each conversation, newest activity first.
+    """``LISTING_COLUMNS`` of each conversation, newest activity first.
 
     Only the columns a listing shows: no settings JSON to parse, which keeps
     ``convmem sessions --all`` over 10,000 conversations well under a second.
     """
-    query = select(*_LISTING_COLUMNS).order_by(
+    query = select(*LISTING_COLUMNS).order_by(
         conversations.c.updated_at.desc(), conversations.c.id.desc()
     )
     if user is not None:
@@ -134,29 +134,30 @@ def count_conversations(conn: Connection, user: str | None) -> int:
     return conn.execute(query).scalar_one()
 
 
-def find_conversations(conn: Connection, ref: str, user: str | None) -> list[ConversationRow]:
-    """Conversations ``ref`` may mean: its exact id, else ids starting with it, else its title.
+def find_conversations(conn: Connection, ref: str, user: str | None) -> list[Any]:
+    """``LISTING_COLUMNS`` of what ``ref`` may mean: the conversation with that id, else
+    those whose id starts with it, else those with that title.
 
     At most two rows per kind are read: a caller only needs to know whether
     the match is unique. Titles are matched newest activity first.
     """
     owned = [] if user is None else [conversations.c.user_id == user]
-    base = select(*_CONVERSATION_COLUMNS).where(*owned)
+    base = select(*LISTING_COLUMNS).where(*owned)
     row = conn.execute(base.where(conversations.c.id == ref)).first()
     if row is not None:
-        return [_conversation(row)]
+        return [row]
     if ref.isalnum() and ref == ref.lower():
         prefixed = conn.execute(
             base.where(conversations.c.id.startswith(ref, autoescape=True)).limit(2)
         ).all()
         if prefixed:
-            return [_conversation(row) for row in prefixed]
+            return list(prefixed)
     titled = conn.execute(
         base.where(conversations.c.title == ref)
         .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
         .limit(2)
     ).all()
-    return [_conversation(row) for row in titled]
+    return list(titled)
 
 
 def walk_lineage(
