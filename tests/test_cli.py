@@ -145,6 +145,11 @@ def test_sessions_lists_newest_first_and_filters_by_user(db, server):
     rows = run_json("sessions", "--db", db)
     assert [r["title"] for r in rows] == ["second", "first"]
     assert [r["user"] for r in run_json("sessions", "--db", db, "--user", "ann")] == ["ann"]
+    assert [r["title"] for r in run_json("sessions", "--db", db, "--limit", "1")] == ["second"]
+    capped = run("sessions", "--db", db, "--limit", "1").stdout
+    assert "the 1 most recent of 2" in capped
+    assert "first" not in capped
+    assert len(run_json("sessions", "--db", db, "--limit", "1", "--all")) == 2
     table = run("sessions", "--db", db).stdout
     assert "second" in table
     assert "first" in table
@@ -218,6 +223,9 @@ def test_export_import_fork_rm_erase(db, server, tmp_path):
     with pytest.raises(AssertionError, match="exited 1"):
         run("import", str(out), "--db", db)  # same id: refused, nothing written
     copy = run_json("import", str(out), "--db", db, "--new-id")
+    piped = run_json("import", "-", "--db", db, "--new-id", stdin=out.read_text())
+    assert piped["message_count"] == 4
+    run("rm", piped["id"], "--db", db, "--yes")
     assert copy["message_count"] == 4
     assert copy["id"] != row["id"]
     assert len(run_json("sessions", "--db", db)) == 2
