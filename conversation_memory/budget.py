@@ -434,37 +434,26 @@ def _limit_terms(budget: Budget) -> str:
     return terms
 
 
-_HUGE = 2**62
-
-
-def largest_fit(budget: Budget) -> int | None:
+def largest_fit(budget: Budget) -> int:
     """The largest prompt, in our own tokens, that ``budget.fits`` (-1 if not even 0 does).
 
-    With a positive correction factor ``fits`` never turns false as the count
-    grows, so ``count <= largest_fit(budget)`` is ``budget.fits(count)`` for any
-    count from 0 to 2**62: the selection loops compare integers instead of applying the
-    correction once per unit. The answer is checked with ``fits`` itself, so
-    float rounding can't move it. None for a factor that is not a positive
-    finite number (``fits`` is then asked each time).
+    ``fits`` never turns false as the count grows (the factor is positive), so
+    ``count <= largest_fit(budget)`` is ``budget.fits(count)``: the selection loops
+    compare integers instead of applying the correction once per unit. The
+    estimate from the factor is checked with ``fits`` itself, so float rounding
+    can't move it.
     """
-    factor = budget.correction.factor
-    if not 0 < factor < math.inf:
-        return None
     fits = budget.fits
-    guess = math.floor((budget.limit - budget.correction.margin) / factor)
-    for candidate in (guess, guess - 1, guess + 1):
-        if 0 <= candidate < _HUGE and fits(candidate) and not fits(candidate + 1):
-            return candidate
-    if not fits(0):
-        return -1
-    low, high = 0, _HUGE  # fits(low), and the answer is at most high
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return low
+    # Within a token or two of the answer (the factor is at least MIN_FACTOR, so the
+    # quotient is an ordinary number); walk to the exact boundary with ``fits``.
+    found = max(
+        math.floor((budget.limit - budget.correction.margin) / budget.correction.factor), -1
+    )
+    while found >= 0 and not fits(found):
+        found -= 1
+    while fits(found + 1):
+        found += 1
+    return found
 
 
 def too_big(budget: Budget, *, system: int, pinned: int, newest: int) -> BudgetExceeded:

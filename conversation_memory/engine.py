@@ -50,7 +50,15 @@ from conversation_memory.store.database import (
 from conversation_memory.store.schema import VERSION_TABLE
 from conversation_memory.strategies import Strategy, Summarizing, as_strategy
 from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
-from conversation_memory.types import Budget, Correction, Item, State, Summary
+from conversation_memory.types import (
+    MAX_FACTOR,
+    MIN_FACTOR,
+    Budget,
+    Correction,
+    Item,
+    State,
+    Summary,
+)
 
 DEFAULT_USER = "default"
 COMPACTION_CHOICES = ("after", "before", "manual")
@@ -162,7 +170,7 @@ def next_correction(factor: float | None, counted: int, reported: int) -> tuple[
     drops below the newest ratio, so one surprise is never averaged away); a
     server that disagrees with us at all also gets a margin.
     """
-    ratio = reported / counted
+    ratio = min(max(reported / counted, MIN_FACTOR), MAX_FACTOR)
     new = ratio if factor is None else max(ratio, 0.7 * factor + 0.3 * ratio)
     exact = reported == counted and new == 1.0
     # The ratio differs between the messages of one prompt, so the margin grows

@@ -154,25 +154,18 @@ def _price(argument: str, value: object, model: str) -> float | None:
 
 
 def _correction(value: object, model: str) -> Correction:
+    """``value`` as a Correction (``Correction`` checks its own numbers)."""
     if value is None:
         return Correction()
-    if isinstance(value, Mapping) and set(value) <= {"factor", "margin"}:
-        value = Correction(**value)  # a models.json row
-    factor = getattr(value, "factor", None)
-    margin = getattr(value, "margin", None)
-    if (
-        not isinstance(value, Correction)
-        or isinstance(factor, bool)
-        or not isinstance(factor, int | float)
-        or not math.isfinite(factor)
-        or factor <= 0
-        or isinstance(margin, bool)
-        or not isinstance(margin, int)
-        or margin < 0
-    ):
+    try:
+        if isinstance(value, Mapping) and set(value) <= {"factor", "margin"}:
+            value = Correction(**value)  # a models.json row
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"model {model!r}: {exc}", model=model) from None
+    if not isinstance(value, Correction):
         raise ConfigurationError(
-            f"correction for model {model!r} must be a Correction(factor=..., margin=...) "
-            f"with factor > 0 and a whole margin >= 0 tokens, got {value!r}.",
+            f"correction for model {model!r} must be a Correction(factor=..., margin=...), "
+            f"got {value!r}.",
             model=model,
             argument="correction",
         )

@@ -95,9 +95,8 @@ def _keep_newest(
         tail = [item for item in tail if item.pinned or item.position > summary.end]
     head = group_units(state.pinned)
     units = group_units(tail)
-    bound = largest_fit(budget)
     # ``fits(n)`` is ``bound >= n``: one comparison instead of a correction per unit.
-    fits = budget.fits if bound is None else partial(operator.ge, bound)
+    fits = partial(operator.ge, largest_fit(budget))
 
     start = len(units)  # units[start:] is the newest turn, always sent
     for k in range(len(units) - 1, -1, -1):

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from conversation_memory.errors import ConfigurationError
+
 Message = Mapping[str, Any]
 """An OpenAI chat-format message: ``{"role": ..., "content": ...}`` and friends."""
 
@@ -43,12 +45,35 @@ class Summary:
     id: int | None = None
 
 
+MIN_FACTOR = 1e-3
+MAX_FACTOR = 1e3
+"""The range of a correction factor: the ratio of two counts of the same prompt. Outside
+it a tokenizer is not merely different but broken; inside it the largest prompt that
+fits (``budget.largest_fit``) is an ordinary integer."""
+
+
 @dataclass(frozen=True, slots=True)
 class Correction:
     """How far a server's own token count runs from ours: ``ours * factor + margin``."""
 
     factor: float = 1.0
     margin: int = 0
+
+    def __post_init__(self) -> None:
+        factor, margin = self.factor, self.margin
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, int | float)
+            or not MIN_FACTOR <= factor <= MAX_FACTOR  # NaN fails this too
+            or isinstance(margin, bool)
+            or not isinstance(margin, int)
+            or margin < 0
+        ):
+            raise ConfigurationError(
+                f"a correction needs a factor from {MIN_FACTOR} to {MAX_FACTOR:.0f} and a whole "
+                f"margin >= 0 tokens, got Correction(factor={factor!r}, margin={margin!r})",
+                argument="correction",
+            )
 
     def apply(self, counted: int) -> int:
         return int(-(-counted * self.factor // 1)) + self.margin

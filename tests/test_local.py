@@ -203,7 +203,9 @@ def test_register_model_takes_an_initial_correction() -> None:
     info = registry.register("llama-x", window=4096, max_output=512, correction=Correction(1.3, 8))
     assert info.correction == Correction(1.3, 8)
     assert registry.register("plain", window=4096, max_output=512).correction == Correction()
-    for bad in (Correction(0, 0), Correction(1.2, -1), Correction(float("nan"), 0), 1.2):
+    # Out-of-range numbers can't even make a Correction; the registry's rows are mappings.
+    bad_rows = ({"factor": 0, "margin": 0}, {"factor": 1.2, "margin": -1})
+    for bad in (*bad_rows, {"factor": float("nan"), "margin": 0}, 1.2):
         with pytest.raises(ConfigurationError, match="correction"):
             registry.register("bad", window=4096, max_output=512, correction=bad)  # type: ignore[arg-type]
 

@@ -29,10 +29,18 @@ from conversation_memory.budget import (
     summary_message,
     validate,
 )
-from conversation_memory.errors import BudgetExceeded, InvalidPayload
+from conversation_memory.errors import BudgetExceeded, ConfigurationError, InvalidPayload
 from conversation_memory.strategies import TRUNCATE, Strategy, Summarize, Window
 from conversation_memory.tokens import REPLY_PRIMING
-from conversation_memory.types import Budget, Correction, Item, State, Summary
+from conversation_memory.types import (
+    MAX_FACTOR,
+    MIN_FACTOR,
+    Budget,
+    Correction,
+    Item,
+    State,
+    Summary,
+)
 
 T = TypeVar("T")
 
@@ -363,7 +371,8 @@ def test_validate_treats_plain_dicts_like_any_mapping(
 @settings(max_examples=500, deadline=None)
 @given(
     limit=st.integers(-50, 10**9),
-    factor=st.floats(1e-6, 1e6) | st.sampled_from([1.0, 0.9, 1.25, 1 / 3, 0.1 + 0.2]),
+    factor=st.floats(MIN_FACTOR, MAX_FACTOR)
+    | st.sampled_from([1.0, 0.9, 1.25, 1 / 3, 0.1 + 0.2, MIN_FACTOR, MAX_FACTOR]),
     margin=st.integers(0, 10**6),
     probes=st.lists(st.integers(0, 2**62), max_size=5),
 )
@@ -372,15 +381,17 @@ def test_largest_fit_is_where_fits_turns_false(
 ) -> None:
     budget = Budget(window=limit, correction=Correction(factor=factor, margin=margin))
     bound = largest_fit(budget)
-    assert bound is not None
     for count in (0, 1, bound - 1, bound, bound + 1, *probes):
         if 0 <= count <= 2**62:
             assert budget.fits(count) == (count <= bound), count
 
 
-@pytest.mark.parametrize("factor", [0.0, -1.0, math.inf, math.nan])
-def test_largest_fit_leaves_odd_corrections_to_fits(factor: float) -> None:
-    assert largest_fit(Budget(window=100, correction=Correction(factor=factor))) is None
+@pytest.mark.parametrize("factor", [0.0, -1.0, math.inf, math.nan, 5e-324, 1e300, True])
+def test_odd_correction_factors_are_refused(factor: float) -> None:
+    """A subnormal factor used to overflow the bound (OverflowError while building a
+    context); the Correction itself now refuses what no tokenizer pair can produce."""
+    with pytest.raises(ConfigurationError, match="factor"):
+        Correction(factor=factor)
 
 
 @st.composite
