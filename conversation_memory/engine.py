@@ -975,6 +975,12 @@ class Conversation:
         """The exact messages to send with your own client (``message`` is not stored yet)."""
         return chat.prepare(self, message, tools=tools, max_tokens=max_tokens)
 
+    @property
+    def prepared(self) -> Context | None:
+        """The context the last :meth:`prepare` returned, with its token report (the
+        count the budget used), until :meth:`record` stores the turn."""
+        return self._prepared.context if self._prepared is not None else None
+
     def record(self, reply: Any) -> chat.Reply:
         """Store the reply to the last :meth:`prepare` (a ChatCompletion, its dict, or text)."""
         return chat.record(self, reply)

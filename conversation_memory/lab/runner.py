@@ -405,7 +405,7 @@ def _replay(
         if index in requests:
             turn = tally.turn = turn + 1
             sent = conversation.prepare(pending, tools=tools)
-            tokens = lab.count(sent, tools)
+            tokens = _prompt_tokens(conversation)
             if lab.mode == "replay":
                 reply: Any = dict(message)
                 completion = lab.reply_tokens_of(message)
@@ -425,7 +425,7 @@ def _replay(
             while probes and probes[0].after <= index + 1:
                 _ask(
                     lab,
-                    conversation.prepare,
+                    conversation,
                     probe=probes.pop(0),
                     transcript=transcript,
                     turn=turn,
@@ -434,7 +434,15 @@ def _replay(
     if pending:
         conversation.extend(pending)
     for probe in probes:
-        _ask(lab, conversation.prepare, probe=probe, transcript=transcript, turn=turn, tally=tally)
+        _ask(lab, conversation, probe=probe, transcript=transcript, turn=turn, tally=tally)
+
+
+def _prompt_tokens(conversation: Conversation) -> int:
+    """The prompt tokens of what ``prepare`` just returned, as the budget counted them
+    (each message's count stored at write time; tool definitions included)."""
+    prepared = conversation.prepared
+    assert prepared is not None
+    return prepared.report.prompt
 
 
 def _live_call(
@@ -459,7 +467,7 @@ def _live_call(
             raise
         conversation.calibrate(counted=tokens, reported=requested)
         sent = conversation.prepare(pending)
-        tokens = lab.count(sent)
+        tokens = _prompt_tokens(conversation)
         completion = call(sent)
     usage = completion.usage
     body = {
@@ -476,7 +484,7 @@ def _live_call(
 
 def _ask(
     lab: _Lab,
-    prepare: Callable[..., list[dict[str, Any]]],
+    conversation: Conversation,
     *,
     probe: Probe,
     transcript: Transcript,
@@ -484,11 +492,11 @@ def _ask(
     tally: _Tally,
 ) -> None:
     """Ask one probe with the context ``prepare(question)`` gives; score and note it."""
-    sent = prepare(probe.question, max_tokens=lab.probe_tokens)
+    sent = conversation.prepare(probe.question, max_tokens=lab.probe_tokens)
     _score(
         lab,
         sent,
-        tokens=lab.count(sent),
+        tokens=_prompt_tokens(conversation),
         probe=probe,
         transcript=transcript,
         turn=turn,
