@@ -1041,10 +1041,7 @@ class Conversation:
 
     def usage(self) -> UsageTotals:
         """Tokens, calls, latency and estimated cost of every model call of this conversation."""
-        with self._db.read() as conn:
-            self._fresh_row(conn)
-            rows = repository.usage_calls(conn, self.id)
-        return UsageTotals.of([_call(row) for row in rows])
+        return UsageTotals.of(self.calls())
 
     def calls(self) -> list[Call]:
         """Every model call of this conversation (turns and summaries), oldest first."""
@@ -1089,9 +1086,12 @@ class Conversation:
         _check_positive("reported", reported)
         with self._db.write() as conn:
             found = repository.get_calibration(conn, self.id, self.model)
-            factor, margin = next_correction(
-                found.factor if found is not None else None, counted, reported
-            )
+            # The same prior a turn uses: what was learnt, else the registry's initial guess.
+            initial = self._info.correction
+            prior = found.factor if found is not None else None
+            if prior is None and initial != Correction():
+                prior = initial.factor
+            factor, margin = next_correction(prior, counted, reported)
             samples = found.samples + 1 if found is not None else 1
             repository.put_calibration(
                 conn,

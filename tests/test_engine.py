@@ -342,3 +342,16 @@ def test_calibration_is_stored_and_applied(memory):
     assert memory.conversation(conv.id).correction() == correction
     with pytest.raises(ConfigurationError, match="reported"):
         conv.calibrate(counted=10, reported=0)
+
+
+def test_calibration_starts_from_the_registry_prior():
+    """Both ways of learning (a turn's usage, or calibrate()) blend with the model's
+    initial correction rather than starting from identity."""
+    from conversation_memory import Correction, Memory, register_model
+
+    register_model("prior-model", window=4096, max_output=512, correction=Correction(1.3, 8))
+    with Memory(":memory:") as memory:
+        chat = memory.conversation(model="prior-model")
+        assert chat.correction() == Correction(1.3, 8)
+        learnt = chat.calibrate(counted=100, reported=100)
+    assert learnt.factor == pytest.approx(0.7 * 1.3 + 0.3 * 1.0)

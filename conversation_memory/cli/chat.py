@@ -21,7 +21,7 @@ import click
 from conversation_memory import _config
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import command, console, user_option
-from conversation_memory.engine import Conversation, Memory
+from conversation_memory.engine import Conversation, Memory, UsageTotals
 from conversation_memory.errors import ConversationMemoryError, ModelError
 from conversation_memory.local import LOCAL_MODEL, LOCAL_SYSTEM, LocalServer
 
@@ -161,7 +161,8 @@ class Session:
             info = self.memory.find(c.id, user=c.user)
             self.out.print(_render.history_view(info, c.system, c.entries(), c.summary_cover()))
         elif name == "/usage":
-            self.out.print(_render.usage_view(c.calls(), c.usage()))
+            calls = c.calls()
+            self.out.print(_render.usage_view(calls, UsageTotals.of(calls)))
         elif name == "/fork":
             self.conversation = c.fork()
             self.err.print(f"now in fork {self.conversation.id[:12]} of {c.id[:12]}")

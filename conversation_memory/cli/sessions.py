@@ -11,7 +11,7 @@ import click
 
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import command, console, json_option, print_json, user_option
-from conversation_memory.engine import Memory
+from conversation_memory.engine import Memory, UsageTotals
 
 
 def resolve(memory: Memory, ref: str, user: str | None) -> Any:
@@ -152,7 +152,7 @@ def usage(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool
     with Memory(db) as memory:
         _, conversation = resolve(memory, ref, user)
         calls = conversation.calls()
-        totals = conversation.usage()
+    totals = UsageTotals.of(calls)
     if as_json:
         print_json({"conversation": conversation.id, "calls": calls, "total": totals})
         return
