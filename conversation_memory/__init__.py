@@ -4,8 +4,9 @@ Everything public is importable from here; the modules behind it are
 implementation detail (see DESIGN in the README for the layers).
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from conversation_memory._lazy import loader
 from conversation_memory.budget import (
     Context,
     Report,
@@ -88,26 +89,16 @@ if TYPE_CHECKING:
     from conversation_memory.aio import AsyncConversation, AsyncMemory, AsyncTurnStream
     from conversation_memory.llm import Completion, Usage
 
-_LAZY = {
-    "AsyncConversation": "conversation_memory.aio",
-    "AsyncMemory": "conversation_memory.aio",
-    "AsyncTurnStream": "conversation_memory.aio",
-    "Completion": "conversation_memory.llm",
-    "Usage": "conversation_memory.llm",
-}
-"""Names whose modules import the ``openai`` SDK (about a second): loaded on first use,
-so ``convmem sessions`` and code that only stores and budgets start fast."""
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'conversation_memory' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = loader(
+    globals(),
+    {
+        "AsyncConversation": "conversation_memory.aio",
+        "AsyncMemory": "conversation_memory.aio",
+        "AsyncTurnStream": "conversation_memory.aio",
+        "Completion": "conversation_memory.llm.assembly",
+        "Usage": "conversation_memory.llm.assembly",
+    },
+)
 
 
 __version__ = "0.1.0.dev0"

@@ -19,8 +19,9 @@ exponential backoff, jitter, ``Retry-After`` and a total deadline per call
 ``request_id``, ``attempts`` and ``model``.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from conversation_memory._lazy import loader
 from conversation_memory.llm.params import check_params, check_tools
 from conversation_memory.llm.retry import RetryPolicy, parse_retry_after
 
@@ -36,32 +37,23 @@ if TYPE_CHECKING:
     )
     from conversation_memory.llm.mapping import context_limits, map_error
 
-_LAZY = {
-    "Completion": "assembly",
-    "Usage": "assembly",
-    "completion_from": "assembly",
-    "LLM": "calls",
-    "AsyncLLM": "calls",
-    "AsyncReplyStream": "calls",
-    "ReplyStream": "calls",
-    "async_client_from_env": "calls",
-    "client_from_env": "calls",
-    "context_limits": "mapping",
-    "map_error": "mapping",
-}
-"""Names from modules that import the ``openai`` SDK, loaded on first use (it takes
-about a second), so storing and budgeting never pay for it."""
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'conversation_memory.llm' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"conversation_memory.llm.{module}"), name)
-    globals()[name] = value
-    return value
+# Modules that import the openai SDK: loaded on first use (see conversation_memory._lazy).
+__getattr__ = loader(
+    globals(),
+    {
+        "Completion": "conversation_memory.llm.assembly",
+        "Usage": "conversation_memory.llm.assembly",
+        "completion_from": "conversation_memory.llm.assembly",
+        "LLM": "conversation_memory.llm.calls",
+        "AsyncLLM": "conversation_memory.llm.calls",
+        "AsyncReplyStream": "conversation_memory.llm.calls",
+        "ReplyStream": "conversation_memory.llm.calls",
+        "async_client_from_env": "conversation_memory.llm.calls",
+        "client_from_env": "conversation_memory.llm.calls",
+        "context_limits": "conversation_memory.llm.mapping",
+        "map_error": "conversation_memory.llm.mapping",
+    },
+)
 
 
 __all__ = [
