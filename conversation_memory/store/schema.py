@@ -79,16 +79,23 @@ conversations = Table(
     Index("ix_conversations_forked_from", "forked_from"),
 )
 
-messages = Table(
-    "messages",
-    metadata,
-    Column("id", Id, primary_key=True, autoincrement=True),
-    Column(
+
+def _owner(*, primary_key: bool = False) -> Column[str]:
+    """The conversation a row belongs to; deleting the conversation deletes the row."""
+    return Column(
         "conversation_id",
         String(64),
         ForeignKey("conversations.id", ondelete="CASCADE"),
         nullable=False,
-    ),
+        primary_key=primary_key,
+    )
+
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    _owner(),
     Column("position", Integer, nullable=False),
     Column("role", String(16), nullable=False),
     Column("content", Text, nullable=True),
@@ -117,12 +124,7 @@ summaries = Table(
     "summaries",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
-    Column(
-        "conversation_id",
-        String(64),
-        ForeignKey("conversations.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    _owner(),
     Column("start_position", Integer, nullable=False),
     Column("end_position", Integer, nullable=False),
     Column("level", Integer, nullable=False, server_default=text("0")),
@@ -147,12 +149,7 @@ usage = Table(
     "usage",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
-    Column(
-        "conversation_id",
-        String(64),
-        ForeignKey("conversations.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    _owner(),
     Column("kind", String(32), nullable=False),
     Column("model", String(255), nullable=False),
     Column("position", Integer, nullable=True),
@@ -170,12 +167,7 @@ usage = Table(
 calibrations = Table(
     "calibrations",
     metadata,
-    Column(
-        "conversation_id",
-        String(64),
-        ForeignKey("conversations.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _owner(primary_key=True),
     Column("model", String(255), primary_key=True),
     Column("factor", Float, nullable=False),
     Column("margin", Integer, nullable=False),
@@ -188,12 +180,7 @@ calibrations = Table(
 compaction_leases = Table(
     "compaction_leases",
     metadata,
-    Column(
-        "conversation_id",
-        String(64),
-        ForeignKey("conversations.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _owner(primary_key=True),
     Column("level", Integer, primary_key=True),
     Column("holder", String(64), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
