@@ -445,3 +445,18 @@ def test_an_outdated_database_says_what_to_run_and_db_upgrade_runs_it(tmp_path):
     upgraded = run_json("db", "upgrade", "--db", str(path))
     assert (upgraded["from"], upgraded["to"]) == ("0001", migrate.HEAD)
     assert run_json("sessions", "--db", str(path)) == []
+
+
+def test_listing_commands_do_not_import_the_sdk(db):
+    """`convmem sessions` must start fast: the openai SDK (about a second) stays unloaded."""
+    script = (
+        "import sys; from conversation_memory.cli import main; sys.argv = ['convmem', "
+        f"'sessions', '--db', {db!r}]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('openai' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+        env=env_without_keys(),
+    )  # fmt: skip
+    assert done.stdout.splitlines()[-1] == "False", done.stderr

@@ -18,12 +18,17 @@ from typing import Any
 
 import click
 
-from conversation_memory import _config
 from conversation_memory.cli import _render
-from conversation_memory.cli._app import command, console, user_option
+from conversation_memory.cli._app import (
+    command,
+    console,
+    local_client,
+    remote_configured,
+    user_option,
+)
 from conversation_memory.engine import Conversation, Memory, UsageTotals
 from conversation_memory.errors import ConversationMemoryError, ModelError
-from conversation_memory.local import LOCAL_MODEL, LOCAL_SYSTEM, LocalServer
+from conversation_memory.local import LOCAL_MODEL, LOCAL_SYSTEM
 
 DEFAULT_SYSTEM = LOCAL_SYSTEM
 """Sent when a new conversation names no system prompt.
@@ -50,24 +55,17 @@ Ctrl-C during a reply stops it; the part received is stored as incomplete."""
 
 @contextmanager
 def model_client(base_url: str | None, model: str | None) -> Iterator[tuple[Any, str | None, str]]:
-    """The client to talk through, the model name (None: the default) and the default
-    strategy for new conversations."""
+    """The client to talk through (None: built from the environment by the library), the
+    model name (None: the default) and the default strategy for new conversations."""
     if base_url is not None:
-        from openai import OpenAI
+        from conversation_memory.llm import client_from_env  # imports the SDK: only here
 
-        key = _config.openai_api_key() or "not-needed"
-        yield OpenAI(base_url=base_url, api_key=key, max_retries=0), model, DEFAULT_STRATEGY
-        return
-    if _config.openai_api_key() or _config.openai_base_url():
+        yield client_from_env(base_url=base_url), model, DEFAULT_STRATEGY
+    elif remote_configured():
         yield None, model, DEFAULT_STRATEGY
-        return
-    with console(stderr=True).status("starting the local model (SmolLM2-135M)…"):
-        server = LocalServer()
-        server.start()
-    try:
-        yield server.client(), model or LOCAL_MODEL, LOCAL_STRATEGY
-    finally:
-        server.stop()
+    else:
+        with local_client() as client:
+            yield client, model or LOCAL_MODEL, LOCAL_STRATEGY
 
 
 class Session:

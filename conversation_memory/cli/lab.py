@@ -21,8 +21,14 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from conversation_memory import _config
-from conversation_memory.cli._app import command, console, json_option, print_json
+from conversation_memory.cli._app import (
+    command,
+    console,
+    json_option,
+    local_client,
+    print_json,
+    remote_configured,
+)
 from conversation_memory.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -204,9 +210,7 @@ def lab_command(
                 sentences=_sentences(sentences),
             )
         )
-    chosen = backend or (
-        "openai" if base_url or _config.openai_api_key() or _config.openai_base_url() else "test"
-    )
+    chosen = backend or ("openai" if base_url or remote_configured() else "test")
     if base_url and chosen != "openai":
         raise ConfigurationError(f"--base-url goes with --backend openai, not {chosen}")
     err = console(stderr=True)
@@ -259,15 +263,10 @@ def _client(backend: str, base_url: str | None) -> Iterator[tuple[Any, str | Non
         yield None, None
         return
     if backend == "local":
-        from conversation_memory.local import LOCAL_MODEL, LocalServer
+        from conversation_memory.local import LOCAL_MODEL
 
-        with console(stderr=True).status("starting the local model (SmolLM2-135M)…"):
-            server = LocalServer()
-            server.start()
-        try:
-            yield server.client(), LOCAL_MODEL
-        finally:
-            server.stop()
+        with local_client() as client:
+            yield client, LOCAL_MODEL
         return
     from conversation_memory.llm import client_from_env
 
