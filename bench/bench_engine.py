@@ -12,7 +12,7 @@ words each, alternating user/assistant) and counted by the library's counter.
 Each timed pair is measured interleaved (A, B, A, B, ...) after a warm-up, so
 drift in the machine hits both sides alike.
 
-Figures and targets (DESIGN.md, "Cost independent of history length"):
+Figures and targets (docs/architecture.md, "Cost independent of history length"):
 
 1. ``context()`` with a 4,000-token budget on a 100-message and on a
    100,000-message conversation; medians and their ratio (target <= 1.5x).

@@ -1,7 +1,7 @@
 """conversation_memory: a lossless, exact and fast memory for chat models.
 
 Everything public is importable from here; the modules behind it are
-implementation detail (see DESIGN in the README for the layers).
+implementation detail (docs/architecture.md draws the layers).
 """
 
 from typing import TYPE_CHECKING

@@ -7,7 +7,7 @@ import inspect
 import conversation_memory
 from conversation_memory import errors
 
-CONTRACT = {  # names DESIGN.md promises; checks outside this repo rely on them
+CONTRACT = {  # the names the README promises; checks outside this repo rely on them
     "Memory",
     "Conversation",
     "count_tokens",
