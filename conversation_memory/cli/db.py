@@ -21,11 +21,24 @@ def current(db: str | None, as_json: bool, debug: bool) -> None:
         revision = migrate.current(database)
         where = database.target.display()
     head = migrate.head_revision()
+    state = migrate.state(revision)
     if as_json:
-        print_json({"db": where, "current": revision, "head": head, "up_to_date": revision == head})
+        print_json(
+            {
+                "db": where,
+                "current": revision,
+                "head": head,
+                "up_to_date": revision == head,
+                "state": state,
+            }
+        )
         return
-    state = "up to date" if revision == head else "run `convmem db upgrade`"
-    click.echo(f"{where}: revision {revision or '(none)'}; this version needs {head} ({state})")
+    advice = {
+        "outdated": "outdated: back it up, then run `convmem db upgrade`",
+        "too new": "written by a newer version of conversation-memory: upgrade that to open it",
+        "empty": "no schema yet: `convmem chat` or `convmem db upgrade` creates it",
+    }.get(state, state)
+    click.echo(f"{where}: revision {revision or '(none)'}; this version needs {head} ({advice})")
 
 
 @command("upgrade")

@@ -1,0 +1,122 @@
+"""``convmem``'s manners: one-line errors, ids, pipes, and the conventions of Unix tools.
+
+What a careless or scripted use runs into: an error must be one line on
+stderr with the documented exit code (never twice, never a traceback); an
+ambiguous id prefix lists the candidates; output into a pipe is never cut to
+80 columns, and a pipe closed early ends the command quietly; ``--db`` works
+before the subcommand, ``postgres://`` URLs and files with a byte-order mark
+are accepted, and deleting needs ``--yes`` when nobody can be asked.
+Commands run in-process through click's runner, and as subprocesses of the
+installed script where a real pipe is the point.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from test_cli import MODEL, run, run_json
+
+from conversation_memory import Memory
+from conversation_memory.testing import ChatServer, Fault
+
+
+@pytest.fixture
+def db(tmp_path) -> str:
+    return str(tmp_path / "cli.db")
+
+
+def stored(db: str, *, title: str | None = None, text: str = "hello", user: str = "default"):
+    """One conversation with one message, as the library stores it; its id."""
+    with Memory(db) as memory:
+        conversation = memory.conversation(user=user, title=title, model=MODEL)
+        conversation.append({"role": "user", "content": text})
+        return conversation.id
+
+
+def imported(db: str, conversation_id: str, *, title: str) -> None:
+    """A conversation with a chosen id (ids are random; prefixes need planning)."""
+    with Memory(":memory:") as scratch:
+        source = scratch.conversation(title=title, model=MODEL)
+        source.append({"role": "user", "content": "hi"})
+        header, *lines = source.export().splitlines(keepends=True)
+    fields = json.loads(header)
+    fields["id"] = conversation_id
+    with Memory(db) as memory:
+        memory.import_conversation(json.dumps(fields) + "\n" + "".join(lines))
+
+
+def one_error_line(result) -> str:
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("convmem: error: "), result.stderr
+    return result.stderr
+
+
+# -- 11: every error once, on one line, with its exit code ----------------------------
+
+
+def test_a_failed_model_call_is_reported_once(db):
+    with ChatServer(model=MODEL) as server:
+        server.fail(Fault.status(401), times=5)
+        denied = run(
+            "chat", "--db", db, "--base-url", server.base_url, "--model", MODEL, "--new",
+            stdin="hello\n", check=False,
+        )  # fmt: skip
+    assert denied.returncode == 5
+    assert "OPENAI_API_KEY" in one_error_line(denied)
+
+
+def test_in_a_terminal_a_failed_call_is_shown_whole_and_the_chat_goes_on(db, capsys):
+    from conversation_memory.cli.chat import Session
+
+    lines = iter(["hello", "hello again"])
+
+    def typed() -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    with ChatServer(model=MODEL) as server, server.client() as client:
+        server.fail(Fault.status(401), times=1)
+        with Memory(db, client=client, model=MODEL) as memory:
+            session = Session(memory, memory.conversation(), interactive=True, settings={})
+            session.loop(typed)
+            assert len(session.conversation.history()) == 2, "the second message was answered"
+    err = capsys.readouterr().err
+    assert err.count("the model call failed") == 1
+    assert "[request id " in err, "the message is printed as text, not read as markup"
+
+
+def database_at(path: Path, revision: str | None) -> str:
+    """A database at head, then rewound to ``revision`` (or marked with one we don't know)."""
+    Memory(path).close()
+    if revision is not None:
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE convmem_version SET version_num = ?", (revision,))
+    return str(path)
+
+
+def test_db_commands_on_outdated_and_too_new_databases(tmp_path):
+    old = database_at(tmp_path / "old.db", "0001")
+    new = database_at(tmp_path / "new.db", "9999")
+
+    checked = run("db", "check", "--db", old, check=False)
+    assert checked.returncode == 4
+    assert "convmem db upgrade" in one_error_line(checked)
+
+    checked = run("db", "check", "--db", new, check=False)
+    assert checked.returncode == 4
+    assert "newer version" in one_error_line(checked)
+
+    # `current` reports a too-new database without advising the upgrade that refuses it.
+    current = run("db", "current", "--db", new)
+    assert "db upgrade" not in current.stdout
+    assert "newer version" in current.stdout
+    assert run_json("db", "current", "--db", new)["state"] == "too new"
+    assert run_json("db", "current", "--db", old)["state"] == "outdated"
+    refused = run("db", "upgrade", "--db", new, check=False)
+    assert refused.returncode == 4
+    one_error_line(refused)
