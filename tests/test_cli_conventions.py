@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from test_cli import MODEL, run, run_json
 
-from conversation_memory import Memory
+from conversation_memory import Memory, errors
 from conversation_memory.testing import ChatServer, Fault
 
 
@@ -120,3 +120,27 @@ def test_db_commands_on_outdated_and_too_new_databases(tmp_path):
     refused = run("db", "upgrade", "--db", new, check=False)
     assert refused.returncode == 4
     one_error_line(refused)
+
+
+# -- 15: ids, prefixes and titles -----------------------------------------------------
+
+
+def test_an_exact_title_wins_and_an_ambiguous_prefix_lists_the_candidates(db):
+    first, second = "abc1" + "0" * 28, "abc2" + "0" * 28
+    imported(db, first, title="one")
+    imported(db, second, title="two")
+    titled = stored(db, title="abc")
+
+    with Memory(db) as memory:
+        assert memory.find("abc").id == titled, "an exact title wins over an id prefix"
+        assert memory.find("abc1").id == first, "a unique prefix still names one"
+        with pytest.raises(errors.AmbiguousReference) as caught:
+            memory.find("ab")
+        assert {c.id for c in caught.value.candidates} == {first, second}
+
+    ambiguous = run("show", "ab", "--db", db, check=False)
+    assert ambiguous.returncode == 1
+    line = one_error_line(ambiguous)
+    for candidate in (f"{first[:12]} 'one'", f"{second[:12]} 'two'"):
+        assert candidate in line, "the candidates are listed"
+    assert run_json("show", "abc", "--db", db)["conversation"]["id"] == titled
