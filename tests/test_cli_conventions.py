@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
-from test_cli import MODEL, run, run_json
+from test_cli import CONVMEM, MODEL, env_without_keys, run, run_json
 
 from conversation_memory import Memory, errors
 from conversation_memory.testing import ChatServer, Fault
@@ -144,3 +145,42 @@ def test_an_exact_title_wins_and_an_ambiguous_prefix_lists_the_candidates(db):
     for candidate in (f"{first[:12]} 'one'", f"{second[:12]} 'two'"):
         assert candidate in line, "the candidates are listed"
     assert run_json("show", "abc", "--db", db)["conversation"]["id"] == titled
+
+
+# -- 18: pipes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args", [("export", "{id}"), ("sessions", "--json"), ("show", "{id}")], ids=" ".join
+)
+def test_a_pipe_closed_early_ends_the_command_quietly(db, args):
+    """`convmem export ID | head -c 0`: the reader is gone before anything is written."""
+    conversation_id = stored(db, text="some words " * 2000)
+    with subprocess.Popen(
+        [CONVMEM, *(a.format(id=conversation_id) for a in args), "--db", db],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_without_keys(),
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.close()
+        err = process.stderr.read().decode()
+        process.wait(timeout=60)
+    assert err == ""
+    assert process.returncode == 1
+
+
+def test_piped_output_is_never_cut_to_the_terminal_width(db):
+    title = "a title much longer than any eighty-column terminal would show in a table cell"
+    text = "a message of many words " * 12
+    conversation_id = stored(db, title=title, text=text)
+    with Memory(db) as memory:
+        memory.conversation(conversation_id).append({"role": "assistant", "content": "ok"})
+    listing = run("sessions", "--db", db).stdout
+    assert title in listing
+    assert "messages" in listing
+    assert MODEL in listing
+    assert "…" not in listing
+    shown = run("show", conversation_id, "--db", db).stdout
+    assert text.strip() in shown, "a long message is printed on one line, unwrapped"
+    context = run("context", conversation_id, "--db", db).stdout
+    assert text.strip()[:71] + "…" in context, "the content preview whole, as in --json"

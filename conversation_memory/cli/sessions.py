@@ -10,7 +10,14 @@ from typing import Any
 import click
 
 from conversation_memory.cli import _render
-from conversation_memory.cli._app import command, console, json_option, print_json, user_option
+from conversation_memory.cli._app import (
+    command,
+    console,
+    json_option,
+    print_json,
+    print_view,
+    user_option,
+)
 from conversation_memory.engine import Memory, UsageTotals
 
 
@@ -55,7 +62,7 @@ def sessions(
     if as_json:
         print_json(rows)
     elif rows:
-        console().print(_render.sessions_table(rows, total=total))
+        print_view(_render.sessions_table(rows, total=total))
     else:
         click.echo("no conversations yet: start one with `convmem chat`")
 
@@ -96,7 +103,7 @@ def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool)
             }
         )
         return
-    console().print(_render.history_view(info, system, entries, summaries))
+    print_view(_render.history_view(info, system, entries, summaries))
 
 
 @command("context")
@@ -140,7 +147,7 @@ def context(
     if as_json:
         print_json({"conversation": info.id, **_render.context_json(built, model=model)})
         return
-    console().print(_render.context_view(built, model=model))
+    print_view(_render.context_view(built, model=model))
 
 
 @command("usage")
@@ -156,7 +163,7 @@ def usage(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool
     if as_json:
         print_json({"conversation": conversation.id, "calls": calls, "total": totals})
         return
-    console().print(_render.usage_view(calls, totals))
+    print_view(_render.usage_view(calls, totals))
 
 
 @command("export")
