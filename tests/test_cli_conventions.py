@@ -184,3 +184,77 @@ def test_piped_output_is_never_cut_to_the_terminal_width(db):
     assert text.strip() in shown, "a long message is printed on one line, unwrapped"
     context = run("context", conversation_id, "--db", db).stdout
     assert text.strip()[:71] + "…" in context, "the content preview whole, as in --json"
+
+
+# -- 19: conventions ------------------------------------------------------------------
+
+
+def test_db_works_before_the_subcommand(db):
+    conversation_id = stored(db)
+    assert [row["id"] for row in run_json("--db", db, "sessions")] == [conversation_id]
+    assert run_json("--db", db, "db", "path")["db"] == db
+    other = str(Path(db).with_name("other.db"))
+    assert run_json("--db", other, "db", "path", "--db", db)["db"] == db, "the nearer one wins"
+
+
+@pytest.mark.postgres
+def test_postgres_urls_are_accepted_like_postgresql(pg_url):
+    url = pg_url.replace("postgresql://", "postgres://", 1)
+    assert url.startswith("postgres://")
+    with Memory(url) as memory:
+        memory.conversation(title="heroku-style").append({"role": "user", "content": "hi"})
+    with Memory(pg_url) as memory:
+        assert [c.title for c in memory.conversations()] == ["heroku-style"]
+
+
+def test_import_reads_a_file_with_a_byte_order_mark(db, tmp_path):
+    with Memory(":memory:") as memory:
+        source = memory.conversation(title="from windows", model=MODEL)
+        source.append({"role": "user", "content": "hi"})
+        exported = source.export()
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + exported.encode("utf-8"))
+    assert run_json("import", str(path), "--db", db)["title"] == "from windows"
+    assert run("export", source.id, "--db", db).stdout == exported
+    with Memory(":memory:") as memory:  # the library too, given text that kept the mark
+        assert memory.import_conversation("\ufeff" + exported).title == "from windows"
+
+
+def test_rm_and_erase_need_yes_when_stdin_is_not_a_terminal(db):
+    conversation_id = stored(db, user="ann")
+    for args in (("rm", conversation_id), ("erase", "--user", "ann")):
+        refused = run(*args, "--db", db, stdin="y\n", check=False)
+        assert refused.returncode == 1
+        assert "--yes" in one_error_line(refused)
+    assert [row["id"] for row in run_json("sessions", "--db", db)] == [conversation_id]
+    assert run_json("rm", conversation_id, "--db", db, "--yes") == {"deleted": conversation_id}
+    assert run_json("sessions", "--db", db) == []
+
+
+def test_every_command_that_prints_data_takes_json():
+    from conversation_memory.cli import cli
+
+    without = set()
+    for name, command in cli.commands.items():
+        for sub_name, sub in getattr(command, "commands", {name: command}).items():
+            if not any(param.name == "as_json" for param in sub.params):
+                without.add(sub_name)
+    # chat talks; export's output is JSONL already. The README says so.
+    assert without == {"chat", "export"}
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "except `chat` and `export`" in readme
+
+
+def test_db_path_says_where_the_default_database_is(tmp_path):
+    env = dict.fromkeys(("CONVMEM_DB", "OPENAI_API_KEY", "OPENAI_BASE_URL"))
+    default = run_json("db", "path", env={**env, "XDG_DATA_HOME": str(tmp_path)})
+    assert default == {
+        "db": str(tmp_path / "conversation-memory" / "convmem.db"),
+        "source": "default",
+        "exists": False,
+    }
+    assert not (tmp_path / "conversation-memory").exists(), "nothing is created"
+    chosen = str(tmp_path / "mine.db")
+    named = run("db", "path", env={**env, "CONVMEM_DB": chosen})
+    assert named.stdout == chosen + "\n", "only the path: `sqlite3 $(convmem db path)` works"
+    assert "convmem db path" in " ".join(run("--help").stdout.split())

@@ -139,6 +139,8 @@ def command(
     def wrap(func: Callable[..., Any]) -> click.Command:
         @functools.wraps(func)
         def run(*args: Any, **options: Any) -> Any:
+            if options.get("db") is None:  # `convmem --db x.db sessions` names it up front
+                options["db"] = click.get_current_context().find_root().params.get("db")
             with reported(options.get("debug", False)):
                 result = func(*args, **options)
                 sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit
