@@ -27,6 +27,7 @@ from conversation_memory.engine import (
     UsageTotals,
 )
 from conversation_memory.errors import (
+    AmbiguousReference,
     AuthenticationFailed,
     BadRequest,
     BudgetExceeded,
@@ -107,6 +108,7 @@ __all__ = [
     "DEFAULT_PROMPT",
     "REPLY_PRIMING",
     "TRUNCATE",
+    "AmbiguousReference",
     "AsyncConversation",
     "AsyncMemory",
     "AsyncTurnStream",

@@ -30,6 +30,11 @@ def default_db_path(env: Mapping[str, str] | None = None) -> str:
     return str(Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "convmem.db")
 
 
+def db_source(env: Mapping[str, str] | None = None) -> str:
+    """Where :func:`default_db_path` took its answer from: "CONVMEM_DB" or "default"."""
+    return "CONVMEM_DB" if environ(env).get("CONVMEM_DB") else "default"
+
+
 def default_model(env: Mapping[str, str] | None = None) -> str:
     return environ(env).get("CONVMEM_MODEL") or DEFAULT_MODEL
 

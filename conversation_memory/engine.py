@@ -27,6 +27,7 @@ from typing import Any
 from conversation_memory import _config, chat, compaction
 from conversation_memory.budget import Context, budget_for, build
 from conversation_memory.errors import (
+    AmbiguousReference,
     BudgetExceeded,
     ConfigurationError,
     ConversationExists,
@@ -65,6 +66,9 @@ COMPACTION_CHOICES = ("after", "before", "manual")
 """When to fold old turns into summaries: after each reply (off the response
 path), before each request (so the request already carries the new summary),
 or only when ``compact()`` is called."""
+
+AMBIGUOUS_LISTED = 10
+"""Candidates an ambiguous id prefix lists (``Memory.find``)."""
 
 
 def _check_user(user: Any) -> str:
@@ -456,17 +460,21 @@ class Memory:
             return repository.count_conversations(conn, user_id)
 
     def find(self, ref: str, *, user: str | None = None) -> ConversationInfo:
-        """The conversation ``ref`` names: an id, a unique id prefix, or a title.
+        """The conversation ``ref`` names: an id, a title, or a unique id prefix.
 
-        ``user=None`` looks across every user (what a command-line tool on
-        its own database wants); a title shared by several conversations means
-        the most recently active one.
+        An exact id wins over a title, and a title over a prefix; a title shared
+        by several conversations means the most recently active one. A prefix
+        that several ids start with raises ``AmbiguousReference`` listing them.
+        ``user=None`` looks across every user (what a command-line tool on its
+        own database wants).
         """
         if not isinstance(ref, str) or not ref:
             raise ConfigurationError(f"a conversation id or title is needed, got {ref!r}")
         user_id = None if user is None else _check_user(user)
         with self._db.read() as conn:
-            rows = repository.find_conversations(conn, ref, user_id)
+            kind, rows = repository.find_conversations(
+                conn, ref, user_id, limit=AMBIGUOUS_LISTED + 1
+            )
         if not rows:
             whose = "" if user_id is None else f" of user {user_id!r}"
             raise ConversationNotFound(
@@ -475,11 +483,21 @@ class Memory:
                 conversation_id=ref,
                 user=user_id,
             )
-        if len(rows) > 1 and rows[0].id.startswith(ref) and rows[0].id != ref:
-            raise ConversationNotFound(
-                f"{ref!r} is the start of several conversation ids; give more of it",
+        if kind == "prefix" and len(rows) > 1:
+            candidates = [_conversation_info(row) for row in rows[:AMBIGUOUS_LISTED]]
+            width = 12  # what `convmem sessions` shows, longer only if that is not enough
+            while len({c.id[:width] for c in candidates}) < len(candidates):
+                width += 1
+            listed = "; ".join(
+                f"{c.id[:width]} {c.title or 'untitled'!r} (user {c.user})" for c in candidates
+            )
+            more = "; and more" if len(rows) > AMBIGUOUS_LISTED else ""
+            raise AmbiguousReference(
+                f"{ref!r} is the start of several conversation ids: {listed}{more}; "
+                "give more of the id",
                 conversation_id=ref,
                 user=user_id,
+                candidates=candidates,
             )
         return _conversation_info(rows[0])
 

@@ -9,7 +9,8 @@ describes the same kind of failure, the error inherits it too, so
     ├── ConfigurationError (ValueError)      bad argument to a constructor or call
     │   ├── UnknownModel (LookupError)       model not in the registry
     │   ├── TokenizerDataError               tokenizer files missing or corrupt
-    │   └── LocalModelUnavailable            local model not installed (xllamacpp, GGUF file)
+    │   ├── LocalModelUnavailable            local model not installed (xllamacpp, GGUF file)
+    │   └── AmbiguousReference               an id prefix several conversations start with
     ├── InvalidMessage (ValueError)          a message the store refuses; nothing written
     ├── InvalidPayload (ValueError)          a message list the API would reject
     ├── BudgetExceeded (ValueError)          cannot fit inside the prompt budget
@@ -39,6 +40,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AmbiguousReference",
     "AuthenticationFailed",
     "BadRequest",
     "BudgetExceeded",
@@ -98,6 +100,10 @@ class TokenizerDataError(ConfigurationError):
 
 class LocalModelUnavailable(ConfigurationError):
     """xllamacpp or the local model's file is missing; the message says how to install them."""
+
+
+class AmbiguousReference(ConfigurationError):
+    """Several conversation ids start with the prefix given; ``candidates`` lists them."""
 
 
 class InvalidMessage(ConversationMemoryError, ValueError):

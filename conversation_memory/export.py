@@ -75,14 +75,14 @@ def _text(data: str | bytes | io.IOBase) -> str:
         data = data.read()
     if isinstance(data, bytes):
         try:
-            data = data.decode("utf-8")
+            data = data.decode("utf-8-sig")  # Windows editors start files with a BOM
         except UnicodeDecodeError as exc:
             raise ImportFormatError(f"the file is not UTF-8 text ({exc})") from None
     if not isinstance(data, str):
         raise ImportFormatError(
             f"import takes JSONL text, bytes or an open file, got {type(data).__name__}"
         )
-    return data
+    return data.removeprefix("\ufeff")
 
 
 def _object(line: str, number: int) -> dict[str, Any]:

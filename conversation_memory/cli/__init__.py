@@ -16,11 +16,16 @@ __all__ = ["cli", "main"]
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="conversation-memory", prog_name="convmem")
-def cli() -> None:
+@click.option(
+    "--db", metavar="PATH|URL", default=None,
+    help="The database of the command that follows (its own --db wins).",
+)  # fmt: skip
+def cli(db: str | None) -> None:
     """Chat with memory, and inspect, fork, export or delete what is remembered.
 
-    Conversations live in one SQLite file in your user data folder (or
-    wherever --db / CONVMEM_DB point, PostgreSQL URLs included). With
+    Conversations live in one SQLite file in your user data folder
+    (`convmem db path` prints where), or wherever --db / CONVMEM_DB point,
+    PostgreSQL URLs included; --db goes before or after the command. With
     OPENAI_API_KEY or OPENAI_BASE_URL set, `convmem chat` talks to that
     server; with neither, to a small local model.
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.measure import Measurement
 
 from conversation_memory import _config
 from conversation_memory.errors import (
@@ -64,6 +65,21 @@ def console(*, stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, soft_wrap=stderr)
 
 
+def print_view(view: Any) -> None:
+    """Print a table or view on stdout: fitted to a terminal, or at its natural width when
+    stdout is a pipe or a file, so that nothing is cut (``gpt-4…``) or wrapped at 80
+    columns for a reader that has no width at all."""
+    out = console()
+    if not out.is_terminal:
+        natural = Measurement.get(out, out.options.update_width(UNBOUNDED), view).maximum
+        out = Console(width=max(natural, 1), highlight=False)
+    out.print(view)
+
+
+UNBOUNDED = 1_000_000
+"""Wider than any line a view draws: the width a view is measured in when piped."""
+
+
 def fail(error: BaseException, *, debug: bool) -> None:
     """Print ``error`` as one line (plus its traceback with --debug) and exit."""
     if debug:
@@ -81,6 +97,8 @@ def reported(debug: bool) -> Iterator[None]:
         yield
     except ConversationMemoryError as error:
         fail(error, debug=debug)
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): click ends quietly, as Unix tools do
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc(file=sys.stderr)
@@ -121,8 +139,12 @@ def command(
     def wrap(func: Callable[..., Any]) -> click.Command:
         @functools.wraps(func)
         def run(*args: Any, **options: Any) -> Any:
+            if options.get("db") is None:  # `convmem --db x.db sessions` names it up front
+                options["db"] = click.get_current_context().find_root().params.get("db")
             with reported(options.get("debug", False)):
-                return func(*args, **options)
+                result = func(*args, **options)
+                sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit
+                return result
 
         return click.command(name, **kwargs)(db_option(debug_option(run), db_help))
 

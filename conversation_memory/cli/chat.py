@@ -17,6 +17,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import (
@@ -135,13 +136,13 @@ class Session:
                 outcome = self.conversation.compact()
         except ConversationMemoryError as error:
             self.err.print(
-                f"[yellow]summary not updated ({error}); older turns are left out "
+                f"[yellow]summary not updated ({escape(str(error))}); older turns are left out "
                 "until it works[/yellow]"
             )
             return
         if outcome.error:
             self.err.print(
-                f"[yellow]summary not updated ({outcome.error}); "
+                f"[yellow]summary not updated ({escape(outcome.error)}); "
                 "retried after the next turn[/yellow]"
             )
 
@@ -192,10 +193,10 @@ class Session:
             try:
                 self.turn(line.rstrip("\n"))
             except ModelError as error:
-                # The turn was not stored; the chat goes on.
-                self.err.print(f"[red]the model call failed: {error}[/red]")
                 if not self.interactive:
-                    raise
+                    raise  # a script stops here; the error is printed once, with exit code 5
+                # The turn was not stored; the chat goes on.
+                self.err.print(f"[red]the model call failed: {escape(str(error))}[/red]")
 
 
 def read_terminal() -> str:

@@ -1,16 +1,18 @@
-"""``convmem db``: the schema revision of a database, and its upgrade."""
+"""``convmem db``: where the database is, its schema revision, and its upgrade."""
 
 from __future__ import annotations
 
 import click
 
+from conversation_memory import _config
 from conversation_memory.cli._app import command, json_option, print_json
 from conversation_memory.store import migrate
+from conversation_memory.store.database import parse_target
 
 
 @click.group("db")
 def db_group() -> None:
-    """Inspect or upgrade a database's schema (upgrade | current | check)."""
+    """Find, inspect or upgrade a database (path | current | check | upgrade)."""
 
 
 @command("current")
@@ -21,11 +23,24 @@ def current(db: str | None, as_json: bool, debug: bool) -> None:
         revision = migrate.current(database)
         where = database.target.display()
     head = migrate.head_revision()
+    state = migrate.state(revision)
     if as_json:
-        print_json({"db": where, "current": revision, "head": head, "up_to_date": revision == head})
+        print_json(
+            {
+                "db": where,
+                "current": revision,
+                "head": head,
+                "up_to_date": revision == head,
+                "state": state,
+            }
+        )
         return
-    state = "up to date" if revision == head else "run `convmem db upgrade`"
-    click.echo(f"{where}: revision {revision or '(none)'}; this version needs {head} ({state})")
+    advice = {
+        "outdated": "outdated: back it up, then run `convmem db upgrade`",
+        "too new": "written by a newer version of conversation-memory: upgrade that to open it",
+        "empty": "no schema yet: `convmem chat` or `convmem db upgrade` creates it",
+    }.get(state, state)
+    click.echo(f"{where}: revision {revision or '(none)'}; this version needs {head} ({advice})")
 
 
 @command("upgrade")
@@ -67,5 +82,24 @@ def check(db: str | None, as_json: bool, debug: bool) -> None:
         raise SystemExit(1)
 
 
-for _command in (upgrade, current, check):
+@command("path")
+@json_option
+def path(db: str | None, as_json: bool, debug: bool) -> None:
+    """Print where the database is: --db, else CONVMEM_DB, else the default file.
+
+    Only the path (or the URL, password hidden), so that
+    `sqlite3 "$(convmem db path)"` works; --json adds where it came from and
+    whether the file exists. Nothing is opened or created.
+    """
+    source = "--db" if db is not None else _config.db_source()
+    target = parse_target(_config.default_db_path() if db is None else db)
+    where = str(target.path) if target.path is not None else target.display()
+    if as_json:
+        exists = target.path.exists() if target.path is not None else None
+        print_json({"db": where, "source": source, "exists": exists})
+    else:
+        click.echo(where)
+
+
+for _command in (path, upgrade, current, check):
     db_group.add_command(_command)

@@ -27,6 +27,7 @@ from conversation_memory.cli._app import (
     json_option,
     local_client,
     print_json,
+    print_view,
     remote_configured,
 )
 from conversation_memory.errors import ConfigurationError
@@ -237,10 +238,7 @@ def lab_command(
     if as_json:
         print_json(results.to_dict(timing=True))
     else:
-        screen = console()
-        if not screen.is_terminal:
-            screen.width = max(screen.width, 120)  # a file or a pipe has no width to fit
-        screen.print(results_table(results))
+        print_view(results_table(results))
         for run in results.runs:
             if run.summary_failures:
                 err.print(

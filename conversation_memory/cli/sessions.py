@@ -10,8 +10,16 @@ from typing import Any
 import click
 
 from conversation_memory.cli import _render
-from conversation_memory.cli._app import command, console, json_option, print_json, user_option
+from conversation_memory.cli._app import (
+    command,
+    console,
+    json_option,
+    print_json,
+    print_view,
+    user_option,
+)
 from conversation_memory.engine import Memory, UsageTotals
+from conversation_memory.errors import ConfigurationError
 
 
 def resolve(memory: Memory, ref: str, user: str | None) -> Any:
@@ -55,7 +63,7 @@ def sessions(
     if as_json:
         print_json(rows)
     elif rows:
-        console().print(_render.sessions_table(rows, total=total))
+        print_view(_render.sessions_table(rows, total=total))
     else:
         click.echo("no conversations yet: start one with `convmem chat`")
 
@@ -67,8 +75,8 @@ def sessions(
 def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool) -> None:
     """Print a conversation's full history, with its summaries where they sit.
 
-    ID is an id, a unique id prefix, or a title (the most recent one with
-    that title).
+    ID is an id, a title (the most recent one with that title), or a
+    unique id prefix.
     """
     with Memory(db) as memory:
         info, conversation = resolve(memory, ref, user)
@@ -96,7 +104,7 @@ def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool)
             }
         )
         return
-    console().print(_render.history_view(info, system, entries, summaries))
+    print_view(_render.history_view(info, system, entries, summaries))
 
 
 @command("context")
@@ -140,7 +148,7 @@ def context(
     if as_json:
         print_json({"conversation": info.id, **_render.context_json(built, model=model)})
         return
-    console().print(_render.context_view(built, model=model))
+    print_view(_render.context_view(built, model=model))
 
 
 @command("usage")
@@ -156,7 +164,7 @@ def usage(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool
     if as_json:
         print_json({"conversation": conversation.id, "calls": calls, "total": totals})
         return
-    console().print(_render.usage_view(calls, totals))
+    print_view(_render.usage_view(calls, totals))
 
 
 @command("export")
@@ -249,36 +257,57 @@ def fork(
         )
 
 
+def confirm(what: str, *, yes: bool) -> None:
+    """Ask before deleting ``what``, unless --yes. With stdin not a terminal there is
+    no one to ask, and a script that forgot --yes must not delete anything."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ConfigurationError(
+            f"pass --yes to delete {what}: stdin is not a terminal, so nobody can be asked "
+            "(nothing was deleted)"
+        )
+    click.confirm(f"delete {what}?", abort=True)
+
+
+YES = click.option(
+    "--yes", "-y", is_flag=True, help="Do not ask (needed when stdin is not a terminal)."
+)
+
+
 @command("rm")
 @REF
 @USER
-@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def rm(db: str | None, ref: str, user: str | None, yes: bool, debug: bool) -> None:
+@YES
+@json_option
+def rm(db: str | None, ref: str, user: str | None, yes: bool, as_json: bool, debug: bool) -> None:
     """Delete a conversation with its summaries and usage.
 
-    Forks of it keep the messages they share. Asks first unless --yes
-    (or stdin is not a terminal).
+    Forks of it keep the messages they share. Asks first unless --yes;
+    with stdin not a terminal, nothing is deleted without --yes.
     """
     with Memory(db) as memory:
         info, conversation = resolve(memory, ref, user)
-        if not yes and sys.stdin.isatty():
-            click.confirm(
-                f"delete {info.id} ({info.title or 'untitled'}, {info.message_count} messages)?",
-                abort=True,
-            )
+        confirm(f"{info.id} ({info.title or 'untitled'}, {info.message_count} messages)", yes=yes)
         conversation.delete()
-    click.echo(f"deleted {info.id}")
+    if as_json:
+        print_json({"deleted": info.id})
+    else:
+        click.echo(f"deleted {info.id}")
 
 
 @command("erase")
 @click.option("--user", "-u", required=True, metavar="USER", help="The user whose data goes.")
-@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@YES
 @json_option
 def erase(db: str | None, user: str, yes: bool, as_json: bool, debug: bool) -> None:
-    """Delete everything stored for a user: conversations, summaries, usage."""
+    """Delete everything stored for a user: conversations, summaries, usage.
+
+    Asks first unless --yes; with stdin not a terminal, nothing is deleted
+    without --yes.
+    """
     with Memory(db) as memory:
-        if not yes and sys.stdin.isatty():
-            click.confirm(f"erase every conversation of user {user!r}?", abort=True)
+        confirm(f"every conversation of user {user!r}", yes=yes)
         erased = memory.erase_user(user)
     if as_json:
         print_json({"user": user, "conversations": erased})

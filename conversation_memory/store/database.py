@@ -66,6 +66,8 @@ def parse_target(db: str | os.PathLike[str]) -> Target:
         )
     if db == ":memory:":
         return Target("sqlite+pysqlite://", None)
+    if db.startswith("postgres://"):  # libpq, Heroku and many hosts spell it this way
+        db = "postgresql://" + db.removeprefix("postgres://")
     if "://" not in db:
         path = Path(db).expanduser().absolute()
         return Target(f"sqlite+pysqlite:///{path}", path)

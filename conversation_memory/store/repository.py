@@ -134,30 +134,33 @@ def count_conversations(conn: Connection, user: str | None) -> int:
     return conn.execute(query).scalar_one()
 
 
-def find_conversations(conn: Connection, ref: str, user: str | None) -> list[Any]:
-    """``LISTING_COLUMNS`` of what ``ref`` may mean: the conversation with that id, else
-    those whose id starts with it, else those with that title.
+def find_conversations(
+    conn: Connection, ref: str, user: str | None, *, limit: int = 2
+) -> tuple[str, list[Any]]:
+    """``(kind, LISTING_COLUMNS rows)`` of what ``ref`` may mean: the conversation with
+    that id ("id"), else the most recently active one with that title ("title"), else,
+    newest first, at most ``limit`` whose id starts with it ("prefix"); ``("", [])``.
 
-    At most two rows per kind are read: a caller only needs to know whether
-    the match is unique. Titles are matched newest activity first.
+    A title is looked up before a prefix so that a title a person typed is never
+    shadowed by ids that happen to start with it.
     """
     owned = [] if user is None else [conversations.c.user_id == user]
     base = select(*LISTING_COLUMNS).where(*owned)
+    newest = (conversations.c.updated_at.desc(), conversations.c.id.desc())
     row = conn.execute(base.where(conversations.c.id == ref)).first()
     if row is not None:
-        return [row]
+        return "id", [row]
+    row = conn.execute(base.where(conversations.c.title == ref).order_by(*newest).limit(1)).first()
+    if row is not None:
+        return "title", [row]
     if ref.isalnum() and ref == ref.lower():
         prefixed = conn.execute(
-            base.where(conversations.c.id.startswith(ref, autoescape=True)).limit(2)
+            base.where(conversations.c.id.startswith(ref, autoescape=True))
+            .order_by(*newest)
+            .limit(limit)
         ).all()
-        if prefixed:
-            return list(prefixed)
-    titled = conn.execute(
-        base.where(conversations.c.title == ref)
-        .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
-        .limit(2)
-    ).all()
-    return list(titled)
+        return "prefix", list(prefixed)
+    return "", []
 
 
 def walk_lineage(
