@@ -177,3 +177,29 @@ def test_unreachable_server_is_a_store_error():
 
     with pytest.raises(StoreError, match="cannot use the database"):
         Memory("postgresql://postgres@127.0.0.1:9/test")
+
+
+def test_a_read_sees_one_snapshot(db_url):
+    """A commit landing between two statements of one read is not half-seen.
+
+    Building a context reads the conversation row, then the tail: if the tail
+    saw a turn the row did not, positions would collide. Both kinds of read
+    transaction (the DBAPI cursor of the hot path and the Core connection)
+    must see the database as it was at their first statement.
+    """
+    count = "SELECT count(*) FROM messages"
+    with Memory(db_url) as memory, Memory(db_url) as other:
+        chat = memory.conversation()
+        chat.append({"role": "user", "content": "first"})
+        writer = other.conversation(chat.id)
+        with memory.database.cursor(write=False) as cur:
+            cur.execute(count)
+            before = cur.fetchone()[0]
+            writer.append({"role": "assistant", "content": "committed meanwhile"})
+            cur.execute(count)
+            assert cur.fetchone()[0] == before == 1
+        with memory.database.read() as conn:
+            before = conn.exec_driver_sql(count).scalar_one()
+            writer.append({"role": "user", "content": "and another"})
+            assert conn.exec_driver_sql(count).scalar_one() == before == 2
+        assert len(chat) == 3

@@ -11,6 +11,15 @@ All database hygiene lives here:
 * A path that exists must already be a SQLite file; it is inspected through a
   read-only connection first so that a foreign, empty or corrupt file is
   refused without a byte changed. New files are created with mode 0600.
+* Every read is one snapshot. A context is built from several statements
+  (the conversation row, then the summary, pinned messages and the tail);
+  under PostgreSQL's default READ COMMITTED each statement sees the commits
+  made before *it*, so a turn committed between the row and the tail was
+  half-seen and two messages claimed one position. Read transactions there
+  are ``REPEATABLE READ, READ ONLY`` (one snapshot, taken at the first
+  statement; a read-only transaction never fails to serialize). SQLite's
+  ``BEGIN`` (deferred) in WAL mode already keeps the snapshot of its first
+  read until the transaction ends.
 * PostgreSQL URLs without a driver get psycopg (version 3).
 """
 
@@ -32,6 +41,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from conversation_memory.errors import ConfigurationError, NotADatabase, StoreError
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+PG_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+"""The first statement of a PostgreSQL read transaction (see the module docstring)."""
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -245,6 +256,8 @@ class Database:
     def read(self) -> Iterator[Connection]:
         """A read transaction (a consistent snapshot on both backends)."""
         with self._translate(), self.engine.connect() as conn, conn.begin():
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(PG_SNAPSHOT)
             yield conn
 
     @contextmanager
@@ -292,6 +305,8 @@ class Database:
                 cursor = fairy.cursor()
                 if self.dialect == "sqlite":
                     cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                elif not write:
+                    cursor.execute(PG_SNAPSHOT)
                 try:
                     yield cursor
                 except BaseException:
