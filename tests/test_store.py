@@ -88,6 +88,54 @@ def test_another_applications_sqlite_file_is_refused_untouched(tmp_path):
     assert digest(path) == before
 
 
+def _wal_file(path, *statements):
+    """A SQLite file in WAL mode (as most applications leave theirs), closed cleanly."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode = WAL")
+    for statement in statements:
+        con.execute(statement)
+    con.commit()
+    con.close()
+
+
+def _damaged_wal_file(path):
+    _wal_file(path, "CREATE TABLE notes (body TEXT)")
+    data = bytearray(path.read_bytes())
+    data[100:4096] = b"\xa5" * 3996  # the schema page, scribbled over; the header stays
+    path.write_bytes(bytes(data))
+
+
+def _rollback_journal_file(path):
+    """A table-less file in SQLite's default (rollback journal) mode, user_version set."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA user_version = 3")
+    con.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda p: _wal_file(p, "CREATE TABLE notes (body TEXT)"), "another application"),
+        (_damaged_wal_file, "damaged"),
+        (lambda p: _wal_file(p, "PRAGMA user_version = 7"), "another application"),
+        (lambda p: _wal_file(p, "PRAGMA application_id = 1234"), "another application"),
+        (_rollback_journal_file, "another application"),
+    ],
+    ids=["foreign", "damaged", "user_version", "application_id", "rollback-journal"],
+)
+def test_refused_sqlite_files_get_no_side_files(tmp_path, make, error):
+    """Nothing appears beside a refused file: SQLite opens a WAL-mode file's -wal and
+    -shm even to read it, so the check must not open it that way."""
+    path = tmp_path / "app.db"
+    make(path)
+    before = digest(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+    with pytest.raises(NotADatabase, match=error):
+        Memory(path)
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
 def test_newer_schema_is_refused_untouched(tmp_path):
     path = tmp_path / "c.db"
     Memory(path).close()
@@ -100,6 +148,7 @@ def test_newer_schema_is_refused_untouched(tmp_path):
     with pytest.raises(SchemaTooNew, match="newer version"):
         Memory(path)
     assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.db"]
 
 
 def test_older_schema_says_what_to_run(tmp_path):

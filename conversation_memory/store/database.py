@@ -9,8 +9,11 @@ All database hygiene lives here:
   another writer got in between, ignoring ``busy_timeout``; taking the write
   lock up front makes writers queue instead.
 * A path that exists must already be a SQLite file; it is inspected through a
-  read-only connection first so that a foreign, empty or corrupt file is
-  refused without a byte changed. New files are created with mode 0600.
+  read-only (and, when no ``-wal`` file exists, immutable) connection first, so
+  that a foreign, empty or corrupt file is refused without a byte changed and
+  without a ``-wal`` or ``-shm`` file appearing beside it. A file with no
+  tables is ours to fill only if no application has stamped it
+  (``user_version``/``application_id``). New files are created with mode 0600.
 * Every read is one snapshot. A context is built from several statements
   (the conversation row, then the summary, pinned messages and the tail);
   under PostgreSQL's default READ COMMITTED each statement sees the commits
@@ -141,26 +144,59 @@ def inspect_sqlite_file(path: Path, version_table: str) -> Snapshot | None:
             "Choose another path.",
             path=str(path),
         )
-    try:
-        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    # A read-only open of a WAL-mode file still creates its -wal and -shm, so a
+    # file we then refuse would get company. Without a -wal beside it, the file
+    # holds every commit and is read as immutable (no locks, nothing created);
+    # with one, it is in use (or its user crashed) and the side files exist.
+    wal = Path(f"{path}-wal")
+    immutable = not wal.exists()
+    while True:
         try:
-            tables = frozenset(
-                name
-                for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            )
-            revision = None
-            if version_table in tables:
-                found = con.execute(f"SELECT version_num FROM {version_table}").fetchone()
-                revision = found[0] if found else None
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
+            tables, revision, marks = _read_sqlite_file(path, version_table, immutable=immutable)
+            break
+        except sqlite3.DatabaseError as exc:
+            if immutable and wal.exists():
+                # Another process opened it while we read without locks (its
+                # checkpoint may have torn our read): read it again, properly.
+                immutable = False
+                continue
+            raise NotADatabase(
+                f"{path} is a damaged SQLite file ({exc}); it was left untouched. "
+                "Restore it from a backup or choose another path.",
+                path=str(path),
+            ) from None
+    if not tables and any(marks):
+        # A schema-less file that an application stamped as its own.
         raise NotADatabase(
-            f"{path} is a damaged SQLite file ({exc}); it was left untouched. "
-            "Restore it from a backup or choose another path.",
+            f"{path} is a SQLite database of another application (no tables, but its "
+            f"user_version is {marks[0]} and application_id {marks[1]}); it was left "
+            "untouched. Choose another path.",
             path=str(path),
-        ) from None
+        )
     return Snapshot(tables, revision)
+
+
+def _read_sqlite_file(
+    path: Path, version_table: str, *, immutable: bool
+) -> tuple[frozenset[str], str | None, tuple[int, int]]:
+    """Table names, our revision, and (user_version, application_id) of a file."""
+    flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+    con = sqlite3.connect(f"{path.as_uri()}?{flags}", uri=True)
+    try:
+        tables = frozenset(
+            name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        )
+        revision = None
+        if version_table in tables:
+            found = con.execute(f"SELECT version_num FROM {version_table}").fetchone()
+            revision = found[0] if found else None
+        marks = (
+            con.execute("PRAGMA user_version").fetchone()[0],
+            con.execute("PRAGMA application_id").fetchone()[0],
+        )
+    finally:
+        con.close()
+    return tables, revision, marks
 
 
 def create_sqlite_file(path: Path) -> None:
