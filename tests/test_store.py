@@ -16,6 +16,7 @@ from conversation_memory import (
     NotADatabase,
     SchemaOutdated,
     SchemaTooNew,
+    StoreError,
 )
 from conversation_memory.store import migrate
 from conversation_memory.store.database import Database, make_engine, parse_target
@@ -222,8 +223,6 @@ def test_saved_schema_with_data_upgrades_and_keeps_it(tmp_path):
 
 
 def test_unreachable_server_is_a_store_error():
-    from conversation_memory import StoreError
-
     with pytest.raises(StoreError, match="cannot use the database"):
         Memory("postgresql://postgres@127.0.0.1:9/test")
 
@@ -252,3 +251,43 @@ def test_a_read_sees_one_snapshot(db_url):
             writer.append({"role": "user", "content": "and another"})
             assert conn.exec_driver_sql(count).scalar_one() == before == 2
         assert len(chat) == 3
+
+
+def test_create_false_opens_only_an_existing_database(tmp_path):
+    for missing in (tmp_path / "x.db", tmp_path / "no" / "folder" / "x.db"):
+        with pytest.raises(StoreError, match=f"there is no database at {missing}"):
+            Memory(missing, create=False)
+    assert list(tmp_path.iterdir()) == []
+    _rollback_journal_file(tmp_path / "empty.db")  # a valid SQLite file without tables...
+    con = sqlite3.connect(tmp_path / "empty.db")
+    con.execute("PRAGMA user_version = 0")  # ...and unclaimed: ours to fill, but only on request
+    con.close()
+    before = digest(tmp_path / "empty.db")
+    with pytest.raises(StoreError, match="there is no database at"):
+        Memory(tmp_path / "empty.db", create=False)
+    assert digest(tmp_path / "empty.db") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+    with pytest.raises(StoreError, match="there is no database at"):
+        Memory(":memory:", create=False)
+    Memory(tmp_path / "x.db").close()
+    with Memory(tmp_path / "x.db", create=False) as memory:
+        assert memory.conversations() == []
+
+
+def test_create_false_creates_no_tables_on_a_server(pg_url):
+    with pytest.raises(StoreError, match="there is no database at"):
+        Memory(pg_url, create=False)
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+
+
+def test_a_relative_sqlite_url_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"sqlite:////tmp/x\.db"):
+        Memory("sqlite:///tmp/x.db")
+    assert list(tmp_path.iterdir()) == []
+    with Memory(f"sqlite:///{tmp_path / 'abs.db'}") as memory:  # four slashes: absolute
+        assert memory.database.target.path == tmp_path / "abs.db"

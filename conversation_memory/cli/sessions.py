@@ -1,5 +1,10 @@
 """Commands over stored conversations: sessions, show, context, usage, export, import,
-fork, rm, erase. Each opens the database, asks the library, and prints."""
+fork, rm, erase. Each opens the database, asks the library, and prints.
+
+Only ``import`` may create a database (once its file has been read and found
+valid): the others open an existing one (``Memory(db, create=False)``), so a
+mistyped ``--db`` is an error rather than a new empty database.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import click
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import command, console, json_option, print_json, user_option
 from conversation_memory.engine import Memory, UsageTotals
+from conversation_memory.export import read_export
 
 
 def resolve(memory: Memory, ref: str, user: str | None) -> Any:
@@ -43,7 +49,7 @@ def sessions(
     Shows id (the first 12 characters are enough anywhere an ID is asked
     for), title, user, messages, tokens and last activity.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         rows = memory.conversations(
             user=user, all_users=user is None, limit=None if show_all else limit
         )
@@ -70,7 +76,7 @@ def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool)
     ID is an id, a unique id prefix, or a title (the most recent one with
     that title).
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         info, conversation = resolve(memory, ref, user)
         entries = conversation.entries()
         summaries = conversation.summary_cover()
@@ -130,7 +136,7 @@ def context(
     --strategy and --budget show the same conversation under other
     settings without changing it.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         info = memory.find(ref, user=user)
         conversation = memory.conversation(
             info.id, user=info.user, strategy=strategy, budget=budget
@@ -149,7 +155,7 @@ def context(
 @json_option
 def usage(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool) -> None:
     """Tokens, latency and estimated cost of every model call, and in total."""
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         _, conversation = resolve(memory, ref, user)
         calls = conversation.calls()
     totals = UsageTotals.of(calls)
@@ -175,7 +181,7 @@ def export(db: str | None, ref: str, user: str | None, output: str | None, debug
     `convmem import` reads it back; exporting the import again gives the
     same bytes.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         _, conversation = resolve(memory, ref, user)
         text = conversation.export()
     if output is None:
@@ -202,9 +208,10 @@ def import_(
     in the error.
     """
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    parsed = read_export(data)  # checked first: a bad file creates no database
     with Memory(db) as memory:
         with console(stderr=True).status("importing…"):
-            conversation = memory.import_conversation(data, user=user, new_id=new_id)
+            conversation = memory.import_conversation(parsed, user=user, new_id=new_id)
         info = memory.find(conversation.id, user=conversation.user)
     if as_json:
         print_json(info)
@@ -237,7 +244,7 @@ def fork(
     Nothing is copied: the fork points at its parent. Continue it with
     `convmem chat NEW_ID`.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         _, conversation = resolve(memory, ref, user)
         child = conversation.fork(at, title=title)
         info = memory.find(child.id, user=child.user)
@@ -259,7 +266,7 @@ def rm(db: str | None, ref: str, user: str | None, yes: bool, debug: bool) -> No
     Forks of it keep the messages they share. Asks first unless --yes
     (or stdin is not a terminal).
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         info, conversation = resolve(memory, ref, user)
         if not yes and sys.stdin.isatty():
             click.confirm(
@@ -276,7 +283,7 @@ def rm(db: str | None, ref: str, user: str | None, yes: bool, debug: bool) -> No
 @json_option
 def erase(db: str | None, user: str, yes: bool, as_json: bool, debug: bool) -> None:
     """Delete everything stored for a user: conversations, summaries, usage."""
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         if not yes and sys.stdin.isatty():
             click.confirm(f"erase every conversation of user {user!r}?", abort=True)
         erased = memory.erase_user(user)

@@ -92,7 +92,15 @@ def parse_target(db: str | os.PathLike[str]) -> Target:
         database = url.database or ""
         if database in ("", ":memory:"):
             return Target("sqlite+pysqlite://", None)
-        path = Path(database).expanduser().absolute()
+        path = Path(database).expanduser()
+        if not path.is_absolute():
+            # Three slashes are SQLAlchemy's relative form: sqlite:///tmp/x.db is
+            # ./tmp/x.db, which is rarely what the writer of the URL meant.
+            raise ConfigurationError(
+                f"db URL {db!r} names {database!r}, a path relative to the current folder; "
+                f"for /{database} write sqlite:////{database} (four slashes), or pass the "
+                f"path itself ({database!r}) to mean the relative one"
+            )
         return Target(f"sqlite+pysqlite:///{path}", path)
     if backend == "postgresql":
         if url.get_driver_name() in ("psycopg2", "psycopg"):
@@ -101,6 +109,16 @@ def parse_target(db: str | os.PathLike[str]) -> Target:
     raise ConfigurationError(
         f"db URL scheme {url.drivername!r} is not supported; "
         "use a SQLite path or sqlite:///file.db, or postgresql://user@host/dbname"
+    )
+
+
+def missing_database(target: Target) -> StoreError:
+    """What opening a database that does not exist says when it may not create one."""
+    where = target.path if target.path is not None else target.display()
+    return StoreError(
+        f"there is no database at {where}; nothing was created. `convmem chat` or "
+        "Memory(db) creates one, or point --db (CONVMEM_DB) at another",
+        path=str(where),
     )
 
 
@@ -435,5 +453,6 @@ __all__ = [
     "create_sqlite_file",
     "inspect_sqlite_file",
     "make_engine",
+    "missing_database",
     "parse_target",
 ]

@@ -31,6 +31,7 @@ from conversation_memory.store.database import (
     Snapshot,
     inspect_sqlite_file,
     make_engine,
+    missing_database,
     parse_target,
 )
 from conversation_memory.store.schema import VERSION_TABLE, metadata
@@ -112,11 +113,7 @@ def opened(
     target = parse_target(_config.default_db_path(env) if db is None else db)
     if target.path is not None:
         if not target.path.exists():
-            raise StoreError(
-                f"there is no database at {target.path}; `convmem chat` or Memory(...) creates "
-                "one, or pass --db to point at another",
-                path=str(target.path),
-            )
+            raise missing_database(target)
         inspect_sqlite_file(target.path, VERSION_TABLE)
     database = Database(target, make_engine(target))
     try:
@@ -180,9 +177,17 @@ def preflight(db: Database, found: Snapshot, *, upgrade: bool = False) -> str | 
     )
 
 
-def ensure_schema(db: Database, *, upgrade: bool = False, found: Snapshot | None = None) -> str:
-    """Bring a freshly opened database to head, or refuse it; return its revision."""
-    if preflight(db, found or snapshot(db), upgrade=upgrade) is not None:
+def ensure_schema(
+    db: Database, *, upgrade: bool = False, found: Snapshot | None = None, create: bool = True
+) -> str:
+    """Bring a freshly opened database to head, or refuse it; return its revision.
+
+    ``create=False`` refuses a database without our schema instead of creating it.
+    """
+    found = found or snapshot(db)
+    if preflight(db, found, upgrade=upgrade) is not None:
+        if not create and VERSION_TABLE not in found.tables:
+            raise missing_database(db.target)
         _upgrade(db, "head")
     return HEAD
 
