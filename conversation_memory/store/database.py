@@ -306,6 +306,12 @@ class Database:
         self._lock = threading.Lock()
         self._all_held: list[_Held] = []
 
+    @property
+    def in_process(self) -> bool:
+        """An in-memory SQLite database: it lives and dies with this process, and
+        every thread shares its one connection."""
+        return self.target.is_sqlite and self.target.path is None
+
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read transaction (a consistent snapshot on both backends)."""
