@@ -326,6 +326,25 @@ def test_a_relative_sqlite_url_is_refused_with_the_right_forms(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
 
 
+@pytest.mark.parametrize("sub", ["current", "upgrade", "check"])
+def test_db_commands_refuse_another_applications_file_untouched(tmp_path, sub):
+    """`convmem db upgrade` must not write our tables into another program's SQLite file
+    (nor `db current` switch it to WAL while reading its revision)."""
+    import sqlite3
+
+    path = tmp_path / "app.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE notes (body TEXT)")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    done = run("db", sub, "--db", str(path), check=False)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "another application" in done.stderr
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
 def test_errors_are_one_line_with_exit_codes(db, tmp_path, server):
     Memory(db).close()
     missing = run_process("show", "nope", "--db", db, check=False)

@@ -108,16 +108,20 @@ def opened(
 
     For ``convmem db``: reading the revision of an outdated database must not
     require upgrading it first. A SQLite path that does not exist is refused
-    (nothing is created); a file that is not SQLite raises ``NotADatabase``.
+    (nothing is created); a file that is not SQLite, or another application's,
+    raises ``NotADatabase`` before a connection could rewrite it.
     """
     target = parse_target(_config.default_db_path(env) if db is None else db)
+    found = None
     if target.path is not None:
         if not target.path.exists():
             raise missing_database(target)
-        inspect_sqlite_file(target.path, VERSION_TABLE)
+        found = inspect_sqlite_file(target.path, VERSION_TABLE)
     database = Database(target, make_engine(target))
     try:
         with database.errors():
+            if found is not None:
+                _refuse_foreign(database, found)
             yield database
     finally:
         database.dispose()
@@ -132,6 +136,25 @@ def snapshot(db: Database) -> Snapshot:
     return Snapshot(tables, revision)
 
 
+def _refuse_foreign(db: Database, found: Snapshot) -> None:
+    """Raise NotADatabase for tables that are not ours to add to or upgrade."""
+    if VERSION_TABLE in found.tables:
+        return
+    ours = found.tables & OUR_TABLES
+    if ours:
+        raise NotADatabase(
+            f"{db.target.display()} has tables named like ours ({', '.join(sorted(ours))}) "
+            "but no conversation_memory version record; it was left untouched. "
+            "Use another database or schema.",
+        )
+    if db.target.is_sqlite and found.tables:
+        raise NotADatabase(
+            f"{db.target.display()} is a SQLite database of another application "
+            f"(tables: {', '.join(sorted(found.tables)[:5])}); it was left untouched. "
+            "Choose another path.",
+        )
+
+
 def preflight(db: Database, found: Snapshot, *, upgrade: bool = False) -> str | None:
     """Decide from a snapshot, before any write: refuse, or say which upgrade is due.
 
@@ -140,19 +163,7 @@ def preflight(db: Database, found: Snapshot, *, upgrade: bool = False) -> str | 
     """
     head = HEAD
     if VERSION_TABLE not in found.tables:
-        ours = found.tables & OUR_TABLES
-        if ours:
-            raise NotADatabase(
-                f"{db.target.display()} has tables named like ours ({', '.join(sorted(ours))}) "
-                "but no conversation_memory version record; it was left untouched. "
-                "Use another database or schema.",
-            )
-        if db.target.is_sqlite and found.tables:
-            raise NotADatabase(
-                f"{db.target.display()} is a SQLite database of another application "
-                f"(tables: {', '.join(sorted(found.tables)[:5])}); it was left untouched. "
-                "Choose another path.",
-            )
+        _refuse_foreign(db, found)
         return "head"
     current = found.revision
     if current == head:
