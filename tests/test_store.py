@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import sqlite3
@@ -11,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from conversation_memory import (
+    AsyncMemory,
     ConfigurationError,
     Memory,
     NotADatabase,
@@ -269,6 +271,9 @@ def test_create_false_opens_only_an_existing_database(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
     with pytest.raises(StoreError, match="there is no database at"):
         Memory(":memory:", create=False)
+    with pytest.raises(StoreError, match="there is no database at"):
+        asyncio.run(AsyncMemory.open(tmp_path / "x.db", create=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
     Memory(tmp_path / "x.db").close()
     with Memory(tmp_path / "x.db", create=False) as memory:
         assert memory.conversations() == []
