@@ -4,7 +4,7 @@ The strategy says how far to fold (``Selection.fold_through``); this module
 does it:
 
 1. take the conversation's compaction lease (one compaction per conversation
-   at a time; a lease left by a killed process expires);
+   at a time; see "Leases" below);
 2. read the messages after the current summary up to the fold point, in
    chunks that fit the summarizer's input;
 3. for each chunk, call the summarizer with the previous summary and the
@@ -15,11 +15,29 @@ does it:
 
 Messages are never touched. A failure stores nothing but a usage row with the
 error; the next turn tries again.
+
+Leases. A lease is a row that lasts ``LEASE_SECONDS`` (a few seconds), and
+its holder renews it from a background thread every third of that for as
+long as it compacts, through the long summarizer call included. A holder
+that dies (kill -9, a power cut, a lost host) stops renewing, so its lease
+lapses within seconds and the next compaction takes over; with a lease sized
+for the slowest summarizer call, a crash loop would never get a summary made.
+We chose a short renewed lease over checking whether the holder's pid is
+alive: a pid means nothing on another host, or in another container, and
+PostgreSQL serves many of both; the lease needs only the database and clocks
+that agree to within a second or two. The lease only saves work. Should it
+lapse under a live holder (a renewal stalled past ``LEASE_SECONDS``, a skewed
+clock), two compactions may call the summarizer for one range, but only one
+summary is stored: step 3 takes the conversation row's lock and stores a
+summary only if the one it was built on is still the newest.
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -32,19 +50,25 @@ from conversation_memory.errors import (
     BudgetExceeded,
     ConfigurationError,
     ModelError,
+    StoreError,
     SummarizationFailed,
 )
 from conversation_memory.registry import get_model
 from conversation_memory.store import repository
-from conversation_memory.store.schema import compaction_leases, summaries, usage
+from conversation_memory.store.database import Database
+from conversation_memory.store.schema import compaction_leases, conversations, summaries, usage
 from conversation_memory.summarize import Summarizer, check_summary
 from conversation_memory.types import Summary
 
 if TYPE_CHECKING:
     from conversation_memory.engine import Conversation
 
-LEASE_SECONDS = 300
-"""How long a compaction may hold its lease before another may take over."""
+LEASE_SECONDS = 6.0
+"""How long a lease lasts unless its holder renews it (every third of this):
+how long a dead holder can block the compaction of its conversation."""
+IN_PROCESS_LEASE_SECONDS = 86_400.0
+"""The lease on an in-memory database, which dies with the process holding it:
+never renewed (all threads share its one connection), dropped when done."""
 DEFAULT_SUMMARY_CAP = 1024
 
 
@@ -59,10 +83,62 @@ class Outcome:
     """Why it stopped: the summarizer failed or its summary was refused."""
 
 
+def _lease_seconds(db: Database) -> float:
+    return IN_PROCESS_LEASE_SECONDS if db.in_process else LEASE_SECONDS
+
+
+@contextmanager
+def _leased(conversation: Conversation, level: int) -> Iterator[bool]:
+    """Hold the lease for the block, renewing it meanwhile; False if another holds it."""
+    holder = uuid.uuid4().hex
+    if not _take_lease(conversation, holder, level):
+        yield False
+        return
+    stop = threading.Event()
+    renewer = None
+    if not conversation.database.in_process:
+        renewer = threading.Thread(
+            target=_renew_lease,
+            args=(conversation.database, conversation.id, holder, level, stop),
+            name=f"convmem-lease-{conversation.id[:8]}",
+            daemon=True,  # never keeps the interpreter alive; the lease then lapses
+        )
+        renewer.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        if renewer is not None:
+            renewer.join()
+        _drop_lease(conversation, holder, level)
+
+
+def _renew_lease(
+    db: Database, conversation_id: str, holder: str, level: int, stop: threading.Event
+) -> None:
+    """Push the lease's expiry forward every third of ``LEASE_SECONDS`` until ``stop``."""
+    while not stop.wait(LEASE_SECONDS / 3):
+        try:
+            with db.write() as conn:
+                kept = conn.execute(
+                    update(compaction_leases)
+                    .where(
+                        compaction_leases.c.conversation_id == conversation_id,
+                        compaction_leases.c.level == level,
+                        compaction_leases.c.holder == holder,
+                    )
+                    .values(expires_at=repository.now() + timedelta(seconds=LEASE_SECONDS))
+                ).rowcount
+        except StoreError:
+            continue  # e.g. locked past busy_timeout: the next beat tries again
+        if not kept:
+            return  # it lapsed and was taken over; storing a summary stays safe (see above)
+
+
 def _take_lease(conversation: Conversation, holder: str, level: int) -> bool:
-    now = repository.now()
-    expires = now + timedelta(seconds=LEASE_SECONDS)
     db = conversation.database
+    now = repository.now()
+    expires = now + timedelta(seconds=_lease_seconds(db))
     try:
         with db.write() as conn:
             taken = conn.execute(
@@ -145,6 +221,13 @@ def _store_summary(
     db = conversation.database
     try:
         with db.write() as conn:
+            # The conversation row's lock makes the check and the insert one step
+            # on PostgreSQL too (SQLite's BEGIN IMMEDIATE already serializes them).
+            conn.execute(
+                select(conversations.c.id)
+                .where(conversations.c.id == conversation.id)
+                .with_for_update()
+            )
             if level == 0:
                 # The hot path's query, on this transaction's own connection.
                 newest = conversation.hot.newest_summary(conn.connection.cursor(), segments)
@@ -293,14 +376,13 @@ def compact(
 ) -> Outcome:
     """Fold what the strategy asks for into summaries; see the module docstring."""
     strategy = conversation.strategy
-    holder = uuid.uuid4().hex
     # The lease comes first: a compaction that read the state before another
     # finished would otherwise summarize the same range again.
-    if not _take_lease(conversation, holder, 0):
-        return Outcome(skipped="another compaction of this conversation is running")
-    done: list[Summary] = []
-    hierarchical = bool(getattr(strategy, "hierarchical", False))
-    try:
+    with _leased(conversation, 0) as held:
+        if not held:
+            return Outcome(skipped="another compaction of this conversation is running")
+        done: list[Summary] = []
+        hierarchical = bool(getattr(strategy, "hierarchical", False))
         state, budget = conversation.read_state()
         try:
             fold = strategy.select(state, budget).fold_through
@@ -353,8 +435,6 @@ def compact(
                 )
                 if error is not None:
                     return Outcome(summaries=tuple(done), error=error)
-    finally:
-        _drop_lease(conversation, holder, 0)
     return Outcome(summaries=tuple(done))
 
 

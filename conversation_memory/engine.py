@@ -36,7 +36,7 @@ from conversation_memory.errors import (
     InvalidMessage,
     UserNotFound,
 )
-from conversation_memory.export import read_export, write_export
+from conversation_memory.export import Parsed, read_export, write_export
 from conversation_memory.messages import check_metadata, dumps, normalize, to_row
 from conversation_memory.registry import ModelInfo, get_model
 from conversation_memory.store import migrate, repository
@@ -46,6 +46,7 @@ from conversation_memory.store.database import (
     create_sqlite_file,
     inspect_sqlite_file,
     make_engine,
+    missing_database,
     parse_target,
 )
 from conversation_memory.store.schema import VERSION_TABLE
@@ -267,7 +268,9 @@ class Memory:
     (``postgresql://user@host/dbname``); by default one file in the user data
     folder (``CONVMEM_DB`` overrides). A new database is created at the
     current schema; an older one raises :class:`SchemaOutdated` unless
-    ``upgrade=True``.
+    ``upgrade=True``. With ``create=False`` a database that does not exist
+    yet (no file, or no tables of ours) raises :class:`StoreError` and
+    nothing is created: what a tool that only reads wants.
     """
 
     def __init__(
@@ -284,6 +287,7 @@ class Memory:
         retry: Any = None,
         sleep: Any = None,
         upgrade: bool = False,
+        create: bool = True,
         busy_timeout_ms: int = 30_000,
         env: Mapping[str, str] | None = None,
         echo: bool = False,
@@ -294,6 +298,8 @@ class Memory:
         if target.path is not None:
             found = inspect_sqlite_file(target.path, VERSION_TABLE)
             created = found is None
+            if created and not create:
+                raise missing_database(target)
         self._db = Database(target, make_engine(target, busy_timeout_ms=busy_timeout_ms, echo=echo))
         try:
             with self._db.errors():
@@ -302,7 +308,7 @@ class Memory:
                     migrate.preflight(self._db, found, upgrade=upgrade)
                 elif target.path is not None:
                     create_sqlite_file(target.path)
-                migrate.ensure_schema(self._db, upgrade=upgrade, found=found)
+                migrate.ensure_schema(self._db, upgrade=upgrade, found=found, create=create)
         except BaseException:
             self._db.dispose()
             if created and target.path is not None:
@@ -514,7 +520,7 @@ class Memory:
 
     def import_conversation(
         self,
-        data: str | bytes | io.IOBase,
+        data: str | bytes | io.IOBase | Parsed,
         *,
         user: str | None = None,
         new_id: bool = False,
@@ -523,9 +529,10 @@ class Memory:
 
         The conversation keeps its id (``new_id=True`` draws a fresh one) and
         its owner unless ``user`` is given. Nothing is written unless every
-        line is valid.
+        line is valid. ``data`` may also be what ``export.read_export`` made of
+        it (to check a file before opening, and so creating, a database).
         """
-        parsed = read_export(data)
+        parsed = data if isinstance(data, Parsed) else read_export(data)
         header = parsed.header
         user_id = _check_user(user if user is not None else header.get("user"))
         conversation_id = uuid.uuid4().hex if new_id else header["id"]

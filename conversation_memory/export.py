@@ -21,6 +21,7 @@ from typing import Any
 
 from conversation_memory.errors import ImportFormatError, InvalidMessage
 from conversation_memory.messages import check_metadata, dumps, normalize
+from conversation_memory.registry import get_model
 from conversation_memory.store.repository import ConversationRow, Entry
 
 FORMAT = 1
@@ -118,6 +119,14 @@ def _header(lines: list[str]) -> dict[str, Any]:
         )
     if not isinstance(header.get("id"), str) or not header["id"]:
         raise ImportFormatError("line 1: the header has no conversation id", line=1)
+    for name in ("user", "model"):
+        value = header.get(name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ImportFormatError(
+                f"line 1: the header's {name} must be a non-empty string, got {value!r}", line=1
+            )
+    if header.get("model") is not None:
+        get_model(header["model"])  # an unknown model is refused before anything is opened
     return header
 
 

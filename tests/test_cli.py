@@ -267,6 +267,84 @@ def test_db_commands(db, tmp_path):
     assert not (tmp_path / "nope.db").exists()
 
 
+READ_ONLY = [
+    ("sessions",),
+    ("show", "x"),
+    ("context", "x"),
+    ("usage", "x"),
+    ("export", "x"),
+    ("fork", "x"),
+    ("rm", "x", "--yes"),
+    ("erase", "--user", "ann", "--yes"),
+]
+
+
+@pytest.mark.parametrize("words", READ_ONLY, ids=lambda words: words[0])
+def test_commands_that_only_read_create_no_database(tmp_path, words):
+    """Only a command that writes may create a database (or its folder)."""
+    missing = tmp_path / "no" / "such" / "folder" / "x.db"
+    for target in (tmp_path / "x.db", missing):
+        done = run(*words, "--db", str(target), check=False)
+        assert done.returncode == 4, done.stderr
+        assert done.stderr.count("\n") == 1
+        assert f"there is no database at {target}" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+HEADER = '{"convmem": 1, "type": "conversation", "id": "c1", "created_at": "2026-01-01T00:00:00", '
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (HEADER + '"updated_at": "2026-01-01T00:00:00"}\nnot json\n', "line 2"),
+        (HEADER + '"updated_at": "2026-01-01T00:00:00", "model": "no-such-model"}\n', "no-such"),
+    ],
+    ids=["bad line", "unknown model"],
+)
+def test_a_failed_import_creates_no_database(tmp_path, text, error):
+    target = tmp_path / "new" / "x.db"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    done = run("import", str(bad), "--db", str(target), check=False)
+    assert done.returncode == 1
+    assert error in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_a_relative_sqlite_url_is_refused_with_the_right_forms(tmp_path, monkeypatch):
+    """``sqlite:///tmp/x.db`` is SQLAlchemy's spelling of ./tmp/x.db, not of /tmp/x.db."""
+    export = tmp_path / "c.jsonl"
+    with Memory(":memory:") as memory:
+        export.write_text(memory.conversation().export())
+    monkeypatch.chdir(tmp_path)
+    done = run("import", str(export), "--db", "sqlite:///tmp/x.db", check=False)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert "sqlite:////tmp/x.db" in done.stderr  # the absolute form
+    assert "'tmp/x.db'" in done.stderr  # or the path itself
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+@pytest.mark.parametrize("sub", ["current", "upgrade", "check"])
+def test_db_commands_refuse_another_applications_file_untouched(tmp_path, sub):
+    """`convmem db upgrade` must not write our tables into another program's SQLite file
+    (nor `db current` switch it to WAL while reading its revision)."""
+    import sqlite3
+
+    path = tmp_path / "app.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE notes (body TEXT)")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    done = run("db", sub, "--db", str(path), check=False)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "another application" in done.stderr
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
 def test_errors_are_one_line_with_exit_codes(db, tmp_path, server):
     Memory(db).close()
     missing = run_process("show", "nope", "--db", db, check=False)
@@ -449,6 +527,7 @@ def test_an_outdated_database_says_what_to_run_and_db_upgrade_runs_it(tmp_path):
 
 def test_listing_commands_do_not_import_the_sdk(db):
     """`convmem sessions` must start fast: the openai SDK (about a second) stays unloaded."""
+    Memory(db).close()
     script = (
         "import sys; from conversation_memory.cli import main; sys.argv = ['convmem', "
         f"'sessions', '--db', {db!r}]\n"

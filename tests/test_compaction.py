@@ -40,6 +40,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import sqlalchemy as sa
 
@@ -364,6 +365,84 @@ def test_sigkill_during_compaction_leaves_no_partial_summary(tmp_path: Path) -> 
     )
 
 
+def _dying_compactor(db: str, conversation_id: str, *, port: Any, go: Any) -> None:
+    """Child: compact through the real summarizer over HTTP, and die in the call."""
+    errors = Path(f"{db}.child-error")
+    try:
+        go.wait(60)  # the parent's server is up: its port is set
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port.value}/v1", api_key=API_KEY, max_retries=0
+        )
+        with Memory(
+            db,
+            client=client,
+            model=MODEL,
+            strategy="summary",
+            compaction="manual",
+            summary_model=SUMMARY_MODEL,
+        ) as memory:
+            memory.conversation(id=conversation_id, user=USER).compact()
+        errors.write_text("the summarizer call returned; it should have hung until the kill")
+    except BaseException:
+        errors.write_text(traceback.format_exc())
+        raise
+
+
+@needs_fork
+@pytest.mark.slow
+def test_a_holder_killed_in_the_summarizer_call_blocks_compaction_for_seconds_only(
+    tmp_path: Path,
+) -> None:
+    """kill -9 while the summarizer call is in flight: another process's compact()
+    summarizes within seconds, not after a five-minute lease (a crash loop would
+    otherwise never get a summary made)."""
+    db = tmp_path / "crash-loop.db"
+    with _open(db) as memory:
+        conversation = memory.conversation(user=USER)
+        _fill(conversation, 30)
+        assert _folds(conversation) is not None
+        conversation_id = conversation.id
+    ctx = _fork()
+    port, go = ctx.Value("i", 0), ctx.Event()
+    child = ctx.Process(
+        target=_dying_compactor, args=(str(db), conversation_id), kwargs={"port": port, "go": go}
+    )
+    child.start()  # before the server exists: the child inherits none of its threads
+    try:
+        with ChatServer(window=2 * WINDOW, model=MODEL, api_key=API_KEY) as server:
+            server.fail(Fault.slow_first_byte(60))  # the summarizer never answers in time
+            port.value = server.port
+            go.set()
+            deadline = time.monotonic() + 30
+            while not any(is_summarization(r.body) for r in server.chat_requests):
+                assert child.is_alive(), _read(Path(f"{db}.child-error"))
+                assert time.monotonic() < deadline, "the child never called the summarizer"
+                time.sleep(0.02)
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            child.join(30)
+            killed = time.monotonic()
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert child.exitcode == -signal.SIGKILL
+    assert _lease(str(db), conversation_id) is not None, "the dead child left its lease"
+
+    with _open(db, summarizer=RecordingSummarizer()) as memory:
+        conversation = memory.conversation(id=conversation_id, user=USER)
+        outcome = conversation.compact()
+        assert outcome.skipped == "another compaction of this conversation is running"
+        while not outcome.summaries and time.monotonic() - killed < 20:
+            time.sleep(0.1)
+            outcome = conversation.compact()
+        waited = time.monotonic() - killed
+        assert outcome.summaries, f"still blocked by the dead holder's lease after {waited:.0f} s"
+        assert outcome.error is None
+        assert waited < 10
+        assert _folds(conversation) is None
+        _check_summaries(str(db), conversation_id, len(conversation))
+
+
 # -- 2. concurrent compactions ---------------------------------------------------------------
 
 WORKERS = 10
@@ -551,6 +630,35 @@ def test_concurrent_compactions_in_processes(db_url: str, tmp_path: Path) -> Non
         assert all(w[r]["error"] is None for w in results)
     _one_summary_per_range(db_url, conversation_id)
     _check_summaries(db_url, conversation_id, ROUNDS * 30)
+
+
+def test_two_summaries_built_on_the_same_one_cannot_both_be_stored(db_url: str) -> None:
+    """The lease keeps compactions apart only while its holder renews it in time; the
+    store alone must let one summary, not several, extend the one they were built on."""
+    with Memory(db_url, model=MODEL, strategy="summary", compaction="manual") as memory:
+        conversation = memory.conversation(user=USER)
+        _fill(conversation, 30)
+        segments = conversation.segments()
+        result = SummaryText(text="a summary", model="m", prompt_version="v")
+        barrier = threading.Barrier(WORKERS)
+
+        def store(n: int) -> Any:
+            barrier.wait(30)
+            return compaction_module._store_summary(
+                conversation,
+                previous=None,
+                start=0,
+                end=10 + n,  # each race entrant folded a different range
+                text=f"summary {n}",
+                tokens=10,
+                strategy="summary",
+                result=result,
+                segments=segments,
+            )
+
+        stored = [each for each in _run_threads(store, WORKERS) if each is not None]
+        assert len(stored) == 1, stored
+        assert len(_summaries(db_url, conversation.id)) == 1
 
 
 class Gate:

@@ -8,20 +8,31 @@ moment. Afterwards the log must hold exactly 2,400 messages at positions
 conversation row's running totals must equal what the messages add up to.
 On SQLite this exercises BEGIN IMMEDIATE + busy_timeout; on PostgreSQL the
 row lock taken by the position claim.
+
+Whole turns race too: eight processes ``send`` on one conversation through a
+real HTTP server, so each turn's context is read while the others commit. A
+read that saw a commit half (the row before it, the tail after it) would put
+two messages at one position and fail the turn; every turn must succeed, land
+whole and leave the log gap-free.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
 import sqlalchemy as sa
 
 from conversation_memory.engine import Memory
+from conversation_memory.testing import ChatServer
+from conversation_memory.tokens import counter_for
 
 WORKERS = 8
 PER_WORKER = 300
@@ -149,3 +160,93 @@ def test_parallel_appends_lose_nothing(db_url: str, tmp_path: Path) -> None:
     # Every position was handed out exactly once across all workers.
     claimed = sorted(p for path in outputs for _, p, _ in json.loads(path.read_text()))
     assert claimed == list(range(total))
+
+
+# -- whole turns from many processes -------------------------------------------------
+
+TURNS = 8
+"""Turns per process; the race shows within the first few."""
+TURN_MODEL = "gpt-4o-mini"
+
+
+def _sender(
+    db: str, conversation_id: str, worker: int, *, port: Any, barrier: Any, out: str
+) -> None:
+    """Child (forked before the server started): send TURNS turns on one conversation."""
+    try:
+        barrier.wait(START_TIMEOUT)  # the parent's server is up: its port is set
+        with (
+            openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port.value}/v1", api_key="test-key", max_retries=0
+            ) as client,
+            Memory(db, client=client, model=TURN_MODEL) as memory,
+        ):
+            conversation = memory.conversation(id=conversation_id, user=USER)
+            sent = []
+            for turn in range(TURNS):
+                reply = conversation.send(f"worker {worker} turn {turn}", max_tokens=20)
+                sent.append(reply.text)
+    except BaseException:
+        Path(f"{out}.error").write_text(traceback.format_exc())
+        raise
+    Path(out).write_text(json.dumps(sent))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks child processes")
+def test_parallel_turns_on_one_conversation_all_succeed(db_url: str, tmp_path: Path) -> None:
+    with Memory(db_url, model=TURN_MODEL) as memory:
+        # A small budget: every context is cut from the tail the others are writing.
+        conversation_id = memory.conversation(user=USER, budget=300).id
+    counter_for(TURN_MODEL).count_text("load the tokenizer before forking")
+    ctx = multiprocessing.get_context("fork")
+    port = ctx.Value("i", 0)
+    barrier = ctx.Barrier(WORKERS + 1)
+    outputs = [tmp_path / f"sender-{n}.json" for n in range(WORKERS)]
+    processes = [
+        ctx.Process(
+            target=_sender,
+            args=(db_url, conversation_id, n),
+            kwargs={"port": port, "barrier": barrier, "out": str(outputs[n])},
+            name=f"sender-{n}",
+        )
+        for n in range(WORKERS)
+    ]
+    for process in processes:
+        process.start()  # before the server exists: no child inherits its threads
+    try:
+        with ChatServer(model=TURN_MODEL, window=128_000) as server:
+            port.value = server.port
+            barrier.wait(START_TIMEOUT)
+            for process in processes:
+                process.join(RUN_TIMEOUT)
+            assert server.errors == []
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    failed = {
+        p.name: (p.exitcode, _error(outputs[n])) for n, p in enumerate(processes) if p.exitcode
+    }
+    assert not failed, f"workers failed (exit code, traceback): {failed}"
+
+    engine = sa.create_engine(_sa_url(db_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT position, role, content FROM messages "
+                    "WHERE conversation_id = :id ORDER BY position"
+                ),
+                {"id": conversation_id},
+            ).all()
+    finally:
+        engine.dispose()
+    assert [row.position for row in rows] == list(range(2 * WORKERS * TURNS))
+    # Every turn is whole: each question is followed by the reply it got.
+    replies = {row.content for row in rows if row.role == "assistant"}
+    for worker, path in enumerate(outputs):
+        assert set(json.loads(path.read_text())) <= replies
+        asked = [row.position for row in rows if row.content.startswith(f"worker {worker} ")]
+        assert len(asked) == TURNS
+        assert all(rows[p + 1].role == "assistant" for p in asked)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import sqlite3
@@ -11,11 +12,13 @@ import pytest
 import sqlalchemy as sa
 
 from conversation_memory import (
+    AsyncMemory,
     ConfigurationError,
     Memory,
     NotADatabase,
     SchemaOutdated,
     SchemaTooNew,
+    StoreError,
 )
 from conversation_memory.store import migrate
 from conversation_memory.store.database import Database, make_engine, parse_target
@@ -88,6 +91,54 @@ def test_another_applications_sqlite_file_is_refused_untouched(tmp_path):
     assert digest(path) == before
 
 
+def _wal_file(path, *statements):
+    """A SQLite file in WAL mode (as most applications leave theirs), closed cleanly."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode = WAL")
+    for statement in statements:
+        con.execute(statement)
+    con.commit()
+    con.close()
+
+
+def _damaged_wal_file(path):
+    _wal_file(path, "CREATE TABLE notes (body TEXT)")
+    data = bytearray(path.read_bytes())
+    data[100:4096] = b"\xa5" * 3996  # the schema page, scribbled over; the header stays
+    path.write_bytes(bytes(data))
+
+
+def _rollback_journal_file(path):
+    """A table-less file in SQLite's default (rollback journal) mode, user_version set."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA user_version = 3")
+    con.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda p: _wal_file(p, "CREATE TABLE notes (body TEXT)"), "another application"),
+        (_damaged_wal_file, "damaged"),
+        (lambda p: _wal_file(p, "PRAGMA user_version = 7"), "another application"),
+        (lambda p: _wal_file(p, "PRAGMA application_id = 1234"), "another application"),
+        (_rollback_journal_file, "another application"),
+    ],
+    ids=["foreign", "damaged", "user_version", "application_id", "rollback-journal"],
+)
+def test_refused_sqlite_files_get_no_side_files(tmp_path, make, error):
+    """Nothing appears beside a refused file: SQLite opens a WAL-mode file's -wal and
+    -shm even to read it, so the check must not open it that way."""
+    path = tmp_path / "app.db"
+    make(path)
+    before = digest(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+    with pytest.raises(NotADatabase, match=error):
+        Memory(path)
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
 def test_newer_schema_is_refused_untouched(tmp_path):
     path = tmp_path / "c.db"
     Memory(path).close()
@@ -100,6 +151,7 @@ def test_newer_schema_is_refused_untouched(tmp_path):
     with pytest.raises(SchemaTooNew, match="newer version"):
         Memory(path)
     assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.db"]
 
 
 def test_older_schema_says_what_to_run(tmp_path):
@@ -173,7 +225,74 @@ def test_saved_schema_with_data_upgrades_and_keeps_it(tmp_path):
 
 
 def test_unreachable_server_is_a_store_error():
-    from conversation_memory import StoreError
-
     with pytest.raises(StoreError, match="cannot use the database"):
         Memory("postgresql://postgres@127.0.0.1:9/test")
+
+
+def test_a_read_sees_one_snapshot(db_url):
+    """A commit landing between two statements of one read is not half-seen.
+
+    Building a context reads the conversation row, then the tail: if the tail
+    saw a turn the row did not, positions would collide. Both kinds of read
+    transaction (the DBAPI cursor of the hot path and the Core connection)
+    must see the database as it was at their first statement.
+    """
+    count = "SELECT count(*) FROM messages"
+    with Memory(db_url) as memory, Memory(db_url) as other:
+        chat = memory.conversation()
+        chat.append({"role": "user", "content": "first"})
+        writer = other.conversation(chat.id)
+        with memory.database.cursor(write=False) as cur:
+            cur.execute(count)
+            before = cur.fetchone()[0]
+            writer.append({"role": "assistant", "content": "committed meanwhile"})
+            cur.execute(count)
+            assert cur.fetchone()[0] == before == 1
+        with memory.database.read() as conn:
+            before = conn.exec_driver_sql(count).scalar_one()
+            writer.append({"role": "user", "content": "and another"})
+            assert conn.exec_driver_sql(count).scalar_one() == before == 2
+        assert len(chat) == 3
+
+
+def test_create_false_opens_only_an_existing_database(tmp_path):
+    for missing in (tmp_path / "x.db", tmp_path / "no" / "folder" / "x.db"):
+        with pytest.raises(StoreError, match=f"there is no database at {missing}"):
+            Memory(missing, create=False)
+    assert list(tmp_path.iterdir()) == []
+    _rollback_journal_file(tmp_path / "empty.db")  # a valid SQLite file without tables...
+    con = sqlite3.connect(tmp_path / "empty.db")
+    con.execute("PRAGMA user_version = 0")  # ...and unclaimed: ours to fill, but only on request
+    con.close()
+    before = digest(tmp_path / "empty.db")
+    with pytest.raises(StoreError, match="there is no database at"):
+        Memory(tmp_path / "empty.db", create=False)
+    assert digest(tmp_path / "empty.db") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+    with pytest.raises(StoreError, match="there is no database at"):
+        Memory(":memory:", create=False)
+    with pytest.raises(StoreError, match="there is no database at"):
+        asyncio.run(AsyncMemory.open(tmp_path / "x.db", create=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+    Memory(tmp_path / "x.db").close()
+    with Memory(tmp_path / "x.db", create=False) as memory:
+        assert memory.conversations() == []
+
+
+def test_create_false_creates_no_tables_on_a_server(pg_url):
+    with pytest.raises(StoreError, match="there is no database at"):
+        Memory(pg_url, create=False)
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+
+
+def test_a_relative_sqlite_url_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"sqlite:////tmp/x\.db"):
+        Memory("sqlite:///tmp/x.db")
+    assert list(tmp_path.iterdir()) == []
+    with Memory(f"sqlite:///{tmp_path / 'abs.db'}") as memory:  # four slashes: absolute
+        assert memory.database.target.path == tmp_path / "abs.db"

@@ -1,5 +1,10 @@
 """Commands over stored conversations: sessions, show, context, usage, export, import,
-fork, rm, erase. Each opens the database, asks the library, and prints."""
+fork, rm, erase. Each opens the database, asks the library, and prints.
+
+Only ``import`` may create a database (once its file has been read and found
+valid): the others open an existing one (``Memory(db, create=False)``), so a
+mistyped ``--db`` is an error rather than a new empty database.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from conversation_memory.cli._app import (
 )
 from conversation_memory.engine import Memory, UsageTotals
 from conversation_memory.errors import ConfigurationError
+from conversation_memory.export import read_export
 
 
 def resolve(memory: Memory, ref: str, user: str | None) -> Any:
@@ -51,7 +57,7 @@ def sessions(
     Shows id (the first 12 characters are enough anywhere an ID is asked
     for), title, user, messages, tokens and last activity.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         rows = memory.conversations(
             user=user, all_users=user is None, limit=None if show_all else limit
         )
@@ -78,7 +84,7 @@ def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool)
     ID is an id, a title (the most recent one with that title), or a
     unique id prefix.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         info, conversation = resolve(memory, ref, user)
         entries = conversation.entries()
         summaries = conversation.summary_cover()
@@ -138,7 +144,7 @@ def context(
     --strategy and --budget show the same conversation under other
     settings without changing it.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         info = memory.find(ref, user=user)
         conversation = memory.conversation(
             info.id, user=info.user, strategy=strategy, budget=budget
@@ -157,7 +163,7 @@ def context(
 @json_option
 def usage(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool) -> None:
     """Tokens, latency and estimated cost of every model call, and in total."""
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         _, conversation = resolve(memory, ref, user)
         calls = conversation.calls()
     totals = UsageTotals.of(calls)
@@ -183,7 +189,7 @@ def export(db: str | None, ref: str, user: str | None, output: str | None, debug
     `convmem import` reads it back; exporting the import again gives the
     same bytes.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         _, conversation = resolve(memory, ref, user)
         text = conversation.export()
     if output is None:
@@ -210,9 +216,10 @@ def import_(
     in the error.
     """
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    parsed = read_export(data)  # checked first: a bad file creates no database
     with Memory(db) as memory:
         with console(stderr=True).status("importing…"):
-            conversation = memory.import_conversation(data, user=user, new_id=new_id)
+            conversation = memory.import_conversation(parsed, user=user, new_id=new_id)
         info = memory.find(conversation.id, user=conversation.user)
     if as_json:
         print_json(info)
@@ -245,7 +252,7 @@ def fork(
     Nothing is copied: the fork points at its parent. Continue it with
     `convmem chat NEW_ID`.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         _, conversation = resolve(memory, ref, user)
         child = conversation.fork(at, title=title)
         info = memory.find(child.id, user=child.user)
@@ -286,7 +293,7 @@ def rm(db: str | None, ref: str, user: str | None, yes: bool, as_json: bool, deb
     Forks of it keep the messages they share. Asks first unless --yes;
     with stdin not a terminal, nothing is deleted without --yes.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         info, conversation = resolve(memory, ref, user)
         confirm(f"{info.id} ({info.title or 'untitled'}, {info.message_count} messages)", yes=yes)
         conversation.delete()
@@ -306,7 +313,7 @@ def erase(db: str | None, user: str, yes: bool, as_json: bool, debug: bool) -> N
     Asks first unless --yes; with stdin not a terminal, nothing is deleted
     without --yes.
     """
-    with Memory(db) as memory:
+    with Memory(db, create=False) as memory:
         confirm(f"every conversation of user {user!r}", yes=yes)
         erased = memory.erase_user(user)
     if as_json:

@@ -9,8 +9,20 @@ All database hygiene lives here:
   another writer got in between, ignoring ``busy_timeout``; taking the write
   lock up front makes writers queue instead.
 * A path that exists must already be a SQLite file; it is inspected through a
-  read-only connection first so that a foreign, empty or corrupt file is
-  refused without a byte changed. New files are created with mode 0600.
+  read-only (and, when no ``-wal`` file exists, immutable) connection first, so
+  that a foreign, empty or corrupt file is refused without a byte changed and
+  without a ``-wal`` or ``-shm`` file appearing beside it. A file with no
+  tables is ours to fill only if no application has stamped it
+  (``user_version``/``application_id``). New files are created with mode 0600.
+* Every read is one snapshot. A context is built from several statements
+  (the conversation row, then the summary, pinned messages and the tail);
+  under PostgreSQL's default READ COMMITTED each statement sees the commits
+  made before *it*, so a turn committed between the row and the tail was
+  half-seen and two messages claimed one position. Read transactions there
+  are ``REPEATABLE READ, READ ONLY`` (one snapshot, taken at the first
+  statement; a read-only transaction never fails to serialize). SQLite's
+  ``BEGIN`` (deferred) in WAL mode already keeps the snapshot of its first
+  read until the transaction ends.
 * PostgreSQL URLs without a driver get psycopg (version 3).
 """
 
@@ -32,6 +44,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from conversation_memory.errors import ConfigurationError, NotADatabase, StoreError
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+PG_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+"""The first statement of a PostgreSQL read transaction (see the module docstring)."""
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -80,7 +94,15 @@ def parse_target(db: str | os.PathLike[str]) -> Target:
         database = url.database or ""
         if database in ("", ":memory:"):
             return Target("sqlite+pysqlite://", None)
-        path = Path(database).expanduser().absolute()
+        path = Path(database).expanduser()
+        if not path.is_absolute():
+            # Three slashes are SQLAlchemy's relative form: sqlite:///tmp/x.db is
+            # ./tmp/x.db, which is rarely what the writer of the URL meant.
+            raise ConfigurationError(
+                f"db URL {db!r} names {database!r}, a path relative to the current folder; "
+                f"for /{database} write sqlite:////{database} (four slashes), or pass the "
+                f"path itself ({database!r}) to mean the relative one"
+            )
         return Target(f"sqlite+pysqlite:///{path}", path)
     if backend == "postgresql":
         if url.get_driver_name() in ("psycopg2", "psycopg"):
@@ -89,6 +111,16 @@ def parse_target(db: str | os.PathLike[str]) -> Target:
     raise ConfigurationError(
         f"db URL scheme {url.drivername!r} is not supported; "
         "use a SQLite path or sqlite:///file.db, or postgresql://user@host/dbname"
+    )
+
+
+def missing_database(target: Target) -> StoreError:
+    """What opening a database that does not exist says when it may not create one."""
+    where = target.path if target.path is not None else target.display()
+    return StoreError(
+        f"there is no database at {where}; nothing was created. `convmem chat` or "
+        "Memory(db) creates one, or point --db (CONVMEM_DB) at another",
+        path=str(where),
     )
 
 
@@ -132,26 +164,59 @@ def inspect_sqlite_file(path: Path, version_table: str) -> Snapshot | None:
             "Choose another path.",
             path=str(path),
         )
-    try:
-        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    # A read-only open of a WAL-mode file still creates its -wal and -shm, so a
+    # file we then refuse would get company. Without a -wal beside it, the file
+    # holds every commit and is read as immutable (no locks, nothing created);
+    # with one, it is in use (or its user crashed) and the side files exist.
+    wal = Path(f"{path}-wal")
+    immutable = not wal.exists()
+    while True:
         try:
-            tables = frozenset(
-                name
-                for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            )
-            revision = None
-            if version_table in tables:
-                found = con.execute(f"SELECT version_num FROM {version_table}").fetchone()
-                revision = found[0] if found else None
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
+            tables, revision, marks = _read_sqlite_file(path, version_table, immutable=immutable)
+            break
+        except sqlite3.DatabaseError as exc:
+            if immutable and wal.exists():
+                # Another process opened it while we read without locks (its
+                # checkpoint may have torn our read): read it again, properly.
+                immutable = False
+                continue
+            raise NotADatabase(
+                f"{path} is a damaged SQLite file ({exc}); it was left untouched. "
+                "Restore it from a backup or choose another path.",
+                path=str(path),
+            ) from None
+    if not tables and any(marks):
+        # A schema-less file that an application stamped as its own.
         raise NotADatabase(
-            f"{path} is a damaged SQLite file ({exc}); it was left untouched. "
-            "Restore it from a backup or choose another path.",
+            f"{path} is a SQLite database of another application (no tables, but its "
+            f"user_version is {marks[0]} and application_id {marks[1]}); it was left "
+            "untouched. Choose another path.",
             path=str(path),
-        ) from None
+        )
     return Snapshot(tables, revision)
+
+
+def _read_sqlite_file(
+    path: Path, version_table: str, *, immutable: bool
+) -> tuple[frozenset[str], str | None, tuple[int, int]]:
+    """Table names, our revision, and (user_version, application_id) of a file."""
+    flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+    con = sqlite3.connect(f"{path.as_uri()}?{flags}", uri=True)
+    try:
+        tables = frozenset(
+            name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        )
+        revision = None
+        if version_table in tables:
+            found = con.execute(f"SELECT version_num FROM {version_table}").fetchone()
+            revision = found[0] if found else None
+        marks = (
+            con.execute("PRAGMA user_version").fetchone()[0],
+            con.execute("PRAGMA application_id").fetchone()[0],
+        )
+    finally:
+        con.close()
+    return tables, revision, marks
 
 
 def create_sqlite_file(path: Path) -> None:
@@ -243,10 +308,18 @@ class Database:
         self._lock = threading.Lock()
         self._all_held: list[_Held] = []
 
+    @property
+    def in_process(self) -> bool:
+        """An in-memory SQLite database: it lives and dies with this process, and
+        every thread shares its one connection."""
+        return self.target.is_sqlite and self.target.path is None
+
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read transaction (a consistent snapshot on both backends)."""
         with self._translate(), self.engine.connect() as conn, conn.begin():
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(PG_SNAPSHOT)
             yield conn
 
     @contextmanager
@@ -294,6 +367,8 @@ class Database:
                 cursor = fairy.cursor()
                 if self.dialect == "sqlite":
                     cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                elif not write:
+                    cursor.execute(PG_SNAPSHOT)
                 try:
                     yield cursor
                 except BaseException:
@@ -386,5 +461,6 @@ __all__ = [
     "create_sqlite_file",
     "inspect_sqlite_file",
     "make_engine",
+    "missing_database",
     "parse_target",
 ]

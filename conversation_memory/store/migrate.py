@@ -31,6 +31,7 @@ from conversation_memory.store.database import (
     Snapshot,
     inspect_sqlite_file,
     make_engine,
+    missing_database,
     parse_target,
 )
 from conversation_memory.store.schema import VERSION_TABLE, metadata
@@ -107,20 +108,20 @@ def opened(
 
     For ``convmem db``: reading the revision of an outdated database must not
     require upgrading it first. A SQLite path that does not exist is refused
-    (nothing is created); a file that is not SQLite raises ``NotADatabase``.
+    (nothing is created); a file that is not SQLite, or another application's,
+    raises ``NotADatabase`` before a connection could rewrite it.
     """
     target = parse_target(_config.default_db_path(env) if db is None else db)
+    found = None
     if target.path is not None:
         if not target.path.exists():
-            raise StoreError(
-                f"there is no database at {target.path}; `convmem chat` or Memory(...) creates "
-                "one, or pass --db to point at another",
-                path=str(target.path),
-            )
-        inspect_sqlite_file(target.path, VERSION_TABLE)
+            raise missing_database(target)
+        found = inspect_sqlite_file(target.path, VERSION_TABLE)
     database = Database(target, make_engine(target))
     try:
         with database.errors():
+            if found is not None:
+                _refuse_foreign(database, found)
             yield database
     finally:
         database.dispose()
@@ -135,6 +136,25 @@ def snapshot(db: Database) -> Snapshot:
     return Snapshot(tables, revision)
 
 
+def _refuse_foreign(db: Database, found: Snapshot) -> None:
+    """Raise NotADatabase for tables that are not ours to add to or upgrade."""
+    if VERSION_TABLE in found.tables:
+        return
+    ours = found.tables & OUR_TABLES
+    if ours:
+        raise NotADatabase(
+            f"{db.target.display()} has tables named like ours ({', '.join(sorted(ours))}) "
+            "but no conversation_memory version record; it was left untouched. "
+            "Use another database or schema.",
+        )
+    if db.target.is_sqlite and found.tables:
+        raise NotADatabase(
+            f"{db.target.display()} is a SQLite database of another application "
+            f"(tables: {', '.join(sorted(found.tables)[:5])}); it was left untouched. "
+            "Choose another path.",
+        )
+
+
 def preflight(db: Database, found: Snapshot, *, upgrade: bool = False) -> str | None:
     """Decide from a snapshot, before any write: refuse, or say which upgrade is due.
 
@@ -143,19 +163,7 @@ def preflight(db: Database, found: Snapshot, *, upgrade: bool = False) -> str | 
     """
     head = HEAD
     if VERSION_TABLE not in found.tables:
-        ours = found.tables & OUR_TABLES
-        if ours:
-            raise NotADatabase(
-                f"{db.target.display()} has tables named like ours ({', '.join(sorted(ours))}) "
-                "but no conversation_memory version record; it was left untouched. "
-                "Use another database or schema.",
-            )
-        if db.target.is_sqlite and found.tables:
-            raise NotADatabase(
-                f"{db.target.display()} is a SQLite database of another application "
-                f"(tables: {', '.join(sorted(found.tables)[:5])}); it was left untouched. "
-                "Choose another path.",
-            )
+        _refuse_foreign(db, found)
         return "head"
     current = found.revision
     if current == head:
@@ -180,9 +188,17 @@ def preflight(db: Database, found: Snapshot, *, upgrade: bool = False) -> str | 
     )
 
 
-def ensure_schema(db: Database, *, upgrade: bool = False, found: Snapshot | None = None) -> str:
-    """Bring a freshly opened database to head, or refuse it; return its revision."""
-    if preflight(db, found or snapshot(db), upgrade=upgrade) is not None:
+def ensure_schema(
+    db: Database, *, upgrade: bool = False, found: Snapshot | None = None, create: bool = True
+) -> str:
+    """Bring a freshly opened database to head, or refuse it; return its revision.
+
+    ``create=False`` refuses a database without our schema instead of creating it.
+    """
+    found = found or snapshot(db)
+    if preflight(db, found, upgrade=upgrade) is not None:
+        if not create and VERSION_TABLE not in found.tables:
+            raise missing_database(db.target)
         _upgrade(db, "head")
     return HEAD
 

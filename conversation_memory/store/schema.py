@@ -186,5 +186,6 @@ compaction_leases = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 """One compaction per conversation and level at a time: a compaction claims
-the lease before reading what to fold and drops it when it is done. A holder
-killed mid-call leaves a lease that expires after ``LEASE_SECONDS``."""
+the lease before reading what to fold, renews it while it works and drops it
+when it is done. A holder killed mid-call stops renewing, so its lease expires
+within ``compaction.LEASE_SECONDS`` (seconds)."""
