@@ -55,6 +55,8 @@ class Fault:
     """``abrupt_close`` before sending anything at all."""
     limit: int | None = None
     """The window a ``context_length`` fault claims (default: the server's)."""
+    echo_headers: bool = False
+    """A ``status`` fault's message quotes the request's headers, credentials included."""
 
     @classmethod
     def status(
@@ -65,6 +67,7 @@ class Fault:
         retry_after_ms: float | None = None,
         retry_after_date: datetime | str | None = None,
         body: Any = None,
+        echo_headers: bool = False,
     ) -> Fault:
         """Answer with HTTP ``code`` and OpenAI's body for it (or ``body``).
 
@@ -72,7 +75,9 @@ class Fault:
         and ``x-ratelimit-*`` headers, 5xx its server-error bodies (502 is an
         HTML page, as a gateway sends). ``retry_after*`` set the
         ``retry-after`` / ``retry-after-ms`` headers; a datetime becomes an
-        HTTP date.
+        HTTP date. ``echo_headers=True`` answers as a misconfigured gateway
+        does: an error whose message quotes every request header, the
+        ``Authorization`` or ``api-key`` one included.
         """
         if not 400 <= code <= 599:
             raise ValueError(f"Fault.status needs a 4xx or 5xx code, not {code}")
@@ -88,7 +93,9 @@ class Fault:
                 else retry_after_date
             )
             headers.append(("retry-after", when))
-        return cls("status", code=code, headers=tuple(headers), body=body)
+        return cls(
+            "status", code=code, headers=tuple(headers), body=body, echo_headers=echo_headers
+        )
 
     @classmethod
     def slow_first_byte(cls, seconds: float) -> Fault:

@@ -319,7 +319,7 @@ class ChatServer:
     ) -> tuple[_Response, str | None]:
         sent_key = headers.get("authorization", "").removeprefix("Bearer ").strip()
         if fault is not None and fault.kind == "status":
-            return self._apply(self._status(fault, sent_key), fault), None
+            return self._apply(self._status(fault, sent_key, headers), fault), None
         if fault is not None and fault.kind == "not_json":
             return self._apply(_Response(200, _HTML_PAGE, "text/html; charset=utf-8"), fault), None
         if self.api_key is not None and sent_key != self.api_key:
@@ -354,9 +354,14 @@ class ChatServer:
             return self._apply(response, fault), None
         return self._apply(self._completion(body, prompt, max_tokens), fault), None
 
-    def _status(self, fault: Fault, sent_key: str) -> _Response:
+    def _status(self, fault: Fault, sent_key: str, headers: Mapping[str, str]) -> _Response:
         code = fault.code or 500
-        if fault.body is None:
+        if fault.echo_headers:
+            quoted = "; ".join(f"{name}: {value}" for name, value in headers.items())
+            content_type = "application/json"
+            message = f"The upstream refused the request (status {code}). Request headers: {quoted}"
+            data = json.dumps(wire.error_body(message, type="gateway_error")).encode()
+        elif fault.body is None:
             content_type, data = wire.status_body(code, model=self.model, api_key=sent_key)
         elif isinstance(fault.body, bytes | str):
             content_type = "text/plain; charset=utf-8"
