@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from conversation_memory.errors import ConfigurationError
 from conversation_memory.testing import wire
 from conversation_memory.testing.faults import ContextStyle, Fault
 
@@ -61,6 +62,9 @@ class RecordedRequest:
     """The queued fault applied to this request."""
     status: int | None = None
     """The HTTP status answered (None: the connection was closed before any)."""
+    number: int = 0
+    """Its place among every request since the start (or ``reset``), from 1: the ``n`` of
+    its ``x-request-id: req_<n>``, so a log that dropped older ones still says which."""
 
 
 @dataclass(slots=True)
@@ -101,6 +105,11 @@ class ChatServer:
     refuse, with OpenAI's texts (see :attr:`rejections`). ``reply`` replaces
     the default answer (``wire.ReplySpec``). With ``api_key`` set, other keys
     get OpenAI's 401.
+
+    ``keep_requests`` bounds the request log: :attr:`requests` and
+    :attr:`rejections` hold the newest that many (``None`` keeps every one).
+    Each request holds its whole body, so a long run (a lab replay, a
+    benchmark) with an unbounded log grows by its every prompt.
     """
 
     def __init__(
@@ -114,7 +123,18 @@ class ChatServer:
         overflow_style: ContextStyle = "openai",
         host: str = "127.0.0.1",
         port: int = 0,
+        keep_requests: int | None = 100,
     ) -> None:
+        if keep_requests is not None and (
+            isinstance(keep_requests, bool)
+            or not isinstance(keep_requests, int)
+            or keep_requests < 0
+        ):
+            raise ConfigurationError(
+                f"keep_requests must be a number of requests (0 or more) or None for all of "
+                f"them, got {keep_requests!r}.",
+                argument="keep_requests",
+            )
         self.window = window
         self.strict = strict
         self.reply = reply
@@ -123,8 +143,9 @@ class ChatServer:
         self.overflow_style: ContextStyle = overflow_style
         self._address = (host, port)
         self._lock = threading.RLock()  # reentrant: a reply= function may look at the server
-        self._requests: list[RecordedRequest] = []
-        self._rejections: list[tuple[RecordedRequest, str]] = []
+        self._requests: deque[RecordedRequest] = deque(maxlen=keep_requests)
+        self._rejections: deque[tuple[RecordedRequest, str]] = deque(maxlen=keep_requests)
+        self._request_count = 0
         self._errors: list[str] = []
         self._faults: deque[Fault] = deque()
         self._replies = 0
@@ -207,9 +228,16 @@ class ChatServer:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """Every request received so far, faulted ones included (a snapshot)."""
+        """The requests received so far, faulted ones included, oldest first (a snapshot);
+        only the newest ``keep_requests`` of them."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def request_count(self) -> int:
+        """How many requests were received since the start (or ``reset``), kept or not."""
+        with self._lock:
+            return self._request_count
 
     @property
     def chat_requests(self) -> list[RecordedRequest]:
@@ -218,7 +246,8 @@ class ChatServer:
 
     @property
     def rejections(self) -> list[tuple[RecordedRequest, str]]:
-        """Requests refused by strict validation, with the 400's message."""
+        """Requests refused by strict validation, with the 400's message (the newest
+        ``keep_requests``)."""
         with self._lock:
             return list(self._rejections)
 
@@ -238,12 +267,14 @@ class ChatServer:
             self._faults.extend([fault] * times)
 
     def reset(self) -> None:
-        """Forget recorded requests, rejections and queued faults; number replies from 1."""
+        """Forget recorded requests, rejections and queued faults; number requests and
+        replies from 1."""
         with self._lock:
             self._requests.clear()
             self._rejections.clear()
             self._faults.clear()
             self._replies = 0
+            self._request_count = 0
 
     @property
     def pending_faults(self) -> list[Fault]:
@@ -274,7 +305,8 @@ class ChatServer:
                 parse_error = True
         route = path.split("?", 1)[0]
         with self._lock:
-            request_number = len(self._requests) + 1
+            self._request_count += 1
+            request_number = self._request_count
             fault: Fault | None = None
             rejection: str | None = None
             try:
@@ -289,7 +321,9 @@ class ChatServer:
                     500, wire.error_body("ChatServer bug; see server.errors", type="server_error")
                 )
             status = None if response.close_after == -1 else response.status
-            record = RecordedRequest(method, path, headers, body, raw, received, fault, status)
+            record = RecordedRequest(
+                method, path, headers, body, raw, received, fault, status, request_number
+            )
             self._requests.append(record)
             if rejection is not None:
                 self._rejections.append((record, rejection))
