@@ -37,7 +37,7 @@ from conversation_memory.errors import (
 )
 from conversation_memory.export import read_export, write_export
 from conversation_memory.messages import check_metadata, dumps, normalize, to_row
-from conversation_memory.registry import ModelInfo, get_model
+from conversation_memory.registry import ModelInfo, get_model, load_models
 from conversation_memory.store import migrate, repository
 from conversation_memory.store.database import (
     Database,
@@ -284,6 +284,9 @@ class Memory:
         env: Mapping[str, str] | None = None,
         echo: bool = False,
     ) -> None:
+        models = _config.models_file(env)
+        if models is not None:
+            load_models(models)  # before any file is created: a bad models file changes nothing
         target = parse_target(_config.default_db_path(env) if db is None else db)
         created = False
         found: Snapshot | None = None
