@@ -635,6 +635,8 @@ def test_fault_arguments_are_checked():
         Fault.context_length("vllm")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="negative"):
         Fault.cut_stream(-1)
+    with pytest.raises(ValueError, match="category"):
+        Fault.content_filter("gore")
     assert repr(Fault.status(429, retry_after=2)) == (
         "Fault.status(code=429, headers=(('retry-after', '2'),))"
     )
