@@ -263,7 +263,8 @@ class Memory:
     (``postgresql://user@host/dbname``); by default one file in the user data
     folder (``CONVMEM_DB`` overrides). A new database is created at the
     current schema; an older one raises :class:`SchemaOutdated` unless
-    ``upgrade=True``.
+    ``upgrade=True``. The models listed in the file ``CONVMEM_MODELS`` names
+    are registered first (see :func:`~conversation_memory.load_models`).
     """
 
     def __init__(

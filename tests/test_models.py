@@ -148,3 +148,18 @@ def test_convmem_reads_the_models_file_for_every_command(tmp_path) -> None:
     shown = convmem("context", "ollama", "--db", db, "--json", CONVMEM_MODELS=models)
     assert shown.exit_code == 0, shown.stderr
     assert json.loads(shown.stdout)["report"]["window"] == 6000
+
+
+def test_convmem_lab_reads_the_models_file_too(tmp_path) -> None:
+    from conversation_memory import lab
+
+    llama = fresh("llama3.2")
+    models = write_models(tmp_path / "models.json", {llama: {"window": 8192}})
+    with lab.lab_server(model=llama) as server:
+        done = convmem(
+            "lab", "--base-url", server.base_url, "--model", llama, "--turns", "6",
+            "--probe-every", "3", "-s", "truncate", "-b", "300", "--no-baseline", "--json",
+            "--out", str(tmp_path / "lab"), "--no-plots", CONVMEM_MODELS=models,
+        )  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    assert get_model(llama).window == 8192

@@ -39,6 +39,7 @@ from conversation_memory.errors import (
     NotFound,
     StoreError,
 )
+from conversation_memory.registry import load_models
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -116,12 +117,16 @@ def user_option(help_text: str) -> Callable[[F], F]:
 def command(
     name: str, *, db_help: str = DB_HELP, **kwargs: Any
 ) -> Callable[[Callable[..., Any]], click.Command]:
-    """A command with ``--db`` and ``--debug`` that runs inside :func:`reported`."""
+    """A command with ``--db`` and ``--debug`` that runs inside :func:`reported`, knowing
+    the models of the ``CONVMEM_MODELS`` file."""
 
     def wrap(func: Callable[..., Any]) -> click.Command:
         @functools.wraps(func)
         def run(*args: Any, **options: Any) -> Any:
             with reported(options.get("debug", False)):
+                models = _config.models_file()
+                if models is not None:
+                    load_models(models)
                 return func(*args, **options)
 
         return click.command(name, **kwargs)(db_option(debug_option(run), db_help))
