@@ -462,6 +462,10 @@ def load_models(
     command knows those models. Nothing is registered unless every row is
     valid; the error names the file and the model.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise ConfigurationError(
+            f"a models file is a path, got {type(path).__name__}.", argument="path"
+        )
     target = registry or default_registry
 
     def refused(detail: str, **context: Any) -> ConfigurationError:

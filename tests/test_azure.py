@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from conversation_memory import AsyncMemory, Memory, register_model
-from conversation_memory.errors import AuthenticationFailed, BadRequest
+from conversation_memory.errors import AuthenticationFailed, BadRequest, ConfigurationError
 from conversation_memory.llm import RetryPolicy
 from conversation_memory.testing import ChatServer, Fault
 from conversation_memory.testing.wire import is_summarization
@@ -107,6 +107,12 @@ def test_the_server_speaks_azures_wire_format(server, client, key) -> None:
             model=DEPLOYMENT, messages=[{"role": "user", "content": "x"}]
         )
     assert unversioned.value.body == {"code": "404", "message": "Resource not found"}
+
+
+def test_deployments_must_map_names_to_models() -> None:
+    for wrong in (["prod-gpt4o"], {"prod-gpt4o": 4}):
+        with pytest.raises(ConfigurationError, match="deployments"):
+            ChatServer(deployments=wrong)  # type: ignore[arg-type]
 
 
 def test_send_through_an_azure_deployment(server, client, tmp_path) -> None:

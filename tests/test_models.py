@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conversation_memory import Memory, get_model
+from conversation_memory import Memory, get_model, load_models
 from conversation_memory.cli import cli
 from conversation_memory.errors import ConfigurationError, UnknownModel
 from conversation_memory.registry import ModelRegistry
@@ -104,6 +104,11 @@ def test_a_bad_models_file_is_refused_with_its_name(tmp_path, content, said) -> 
     with pytest.raises(ConfigurationError, match=said) as caught:
         Memory(":memory:", env={"CONVMEM_MODELS": str(path)})
     assert str(path) in str(caught.value)
+
+
+def test_load_models_wants_a_path() -> None:
+    with pytest.raises(ConfigurationError, match="path"):
+        load_models(5)  # type: ignore[arg-type]
 
 
 def convmem(*args: str, stdin: str = "", **env: str):

@@ -159,6 +159,15 @@ class ChatServer:
                 f"them, got {keep_requests!r}.",
                 argument="keep_requests",
             )
+        if deployments is not None and (
+            not isinstance(deployments, Mapping)
+            or not all(isinstance(v, str) and v for v in deployments.values())
+        ):
+            raise ConfigurationError(
+                "deployments must map Azure deployment names to the model each serves, e.g. "
+                f"{{'prod-gpt4o': 'gpt-4o-2024-08-06'}}, got {deployments!r}.",
+                argument="deployments",
+            )
         self.window = window
         self.strict = strict
         self.reply = reply
