@@ -118,8 +118,8 @@ class ConversationMemoryError(Exception):
     """Root of every error raised by conversation_memory.
 
     Keyword arguments become attributes (``err.conversation_id``, ``err.limit``)
-    so callers can react without parsing the message. The message is
-    :func:`redact` ed.
+    so callers can react without parsing the message. The message goes
+    through :func:`redact` first.
     """
 
     def __init__(self, message: str, **context: Any) -> None:
