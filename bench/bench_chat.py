@@ -155,7 +155,7 @@ def long_conversation(folder: Path, turns: int, strategy: str, seed: int) -> Lon
     rng = random.Random(seed)
     started = time.perf_counter()
     with (
-        ChatServer(window=WINDOW, model=MODEL, reply=chat_reply) as server,
+        ChatServer(window=WINDOW, model=MODEL, reply=chat_reply, keep_requests=None) as server,
         server.client() as client,
         open_memory(path, server, client, strategy=strategy) as memory,
     ):
@@ -303,7 +303,7 @@ def bench_overhead(folder: Path, history: int, runs: int) -> list[Row]:
     os.write(probe, page * 16)
     sync(probe)
     with (
-        ChatServer(window=WINDOW, model=MODEL, reply=reply) as server,
+        ChatServer(window=WINDOW, model=MODEL, reply=reply, keep_requests=None) as server,
         server.client() as client,
         open_memory(
             folder / "overhead.db", server, client, strategy="summary", compaction="manual"

@@ -57,7 +57,13 @@ from conversation_memory.errors import (
     UserNotFound,
 )
 from conversation_memory.llm.retry import RetryPolicy
-from conversation_memory.registry import ModelInfo, ModelRegistry, get_model, register_model
+from conversation_memory.registry import (
+    ModelInfo,
+    ModelRegistry,
+    get_model,
+    load_models,
+    register_model,
+)
 from conversation_memory.store.repository import Entry
 from conversation_memory.strategies import (
     TRUNCATE,
@@ -182,6 +188,7 @@ __all__ = [
     "get_encoding",
     "get_model",
     "keep_newest",
+    "load_models",
     "register_model",
     "summary_message",
     "validate",

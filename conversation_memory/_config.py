@@ -47,3 +47,8 @@ def openai_api_key(env: Mapping[str, str] | None = None) -> str | None:
 def openai_base_url(env: Mapping[str, str] | None = None) -> str | None:
     """``OPENAI_BASE_URL`` (an OpenAI-compatible server), or None for OpenAI itself."""
     return environ(env).get("OPENAI_BASE_URL") or None
+
+
+def models_file(env: Mapping[str, str] | None = None) -> str | None:
+    """``CONVMEM_MODELS``: a JSON file of models outside the registry, or None."""
+    return environ(env).get("CONVMEM_MODELS") or None

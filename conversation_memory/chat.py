@@ -10,7 +10,8 @@ it (never while a transaction is open, never inside the model call).
 Streaming stores the reply once, when the stream ends. A stream that ends
 without a finish_reason, breaks, or is abandoned by the caller is stored as
 incomplete (``on_incomplete="store"``, the default) or not at all
-(``"drop"``); never as complete.
+(``"drop"``); never as complete. A reply a content filter stopped
+(finish_reason ``content_filter``) is incomplete too, streamed or not.
 """
 
 from __future__ import annotations
@@ -158,7 +159,12 @@ def finish_turn(
         batch.append(
             conversation._pending(completion.message, complete=completion.complete, check=False)
         )
-    error = None if completion.complete else "the reply was cut off"
+    if completion.complete:
+        error = None
+    elif completion.finish_reason == "content_filter":
+        error = "the reply was stopped by the content filter"
+    else:
+        error = "the reply was cut off"
     reported = completion.usage.prompt_tokens
     observed = (counted, reported) if counted and reported and completion.usage.reported else None
     stored = conversation._commit(

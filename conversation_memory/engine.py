@@ -38,7 +38,7 @@ from conversation_memory.errors import (
 )
 from conversation_memory.export import Parsed, read_export, write_export
 from conversation_memory.messages import check_metadata, dumps, normalize, to_row
-from conversation_memory.registry import ModelInfo, get_model
+from conversation_memory.registry import ModelInfo, get_model, load_models
 from conversation_memory.store import migrate, repository
 from conversation_memory.store.database import (
     Database,
@@ -270,7 +270,9 @@ class Memory:
     current schema; an older one raises :class:`SchemaOutdated` unless
     ``upgrade=True``. With ``create=False`` a database that does not exist
     yet (no file, or no tables of ours) raises :class:`StoreError` and
-    nothing is created: what a tool that only reads wants.
+    nothing is created: what a tool that only reads wants. The models listed
+    in the file ``CONVMEM_MODELS`` names are registered first (see
+    :func:`~conversation_memory.load_models`).
     """
 
     def __init__(
@@ -292,6 +294,9 @@ class Memory:
         env: Mapping[str, str] | None = None,
         echo: bool = False,
     ) -> None:
+        models = _config.models_file(env)
+        if models is not None:
+            load_models(models)  # before any file is created: a bad models file changes nothing
         target = parse_target(_config.default_db_path(env) if db is None else db)
         created = False
         found: Snapshot | None = None

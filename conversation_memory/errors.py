@@ -33,10 +33,19 @@ describes the same kind of failure, the error inherits it too, so
     │   ├── ConnectionFailed (ConnectionError)  the server could not be reached
     │   └── MalformedResponse                a reply that isn't the API's format
     └── SummarizationFailed                  a summary was refused (empty, refusal, too long)
+
+No message carries a secret. Every error's message passes through
+:func:`redact`, which hides what is shaped like one (``Bearer`` tokens,
+``sk-`` keys, JWTs, ``api-key: ...`` / ``password=...`` values, the password
+of a URL); the model-call layer also hides the key its client was configured
+with, whatever its shape, because servers and proxies echo it in their error
+bodies.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -71,14 +80,52 @@ __all__ = [
 ]
 
 
+REDACTED = "<redacted>"
+
+# Values that are secrets by their shape, whoever configured them. Each keeps its
+# label and hides the value; a value must hold a letter or digit, so help texts
+# such as "OpenAI(api_key=..., base_url=...)" keep their words.
+_SECRET_SHAPES = (
+    # api-key: X, "api_key": "X", Authorization: Basic X, password=X, ...
+    (
+        re.compile(
+            r"(?i)(?<![a-z])(api[-_]?key|authorization|access[-_]?token|client[-_]?secret"
+            r"|password|secret[-_]?key)([\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic)\s+)?"
+            r"(?=[^\s\"',;&}<]*[a-z0-9])[^\s\"',;&}<]+"
+        ),
+        rf"\1\2{REDACTED}",
+    ),
+    (re.compile(r"(?i)\b(bearer)\s+[a-z0-9._~+/=-]{8,}"), rf"\1 {REDACTED}"),
+    # OpenAI-style keys (sk-..., sk-proj-...) and JWTs (Azure AD tokens).
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), REDACTED),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), REDACTED),
+    # scheme://user:password@host
+    (re.compile(r"(://[^/\s:@]+:)[^/\s@]+@"), rf"\1{REDACTED}@"),
+)
+_MIN_SECRET = 8
+"""Configured secrets shorter than this are not searched for: they would match plain words."""
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with every given secret, and anything shaped like one, replaced."""
+    for secret in secrets:
+        if secret and len(secret) >= _MIN_SECRET:
+            text = text.replace(secret, REDACTED)
+    for pattern, replacement in _SECRET_SHAPES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 class ConversationMemoryError(Exception):
     """Root of every error raised by conversation_memory.
 
     Keyword arguments become attributes (``err.conversation_id``, ``err.limit``)
-    so callers can react without parsing the message.
+    so callers can react without parsing the message. The message goes
+    through :func:`redact` first.
     """
 
     def __init__(self, message: str, **context: Any) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.context = context

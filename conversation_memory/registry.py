@@ -2,11 +2,17 @@
 
 The facts are data (``models.json``, shipped in the package), not code: a
 :class:`ModelRegistry` is built from that table, and users add the models we
-don't know with :func:`register_model`. Lookups are exact first; a dated
-snapshot such as ``gpt-4o-2024-08-06`` or ``gpt-4-0613`` then resolves to the
-longest registered name it starts with (followed by ``-``), so only snapshots
-whose facts differ need their own row. Fine-tuned names
+don't know with :func:`register_model` — a name of their own (an Ollama or
+llama.cpp model) with its window, or a name that serves a known model (an
+Azure deployment, a gateway's alias) with ``like="gpt-4o"``. A JSON models
+file, named by ``CONVMEM_MODELS`` and read by :func:`load_models`, does the
+same without code. Lookups are exact first, then regardless of case (Azure
+deployments are often named ``GPT-4o``); a dated snapshot such as
+``gpt-4o-2024-08-06`` or ``gpt-4-0613`` then resolves to the longest
+registered name it starts with (followed by ``-``), so only snapshots whose
+facts differ need their own row. Fine-tuned names
 (``ft:gpt-4o-mini-2024-07-18:org::id``) resolve through their base model.
+The name sent to the server is always the caller's, unchanged.
 
 Besides the limits, each model carries the constants its counter needs: the
 per-tool overheads of the cookbook's ``num_tokens_for_tools`` approximation
@@ -27,10 +33,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from conversation_memory.errors import ConfigurationError, UnknownModel
@@ -43,6 +51,7 @@ __all__ = [
     "ToolConstants",
     "default_registry",
     "get_model",
+    "load_models",
     "register_model",
 ]
 
@@ -118,6 +127,10 @@ class ModelInfo:
         if self.input_price is None or self.output_price is None:
             return None
         return (prompt_tokens * self.input_price + completion_tokens * self.output_price) / 1e6
+
+
+MAX_DEFAULT_OUTPUT = 4096
+"""A model registered with a window alone may write a quarter of it per reply, at most this."""
 
 
 def _default_tools(encoding: str) -> ToolConstants:
@@ -242,9 +255,12 @@ class ModelRegistry:
         if info is None:
             raise UnknownModel(
                 f"Unknown model {name!r}: it is not in the model registry, so its tokenizer "
-                f"and context window are unknown. Register it first, e.g. "
-                f"register_model({name!r}, window=..., max_output=..., encoding='o200k_base'), "
-                "or pass counter=... and budget=... explicitly.",
+                f"and context window are unknown. Register it first: in Python "
+                f"register_model({name!r}, window=..., max_output=..., encoding='o200k_base') "
+                f"(or like='gpt-4o' for a deployment or alias of a known model), or pass "
+                f"counter=... and budget=... explicitly; on the command line convmem chat "
+                f"-m {name} --window N [--max-output N]; or list it in a JSON file named by "
+                f'CONVMEM_MODELS: {{"{name}": {{"window": 8192, "max_output": 1024}}}}.',
                 model=name,
             )
         return info
@@ -260,9 +276,13 @@ class ModelRegistry:
         if name.startswith("ft:"):
             # ft:BASE:org:suffix:id — a fine-tune has its base model's facts.
             return self.find(name[3:].split(":", 1)[0])
+        lowered = name.lower()
         best: ModelInfo | None = None
         for known, candidate in models.items():
-            if name.startswith(known + "-") and (best is None or len(known) > len(best.name)):
+            folded = known.lower()
+            if folded == lowered:
+                return candidate
+            if lowered.startswith(folded + "-") and (best is None or len(known) > len(best.name)):
                 best = candidate
         return best
 
@@ -270,9 +290,10 @@ class ModelRegistry:
         self,
         name: str,
         *,
-        window: int,
-        max_output: int,
-        encoding: str = "cl100k_base",
+        like: str | None = None,
+        window: int | None = None,
+        max_output: int | None = None,
+        encoding: str | None = None,
         input_price: float | None = None,
         output_price: float | None = None,
         tool_constants: ToolConstants | None = None,
@@ -281,25 +302,59 @@ class ModelRegistry:
     ) -> ModelInfo:
         """Add (or replace) a model; arguments are validated and named when wrong.
 
+        ``like`` names a known model whose facts this name shares (an Azure
+        deployment of it, a gateway's alias); the other arguments override
+        them. Without ``like``, ``window`` is needed; ``max_output`` defaults
+        to a quarter of it, at most 4,096, and ``encoding`` to cl100k_base.
         ``correction`` is the expected gap between the server's token count and
         ours until its replies calibrate a conversation; give one for a server
         whose tokenizer is not the ``encoding``'s (e.g. ``Correction(1.25, 16)``).
         """
-        info = _make_info(
-            name,
-            window=window,
-            max_output=max_output,
-            encoding=encoding,
-            input_price=input_price,
-            output_price=output_price,
-            tool_constants=tool_constants,
-            image_cost=image_cost,
-            prices_as_of=None,
-            correction=correction,
+        given = {
+            "window": window,
+            "max_output": max_output,
+            "encoding": encoding,
+            "input_price": input_price,
+            "output_price": output_price,
+            "tool_constants": tool_constants,
+            "image_cost": image_cost,
+            "correction": correction,
+        }
+        facts: dict[str, Any] = dict.fromkeys(
+            ("input_price", "output_price", "tool_constants", "image_cost", "prices_as_of")
         )
-        with self._lock:
-            self._models = {**self._models, name: info}
+        facts["encoding"] = "cl100k_base"
+        if like is not None:
+            base = self.find(like)
+            if base is None:
+                raise UnknownModel(
+                    f"like={like!r} for model {name!r}: {like!r} is not in the model registry; "
+                    "name a known model (e.g. like='gpt-4o') or give window= and max_output=.",
+                    model=like,
+                    argument="like",
+                )
+            facts = {f.name: getattr(base, f.name) for f in fields(ModelInfo) if f.name != "name"}
+            if window is not None and max_output is None:
+                given["max_output"] = min(base.max_output, _positive_int("window", window, name))
+        elif window is None:
+            raise ConfigurationError(
+                f"model {name!r} needs its context window: register it with window=... (and "
+                "max_output=...), or like='a-known-model' when it serves one.",
+                model=name,
+                argument="window",
+            )
+        elif max_output is None:
+            quarter = _positive_int("window", window, name) // 4
+            given["max_output"] = min(MAX_DEFAULT_OUTPUT, max(1, quarter))
+        facts.update({key: value for key, value in given.items() if value is not None})
+        info = _make_info(name, **facts)
+        self._add([info])
         return info
+
+    def _add(self, infos: Iterable[ModelInfo]) -> None:
+        """Add or replace models in one swap (see the class docstring)."""
+        with self._lock:
+            self._models = {**self._models, **{info.name: info for info in infos}}
 
     def names(self) -> list[str]:
         """Registered model names, sorted."""
@@ -355,18 +410,24 @@ default_registry = ModelRegistry.builtin()
 def register_model(
     name: str,
     *,
-    window: int,
-    max_output: int,
-    encoding: str = "cl100k_base",
+    like: str | None = None,
+    window: int | None = None,
+    max_output: int | None = None,
+    encoding: str | None = None,
     input_price: float | None = None,
     output_price: float | None = None,
     tool_constants: ToolConstants | None = None,
     image_cost: ImageCost | None = None,
     correction: Correction | None = None,
 ) -> ModelInfo:
-    """Register a model in the default registry (see :meth:`ModelRegistry.register`)."""
+    """Register a model in the default registry (see :meth:`ModelRegistry.register`)::
+
+    register_model("llama3.2", window=8192, max_output=1024)  # its own facts
+    register_model("prod-gpt4o", like="gpt-4o")  # an Azure deployment of gpt-4o
+    """
     return default_registry.register(
         name,
+        like=like,
         window=window,
         max_output=max_output,
         encoding=encoding,
@@ -381,3 +442,65 @@ def register_model(
 def get_model(name: str) -> ModelInfo:
     """Facts for ``name`` from the default registry; raises :class:`UnknownModel`."""
     return default_registry.get(name)
+
+
+_FILE_KEYS = ("like", "window", "max_output", "encoding", "input_price", "output_price")
+
+
+def load_models(
+    path: str | os.PathLike[str], *, registry: ModelRegistry | None = None
+) -> list[ModelInfo]:
+    """Register every model a JSON models file lists (in the default registry by default).
+
+    The file maps names to :func:`register_model`'s arguments ``like``,
+    ``window``, ``max_output``, ``encoding``, ``input_price`` and
+    ``output_price``::
+
+        {"llama3.2": {"window": 8192, "max_output": 1024}, "prod-gpt4o": {"like": "gpt-4o"}}
+
+    ``Memory`` loads the file ``CONVMEM_MODELS`` names, so every ``convmem``
+    command knows those models. Nothing is registered unless every row is
+    valid; the error names the file and the model.
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise ConfigurationError(
+            f"a models file is a path, got {type(path).__name__}.", argument="path"
+        )
+    target = registry or default_registry
+
+    def refused(detail: str, **context: Any) -> ConfigurationError:
+        return ConfigurationError(
+            f"models file {os.fspath(path)}: {detail}. It lists models outside the registry "
+            'as JSON, e.g. {"llama3.2": {"window": 8192, "max_output": 1024}}.',
+            argument="CONVMEM_MODELS",
+            **context,
+        )
+
+    try:
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise refused("no such file") from None
+    except OSError as exc:
+        raise refused(f"can't be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise refused(f"is not JSON ({exc})") from None
+    if not isinstance(table, Mapping):
+        raise refused(f"must hold a JSON object of models, not {type(table).__name__}")
+    scratch = ModelRegistry(target)  # rows may be `like` the ones above them
+    infos = []
+    for name, row in table.items():
+        if not isinstance(row, Mapping):
+            raise refused(f"model {name!r} must map to an object of facts", model=name)
+        unknown = sorted(set(row) - set(_FILE_KEYS))
+        if unknown:
+            raise refused(
+                f"model {name!r} has the unknown key {unknown[0]!r} (known: "
+                f"{', '.join(_FILE_KEYS)})",
+                model=name,
+            )
+        try:
+            infos.append(scratch.register(name, **row))
+        except ConfigurationError as exc:
+            raise refused(exc.message, model=name) from None
+    target._add(infos)
+    return infos

@@ -198,13 +198,20 @@ class ModelSummarizer:
     def summary_of(self, reply: Any) -> SummaryText:
         """The summary and its provenance from a model reply (a ``Completion``).
 
-        A reply cut off at ``max_tokens`` (finish_reason "length") is refused:
-        a summary that stops mid-sentence is not stored.
+        A reply cut off at ``max_tokens`` (finish_reason "length") or stopped by
+        a content filter ("content_filter") is refused: a summary that stops
+        mid-sentence is not stored.
         """
-        if getattr(reply, "finish_reason", None) == "length":
+        finish = getattr(reply, "finish_reason", None)
+        if finish == "length":
             raise SummarizationFailed(
                 "the summary was cut off at its token cap (finish_reason 'length'); "
                 "nothing was stored"
+            )
+        if finish == "content_filter":
+            raise SummarizationFailed(
+                "the summary was stopped by the content filter (finish_reason "
+                "'content_filter'); nothing was stored"
             )
         return SummaryText(
             text=reply.text,

@@ -283,7 +283,8 @@ def env() -> Iterator[Env]:
     script = Script()
     summarizer = RecordingSummarizer(words_per_message=3)
     stats: Counter[str] = Counter()
-    with ChatServer(window=WINDOWS[0], strict=True, reply=script) as server:
+    # The whole request log: requests are compared by position across examples.
+    with ChatServer(window=WINDOWS[0], strict=True, reply=script, keep_requests=None) as server:
         client = server.client()
         memory = Memory(
             ":memory:",

@@ -8,6 +8,7 @@ exactly those.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import openai
 import pytest
 
+from conversation_memory.errors import ConfigurationError
 from conversation_memory.testing import ChatServer, Fault, RecordedRequest, wire
 
 USER = [{"role": "user", "content": "My name is Alice and I live in Paris."}]
@@ -633,6 +635,40 @@ def test_fault_arguments_are_checked():
         Fault.context_length("vllm")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="negative"):
         Fault.cut_stream(-1)
+    with pytest.raises(ValueError, match="category"):
+        Fault.content_filter("gore")
     assert repr(Fault.status(429, retry_after=2)) == (
         "Fault.status(code=429, headers=(('retry-after', '2'),))"
     )
+
+
+def _get_models(server: ChatServer, times: int) -> None:
+    """``times`` cheap requests on one keep-alive connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        for _ in range(times):
+            connection.request("GET", "/v1/models")
+            connection.getresponse().read()
+    finally:
+        connection.close()
+
+
+def test_the_request_log_keeps_the_newest_by_default_and_all_on_request():
+    """A long run (a lab, a benchmark) must not keep every body it was ever sent."""
+    with ChatServer() as bounded, ChatServer(keep_requests=None) as full:
+        for server in (bounded, full):
+            _get_models(server, 150)
+        assert server.request_count == bounded.request_count == 150
+        assert [r.number for r in bounded.requests] == list(range(51, 151))
+        assert [r.number for r in full.requests] == list(range(1, 151))
+        bounded.reset()
+        assert (bounded.requests, bounded.request_count) == ([], 0)
+    with ChatServer(keep_requests=2) as small, small.client() as client:
+        for _ in range(3):
+            with pytest.raises(openai.BadRequestError):
+                ask(client, [{"role": "robot", "content": "hi"}])
+        assert [r.number for r in small.requests] == [2, 3]
+        assert [request.number for request, _ in small.rejections] == [2, 3]
+    for wrong in (-1, 1.5, "10"):
+        with pytest.raises(ConfigurationError, match="keep_requests"):
+            ChatServer(keep_requests=wrong)  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ from conversation_memory.errors import (
     NotFound,
     StoreError,
 )
+from conversation_memory.registry import load_models
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -134,7 +135,8 @@ def user_option(help_text: str) -> Callable[[F], F]:
 def command(
     name: str, *, db_help: str = DB_HELP, **kwargs: Any
 ) -> Callable[[Callable[..., Any]], click.Command]:
-    """A command with ``--db`` and ``--debug`` that runs inside :func:`reported`."""
+    """A command with ``--db`` and ``--debug`` that runs inside :func:`reported`, knowing
+    the models of the ``CONVMEM_MODELS`` file."""
 
     def wrap(func: Callable[..., Any]) -> click.Command:
         @functools.wraps(func)
@@ -142,6 +144,9 @@ def command(
             if options.get("db") is None:  # `convmem --db x.db sessions` names it up front
                 options["db"] = click.get_current_context().find_root().params.get("db")
             with reported(options.get("debug", False)):
+                models = _config.models_file()
+                if models is not None:
+                    load_models(models)
                 result = func(*args, **options)
                 sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit
                 return result

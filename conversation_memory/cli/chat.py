@@ -30,6 +30,7 @@ from conversation_memory.cli._app import (
 from conversation_memory.engine import Conversation, Memory, UsageTotals
 from conversation_memory.errors import ConversationMemoryError, ModelError
 from conversation_memory.local import LOCAL_MODEL, LOCAL_SYSTEM
+from conversation_memory.registry import default_registry, register_model
 
 DEFAULT_SYSTEM = LOCAL_SYSTEM
 """Sent when a new conversation names no system prompt.
@@ -223,6 +224,22 @@ def read_terminal() -> str:
     help="An OpenAI-compatible server (llama.cpp, vLLM, Ollama…).",
 )
 @click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Context window of --model in tokens, for a model outside the registry (Ollama, "
+    "llama.cpp, vLLM…); for every command, list it in a CONVMEM_MODELS file instead.",
+)
+@click.option(
+    "--max-output",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Most tokens one reply of --model may have (default: a quarter of --window, at most "
+    "4,096).",
+)
+@click.option(
     "--strategy",
     "-s",
     default=None,
@@ -245,6 +262,8 @@ def chat(
     system: str | None,
     model: str | None,
     base_url: str | None,
+    window: int | None,
+    max_output: int | None,
     strategy: str | None,
     budget: int | None,
     user: str | None,
@@ -260,6 +279,12 @@ def chat(
     """
     if new and ref is not None:
         raise click.UsageError("give an ID to resume or --new, not both")
+    if window is not None or max_output is not None:
+        if model is None:
+            raise click.UsageError("--window and --max-output describe a model: give --model too")
+        # For this process only; resume it later with the same options or a CONVMEM_MODELS file.
+        known = model in default_registry
+        register_model(model, like=model if known else None, window=window, max_output=max_output)
     interactive = sys.stdin.isatty()
     with ExitStack() as stack:
         client, chosen_model, default_strategy = stack.enter_context(model_client(base_url, model))

@@ -6,6 +6,12 @@ builds those without validation, so a reply of the wrong shape would
 surface later as an ``AttributeError`` (or a pydantic warning) instead of a
 clear :class:`~conversation_memory.errors.MalformedResponse`.
 
+A reply a content filter stopped (``finish_reason: "content_filter"``, as
+Azure OpenAI sends) is never complete, streamed or not: its text is what the
+filter let through. Azure's extra fields (``prompt_filter_results``, a first
+stream chunk with no choices, ``content_filter_results`` per choice) need
+nothing else.
+
 A streamed reply arrives as chunks whose ``delta`` carries pieces of the
 content and of each tool call; tool calls are keyed by their ``index``
 (servers that omit it get one per position), their ``id`` and ``name``
@@ -21,7 +27,10 @@ from typing import Any
 from conversation_memory.errors import MalformedResponse, ModelError
 from conversation_memory.llm.mapping import error_from_body
 
-__all__ = ["Assembler", "Completion", "Usage", "completion_from", "plain"]
+__all__ = ["FILTERED", "Assembler", "Completion", "Usage", "completion_from", "plain"]
+
+FILTERED = "content_filter"
+"""The finish_reason of a reply a content filter stopped: partial, so never complete."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +85,8 @@ class Completion:
     attempts: int
     """Requests made, the successful one included."""
     complete: bool
-    """False when a stream ended early, broke, or was abandoned: ``text`` is partial."""
+    """False when a stream ended early, broke, or was abandoned, or a content filter stopped
+    the reply (finish_reason ``content_filter``): ``text`` is partial."""
 
 
 def plain(obj: Any) -> Any:
@@ -197,7 +207,7 @@ def completion_from_body(
         request_id=request_id,
         latency_ms=latency_ms,
         attempts=attempts,
-        complete=True,
+        complete=finish != FILTERED,
     )
 
 
@@ -356,5 +366,5 @@ class Assembler:
             request_id=request_id,
             latency_ms=latency_ms,
             attempts=attempts,
-            complete=complete and self.finish_reason is not None,
+            complete=complete and self.finish_reason not in (None, FILTERED),
         )

@@ -35,6 +35,7 @@ from conversation_memory.errors import (
     MalformedResponse,
     ModelError,
     ModelTimeout,
+    redact,
 )
 from conversation_memory.llm.assembly import Assembler, Completion, completion_from_body
 from conversation_memory.llm.mapping import map_error
@@ -153,13 +154,24 @@ def _request(
     return {"model": model, "messages": [dict(m) for m in messages], **kwargs}
 
 
-def _stamp(error: ModelError, **context: Any) -> ModelError:
-    """Fill context the raiser could not know (attempts, request id)."""
-    for key, value in context.items():
-        if value is not None and getattr(error, key, None) in (None, 0):
-            setattr(error, key, value)
-            error.context[key] = value
-    return error
+def _client_secrets(client: Any) -> tuple[str, ...]:
+    """The credentials a client sends: its API key, and an Azure AD token when it has one."""
+    found = (getattr(client, "api_key", None), getattr(client, "_azure_ad_token", None))
+    return tuple(value for value in found if isinstance(value, str) and value != _NO_KEY)
+
+
+def _scrub(exc: BaseException | None, secrets: tuple[str, ...]) -> None:
+    """Redact the SDK's own exceptions in place: ours keeps them as ``__cause__``, and a
+    traceback (``convmem --debug``) prints their messages, which quote the error body."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in exc.args)
+        message = getattr(exc, "message", None)
+        if isinstance(message, str):
+            with contextlib.suppress(AttributeError):  # a read-only property
+                exc.message = redact(message, secrets)  # type: ignore[attr-defined]
+        exc = exc.__cause__ or exc.__context__
 
 
 class _Shared:
@@ -180,6 +192,7 @@ class _Shared:
                 f"retry must be a RetryPolicy, got {type(retry).__name__}.", argument="retry"
             )
         self.client = _without_sdk_retries(client)
+        self.secrets = _client_secrets(client)
         self.retry = retry
         self.clock = clock
         self.now = now
@@ -200,11 +213,24 @@ class _Shared:
         )
         if error is None:
             return exc
+        _scrub(exc, self.secrets)
         status = getattr(error, "status", None)
         if isinstance(error, ModelTimeout) and status is None and attempts.expired():
             # The read timed out because the deadline did: say so, and stop.
             return attempts.timeout(model, request_id=request_id)
-        return _stamp(error, attempts=attempts.number, request_id=request_id)
+        return self.stamp(error, attempts=attempts.number, request_id=request_id)
+
+    def stamp(self, error: ModelError, **context: Any) -> ModelError:
+        """Fill context the raiser could not know (attempts, request id), and hide the
+        client's key, which a server may have echoed into the message."""
+        for key, value in context.items():
+            if value is not None and getattr(error, key, None) in (None, 0):
+                setattr(error, key, value)
+                error.context[key] = value
+        message = redact(error.message, self.secrets)
+        if message == error.message:
+            return error
+        return type(error)(message, **error.context)
 
     def check_deadline(self, attempts: Attempts, model: str, request_id: str | None) -> None:
         """Between two chunks of a reply: abort once the call's deadline has passed."""
@@ -228,7 +254,7 @@ class _Shared:
                 attempts=attempts.number,
             )
         except ModelError as error:
-            raise _stamp(error, attempts=attempts.number, request_id=request_id) from None
+            raise self.stamp(error, attempts=attempts.number, request_id=request_id) from None
 
 
 # --- sync --------------------------------------------------------------------------------
@@ -359,21 +385,25 @@ class _StreamState:
         try:
             return self.assembler.feed(chunk)
         except ModelError as error:
-            raise _stamp(error, attempts=attempts.number, request_id=self.request_id) from None
+            raise self.shared.stamp(
+                error, attempts=attempts.number, request_id=self.request_id
+            ) from None
 
     def ended(self) -> None:
         """The SDK stream ran out (with or without a finish_reason)."""
         if self.assembler.chunks == 0 and "event-stream" not in self.content_type:
             assert self.attempts is not None
-            raise MalformedResponse(
-                f"the server answered a streaming request for model {self.model!r} with "
-                f"{self.content_type or 'no content type'} and no events; it does not seem "
-                "to speak the OpenAI streaming format.",
-                model=self.model,
-                status=None,
-                request_id=self.request_id,
-                attempts=self.attempts.number,
-                retryable=False,
+            raise self.shared.stamp(
+                MalformedResponse(
+                    f"the server answered a streaming request for model {self.model!r} with "
+                    f"{self.content_type or 'no content type'} and no events; it does not "
+                    "seem to speak the OpenAI streaming format.",
+                    model=self.model,
+                    status=None,
+                    request_id=self.request_id,
+                    attempts=self.attempts.number,
+                    retryable=False,
+                )
             )
         self.finish("ended")
 

@@ -5,7 +5,8 @@ with ``server.fail(fault, times=n)``; each chat request takes the next queued
 fault, in order. Faults fall into two groups:
 
 * **replacing** faults answer instead of the model: :meth:`Fault.status`,
-  :meth:`Fault.not_json`, :meth:`Fault.context_length`;
+  :meth:`Fault.not_json`, :meth:`Fault.context_length`,
+  :meth:`Fault.content_filter` (the model's answer, stopped by a filter);
 * **transport** faults deliver the normal answer badly:
   :meth:`Fault.slow_first_byte`, :meth:`Fault.drip`, :meth:`Fault.cut_stream`,
   :meth:`Fault.abrupt_close`, :meth:`Fault.sse_error`,
@@ -20,6 +21,8 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any, Literal
+
+from conversation_memory.testing.wire import FILTER_CATEGORIES
 
 __all__ = ["ContextStyle", "Fault"]
 
@@ -55,6 +58,10 @@ class Fault:
     """``abrupt_close`` before sending anything at all."""
     limit: int | None = None
     """The window a ``context_length`` fault claims (default: the server's)."""
+    echo_headers: bool = False
+    """A ``status`` fault's message quotes the request's headers, credentials included."""
+    category: str = "violence"
+    """The category a ``content_filter`` fault says it caught."""
 
     @classmethod
     def status(
@@ -65,6 +72,7 @@ class Fault:
         retry_after_ms: float | None = None,
         retry_after_date: datetime | str | None = None,
         body: Any = None,
+        echo_headers: bool = False,
     ) -> Fault:
         """Answer with HTTP ``code`` and OpenAI's body for it (or ``body``).
 
@@ -72,7 +80,9 @@ class Fault:
         and ``x-ratelimit-*`` headers, 5xx its server-error bodies (502 is an
         HTML page, as a gateway sends). ``retry_after*`` set the
         ``retry-after`` / ``retry-after-ms`` headers; a datetime becomes an
-        HTTP date.
+        HTTP date. ``echo_headers=True`` answers as a misconfigured gateway
+        does: an error whose message quotes every request header, the
+        ``Authorization`` or ``api-key`` one included.
         """
         if not 400 <= code <= 599:
             raise ValueError(f"Fault.status needs a 4xx or 5xx code, not {code}")
@@ -88,7 +98,9 @@ class Fault:
                 else retry_after_date
             )
             headers.append(("retry-after", when))
-        return cls("status", code=code, headers=tuple(headers), body=body)
+        return cls(
+            "status", code=code, headers=tuple(headers), body=body, echo_headers=echo_headers
+        )
 
     @classmethod
     def slow_first_byte(cls, seconds: float) -> Fault:
@@ -144,6 +156,17 @@ class Fault:
         if style not in _STYLES:
             raise ValueError(f"style must be one of {', '.join(_STYLES)}, not {style!r}")
         return cls("context_length", style=style, limit=limit)
+
+    @classmethod
+    def content_filter(cls, category: str = "violence", *, after_chunks: int = 1) -> Fault:
+        """A content filter stops the reply after ``after_chunks`` text pieces (about two
+        words each, streamed or not): ``finish_reason`` is ``"content_filter"``, and on an
+        Azure route the choice's ``content_filter_results`` mark ``category`` filtered."""
+        if category not in FILTER_CATEGORIES:
+            raise ValueError(
+                f"category must be one of {', '.join(FILTER_CATEGORIES)}, not {category!r}"
+            )
+        return cls("content_filter", category=category, after_chunks=_count(after_chunks))
 
     def __repr__(self) -> str:
         changed = [

@@ -13,23 +13,33 @@ replies); :class:`~conversation_memory.testing.Fault` scripts what goes wrong.
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /v1/models/<id>``; anything else is OpenAI's "Invalid URL" 404.
 Every response carries ``x-request-id: req_<n>``.
+
+Azure OpenAI's shape is served too, for ``openai.AzureOpenAI`` clients
+(:meth:`ChatServer.azure_client`): ``POST /openai/deployments/<deployment>
+/chat/completions?api-version=...`` with the key in an ``api-key`` header,
+Azure's error bodies (no ``api-version``: 404 "Resource not found"; an
+unknown deployment: ``DeploymentNotFound``; a wrong key: Azure's 401), the
+served model's name in replies, and the content-filter fields.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from conversation_memory.errors import ConfigurationError
 from conversation_memory.testing import wire
 from conversation_memory.testing.faults import ContextStyle, Fault
 
@@ -39,6 +49,9 @@ if TYPE_CHECKING:
 __all__ = ["ChatServer", "RecordedRequest"]
 
 CHAT_PATH = "/v1/chat/completions"
+AZURE_API_VERSION = "2024-10-21"
+"""The ``api-version`` :meth:`ChatServer.azure_client` asks for (a GA version)."""
+_AZURE_CHAT = re.compile(r"/openai/deployments/([^/]+)/chat/completions")
 _FINGERPRINT = "fp_convmem_test"
 _MAX_BODY = 64 * 1024 * 1024
 _HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Welcome</title></head><body>Hi</body></html>\n"
@@ -61,6 +74,9 @@ class RecordedRequest:
     """The queued fault applied to this request."""
     status: int | None = None
     """The HTTP status answered (None: the connection was closed before any)."""
+    number: int = 0
+    """Its place among every request since the start (or ``reset``), from 1: the ``n`` of
+    its ``x-request-id: req_<n>``, so a log that dropped older ones still says which."""
 
 
 @dataclass(slots=True)
@@ -82,6 +98,14 @@ class _Response:
     """Close the socket after this many events (streams) or half the body (-1: at once)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Azure:
+    """An Azure request's route: which model serves it, and the API version asked for."""
+
+    served: str
+    api_version: str
+
+
 def _json_response(status: int, body: Any) -> _Response:
     return _Response(status, json.dumps(body).encode())
 
@@ -101,6 +125,14 @@ class ChatServer:
     refuse, with OpenAI's texts (see :attr:`rejections`). ``reply`` replaces
     the default answer (``wire.ReplySpec``). With ``api_key`` set, other keys
     get OpenAI's 401.
+
+    ``deployments`` maps Azure deployment names to the model each serves
+    (the name its replies report); None serves any deployment as ``model``.
+
+    ``keep_requests`` bounds the request log: :attr:`requests` and
+    :attr:`rejections` hold the newest that many (``None`` keeps every one).
+    Each request holds its whole body, so a long run (a lab replay, a
+    benchmark) with an unbounded log grows by its every prompt.
     """
 
     def __init__(
@@ -114,17 +146,40 @@ class ChatServer:
         overflow_style: ContextStyle = "openai",
         host: str = "127.0.0.1",
         port: int = 0,
+        deployments: Mapping[str, str] | None = None,
+        keep_requests: int | None = 100,
     ) -> None:
+        if keep_requests is not None and (
+            isinstance(keep_requests, bool)
+            or not isinstance(keep_requests, int)
+            or keep_requests < 0
+        ):
+            raise ConfigurationError(
+                f"keep_requests must be a number of requests (0 or more) or None for all of "
+                f"them, got {keep_requests!r}.",
+                argument="keep_requests",
+            )
+        if deployments is not None and (
+            not isinstance(deployments, Mapping)
+            or not all(isinstance(v, str) and v for v in deployments.values())
+        ):
+            raise ConfigurationError(
+                "deployments must map Azure deployment names to the model each serves, e.g. "
+                f"{{'prod-gpt4o': 'gpt-4o-2024-08-06'}}, got {deployments!r}.",
+                argument="deployments",
+            )
         self.window = window
         self.strict = strict
         self.reply = reply
         self.model = model
         self.api_key = api_key
         self.overflow_style: ContextStyle = overflow_style
+        self.deployments = dict(deployments) if deployments is not None else None
         self._address = (host, port)
         self._lock = threading.RLock()  # reentrant: a reply= function may look at the server
-        self._requests: list[RecordedRequest] = []
-        self._rejections: list[tuple[RecordedRequest, str]] = []
+        self._requests: deque[RecordedRequest] = deque(maxlen=keep_requests)
+        self._rejections: deque[tuple[RecordedRequest, str]] = deque(maxlen=keep_requests)
+        self._request_count = 0
         self._errors: list[str] = []
         self._faults: deque[Fault] = deque()
         self._replies = 0
@@ -183,6 +238,32 @@ class ChatServer:
         """``http://127.0.0.1:<port>/v1``, for ``openai.OpenAI(base_url=...)``."""
         return f"http://{self._address[0]}:{self.port}/v1"
 
+    @property
+    def azure_endpoint(self) -> str:
+        """``http://127.0.0.1:<port>``, for ``openai.AzureOpenAI(azure_endpoint=...)``."""
+        return f"http://{self._address[0]}:{self.port}"
+
+    def _azure_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "azure_endpoint": self.azure_endpoint,
+            "api_key": self.api_key or "test-key",
+            "api_version": AZURE_API_VERSION,
+            "max_retries": 0,
+            **options,
+        }
+
+    def azure_client(self, **options: Any) -> openai.AzureOpenAI:
+        """An ``openai.AzureOpenAI`` for this server (SDK retries off); close it when done."""
+        import openai
+
+        return openai.AzureOpenAI(**self._azure_options(options))
+
+    def async_azure_client(self, **options: Any) -> openai.AsyncAzureOpenAI:
+        """An ``openai.AsyncAzureOpenAI`` for this server (SDK retries off)."""
+        import openai
+
+        return openai.AsyncAzureOpenAI(**self._azure_options(options))
+
     def _client_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "base_url": self.base_url,
@@ -207,18 +288,26 @@ class ChatServer:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """Every request received so far, faulted ones included (a snapshot)."""
+        """The requests received so far, faulted ones included, oldest first (a snapshot);
+        only the newest ``keep_requests`` of them."""
         with self._lock:
             return list(self._requests)
 
     @property
+    def request_count(self) -> int:
+        """How many requests were received since the start (or ``reset``), kept or not."""
+        with self._lock:
+            return self._request_count
+
+    @property
     def chat_requests(self) -> list[RecordedRequest]:
-        """The ``POST /v1/chat/completions`` requests (a snapshot)."""
-        return [r for r in self.requests if r.method == "POST" and r.path == CHAT_PATH]
+        """The chat completion requests, OpenAI's and Azure's routes alike (a snapshot)."""
+        return [r for r in self.requests if r.method == "POST" and _is_chat(r.path)]
 
     @property
     def rejections(self) -> list[tuple[RecordedRequest, str]]:
-        """Requests refused by strict validation, with the 400's message."""
+        """Requests refused by strict validation, with the 400's message (the newest
+        ``keep_requests``)."""
         with self._lock:
             return list(self._rejections)
 
@@ -238,12 +327,14 @@ class ChatServer:
             self._faults.extend([fault] * times)
 
     def reset(self) -> None:
-        """Forget recorded requests, rejections and queued faults; number replies from 1."""
+        """Forget recorded requests, rejections and queued faults; number requests and
+        replies from 1."""
         with self._lock:
             self._requests.clear()
             self._rejections.clear()
             self._faults.clear()
             self._replies = 0
+            self._request_count = 0
 
     @property
     def pending_faults(self) -> list[Fault]:
@@ -272,15 +363,23 @@ class ChatServer:
                 body = json.loads(raw)
             except ValueError:
                 parse_error = True
-        route = path.split("?", 1)[0]
+        route, _, query = path.partition("?")
+        azure = _AZURE_CHAT.fullmatch(route)
         with self._lock:
-            request_number = len(self._requests) + 1
+            self._request_count += 1
+            request_number = self._request_count
             fault: Fault | None = None
             rejection: str | None = None
             try:
-                if method == "POST" and route == CHAT_PATH:
+                if method == "POST" and (route == CHAT_PATH or azure is not None):
                     fault = self._faults.popleft() if self._faults else None
-                    response, rejection = self._chat(headers, body, parse_error, fault)
+                    if azure is None:
+                        response, rejection = self._chat(headers, body, parse_error, fault)
+                    else:
+                        deployment = urllib.parse.unquote(azure.group(1))
+                        response, rejection = self._azure_chat(
+                            headers, body, parse_error, fault, deployment=deployment, query=query
+                        )
                 else:
                     response = self._other(method, route)
             except Exception:
@@ -289,7 +388,9 @@ class ChatServer:
                     500, wire.error_body("ChatServer bug; see server.errors", type="server_error")
                 )
             status = None if response.close_after == -1 else response.status
-            record = RecordedRequest(method, path, headers, body, raw, received, fault, status)
+            record = RecordedRequest(
+                method, path, headers, body, raw, received, fault, status, request_number
+            )
             self._requests.append(record)
             if rejection is not None:
                 self._rejections.append((record, rejection))
@@ -314,15 +415,49 @@ class ChatServer:
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model, "object": "model", "created": 0, "owned_by": "convmem-test"}
 
-    def _chat(
-        self, headers: Mapping[str, str], body: Any, parse_error: bool, fault: Fault | None
+    def _azure_chat(
+        self,
+        headers: Mapping[str, str],
+        body: Any,
+        parse_error: bool,
+        fault: Fault | None,
+        *,
+        deployment: str,
+        query: str,
     ) -> tuple[_Response, str | None]:
-        sent_key = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        versions = urllib.parse.parse_qs(query).get("api-version")
+        if not versions:
+            return self._apply(_json_response(404, wire.AZURE_NOT_FOUND), fault), None
+        if self.deployments is None:
+            served: str | None = self.model
+        else:
+            served = self.deployments.get(deployment)
+        if served is None:
+            return self._apply(_json_response(404, wire.AZURE_NO_DEPLOYMENT), fault), None
+        azure = _Azure(served=served, api_version=versions[0])
+        return self._chat(headers, body, parse_error, fault, azure=azure)
+
+    def _chat(
+        self,
+        headers: Mapping[str, str],
+        body: Any,
+        parse_error: bool,
+        fault: Fault | None,
+        *,
+        azure: _Azure | None = None,
+    ) -> tuple[_Response, str | None]:
+        if azure is not None:
+            sent_key = headers.get("api-key", "").strip()
+        else:
+            sent_key = headers.get("authorization", "").removeprefix("Bearer ").strip()
         if fault is not None and fault.kind == "status":
-            return self._apply(self._status(fault, sent_key), fault), None
+            return self._apply(self._status(fault, sent_key, headers, azure), fault), None
         if fault is not None and fault.kind == "not_json":
             return self._apply(_Response(200, _HTML_PAGE, "text/html; charset=utf-8"), fault), None
         if self.api_key is not None and sent_key != self.api_key:
+            denied = azure and wire.azure_status_body(401, api_version=azure.api_version)
+            if denied:
+                return self._apply(_json_response(401, denied), fault), None
             content_type, data = wire.status_body(401, model=self.model, api_key=sent_key)
             return self._apply(_Response(401, data, content_type), fault), None
         if parse_error or body is None:
@@ -352,11 +487,22 @@ class ChatServer:
         if prompt + (max_tokens or 0) > self.window:
             response = self._overflow(self.overflow_style, self.window, prompt, max_tokens)
             return self._apply(response, fault), None
-        return self._apply(self._completion(body, prompt, max_tokens), fault), None
+        response = self._completion(body, prompt, max_tokens, fault=fault, azure=azure)
+        return self._apply(response, fault), None
 
-    def _status(self, fault: Fault, sent_key: str) -> _Response:
+    def _status(
+        self, fault: Fault, sent_key: str, headers: Mapping[str, str], azure: _Azure | None
+    ) -> _Response:
         code = fault.code or 500
-        if fault.body is None:
+        azure_body = azure and wire.azure_status_body(code, api_version=azure.api_version)
+        if fault.echo_headers:
+            quoted = "; ".join(f"{name}: {value}" for name, value in headers.items())
+            content_type = "application/json"
+            message = f"The upstream refused the request (status {code}). Request headers: {quoted}"
+            data = json.dumps(wire.error_body(message, type="gateway_error")).encode()
+        elif fault.body is None and azure_body:
+            content_type, data = "application/json", json.dumps(azure_body).encode()
+        elif fault.body is None:
             content_type, data = wire.status_body(code, model=self.model, api_key=sent_key)
         elif isinstance(fault.body, bytes | str):
             content_type = "text/plain; charset=utf-8"
@@ -398,9 +544,19 @@ class ChatServer:
         return wire.cap_answer(answer, max_tokens)
 
     def _completion(
-        self, body: Mapping[str, Any], prompt: int, max_tokens: int | None
+        self,
+        body: Mapping[str, Any],
+        prompt: int,
+        max_tokens: int | None,
+        *,
+        fault: Fault | None = None,
+        azure: _Azure | None = None,
     ) -> _Response:
         answer = self._answer(body, max_tokens)
+        filtered: str | None = None
+        if fault is not None and fault.kind == "content_filter":
+            answer = wire.filtered_answer(answer, fault.after_chunks)
+            filtered = fault.category
         completion = wire.completion_tokens(answer.content, answer.tool_calls)
         usage = {
             "prompt_tokens": prompt,
@@ -417,7 +573,7 @@ class ChatServer:
         head = {
             "id": f"chatcmpl-test{self._replies:06d}",
             "created": int(time.time()),
-            "model": str(body.get("model") or self.model),
+            "model": azure.served if azure else str(body.get("model") or self.model),
             "system_fingerprint": _FINGERPRINT,
             "service_tier": "default",
         }
@@ -437,10 +593,19 @@ class ChatServer:
                 "finish_reason": answer.finish_reason,
             }
             payload = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+            if azure:
+                choice["content_filter_results"] = wire.filter_results(filtered)
+                payload["prompt_filter_results"] = _prompt_filter_results()
             return _json_response(200, payload)
         options = body.get("stream_options")
         include_usage = isinstance(options, Mapping) and bool(options.get("include_usage"))
-        events = _stream_events(head, answer, usage if include_usage else None)
+        events = _stream_events(
+            head,
+            answer,
+            usage if include_usage else None,
+            azure=azure is not None,
+            filtered=filtered,
+        )
         return _Response(
             200,
             content_type="text/event-stream; charset=utf-8",
@@ -488,22 +653,55 @@ class ChatServer:
         return response
 
 
+def _prompt_filter_results() -> list[dict[str, Any]]:
+    return [{"prompt_index": 0, "content_filter_results": wire.filter_results()}]
+
+
 def _stream_events(
-    head: Mapping[str, Any], answer: wire.Answer, usage: Mapping[str, Any] | None
+    head: Mapping[str, Any],
+    answer: wire.Answer,
+    usage: Mapping[str, Any] | None,
+    *,
+    azure: bool = False,
+    filtered: str | None = None,
 ) -> list[bytes]:
-    """The SSE events of a streamed answer, ``data: [DONE]`` included."""
+    """The SSE events of a streamed answer, ``data: [DONE]`` included.
+
+    Azure's stream opens with a chunk of prompt-filter verdicts and no choices, and each
+    choice carries its own verdicts (empty on the role chunk).
+    """
 
     def chunk(delta: Mapping[str, Any], finish: str | None = None) -> bytes:
-        data: dict[str, Any] = {
-            **head,
-            "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        choice: dict[str, Any] = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": finish,
         }
+        if azure:
+            role_chunk = "role" in delta
+            caught = filtered if finish == "content_filter" else None
+            choice["content_filter_results"] = {} if role_chunk else wire.filter_results(caught)
+        data: dict[str, Any] = {**head, "object": "chat.completion.chunk", "choices": [choice]}
         if usage is not None:
             data["usage"] = None
         return _sse(data)
 
-    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events = []
+    if azure:
+        events.append(
+            _sse(
+                {
+                    "choices": [],
+                    "created": 0,
+                    "id": "",
+                    "model": "",
+                    "object": "",
+                    "prompt_filter_results": _prompt_filter_results(),
+                }
+            )
+        )
+    events.append(chunk({"role": "assistant", "content": "", "refusal": None}))
     for piece in _pieces(answer.content or ""):
         events.append(chunk({"content": piece}))
     for index, call in enumerate(answer.tool_calls or ()):
@@ -526,6 +724,11 @@ def _stream_events(
         )
     events.append(_sse("[DONE]"))
     return events
+
+
+def _is_chat(path: str) -> bool:
+    route = path.partition("?")[0]
+    return route == CHAT_PATH or _AZURE_CHAT.fullmatch(route) is not None
 
 
 def _pieces(text: str) -> list[str]:

@@ -19,7 +19,13 @@ ensure_ascii=False)``.
 **Error texts.** Copied from what the real servers answer (as reported in
 public bug reports quoting them): OpenAI's validation and context-length
 messages, llama.cpp's ``llama-server`` and ``llama-cpp-python``'s overflow
-messages. The spelling "preceeding" is OpenAI's own.
+messages, Azure OpenAI's ``{"code", "message"}`` errors. The spelling
+"preceeding" is OpenAI's own.
+
+**Azure's content filter.** Azure OpenAI adds ``prompt_filter_results`` to a
+reply (the first chunk of a stream, with no choices) and
+``content_filter_results`` to each choice, one verdict per category; a reply
+its filter stopped ends with ``finish_reason: "content_filter"``.
 """
 
 from __future__ import annotations
@@ -426,6 +432,53 @@ def status_body(code: int, *, model: str, api_key: str) -> tuple[str, bytes]:
     return "application/json", json.dumps(body).encode()
 
 
+def azure_error(code: str, message: str) -> dict[str, Any]:
+    """Azure OpenAI's error envelope: a string ``code`` and a ``message``, nothing else."""
+    return {"error": {"code": code, "message": message}}
+
+
+def azure_status_body(code: int, *, api_version: str) -> dict[str, Any] | None:
+    """Azure's body for an HTTP error ``code`` where it differs from OpenAI's, else None."""
+    if code == 401:
+        return azure_error(
+            "401",
+            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
+            "provide a valid key for an active subscription and use a correct regional API "
+            "endpoint for your resource.",
+        )
+    if code == 429:
+        return azure_error(
+            "429",
+            "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version "
+            f"{api_version} have exceeded token rate limit of your current OpenAI S0 pricing "
+            "tier. Please retry after 1 second. Please go here: https://aka.ms/oai/quotaincrease "
+            "if you would like to further increase the default rate limit.",
+        )
+    return None
+
+
+AZURE_NOT_FOUND = azure_error("404", "Resource not found")
+"""What Azure answers a request without ``api-version`` (or to a path it doesn't serve)."""
+
+AZURE_NO_DEPLOYMENT = azure_error(
+    "DeploymentNotFound",
+    "The API deployment for this resource does not exist. If you created the deployment "
+    "within the last 5 minutes, please wait a moment and try again.",
+)
+
+FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
+
+
+def filter_results(filtered: str | None = None) -> dict[str, Any]:
+    """Azure's per-category verdicts: all safe, or ``filtered`` caught."""
+    return {
+        category: {"filtered": True, "severity": "high"}
+        if category == filtered
+        else {"filtered": False, "severity": "safe"}
+        for category in FILTER_CATEGORIES
+    }
+
+
 # --------------------------------------------------------------------------- replies
 
 
@@ -577,6 +630,13 @@ def cap_answer(answer: Answer, max_tokens: int | None) -> Answer:
     if count_text(answer.content) <= max_tokens:
         return answer
     return Answer(truncate_to_tokens(answer.content, max_tokens), None, "length")
+
+
+def filtered_answer(answer: Answer, pieces: int) -> Answer:
+    """What is left of ``answer`` once a content filter stops it after ``pieces`` stream
+    pieces (about two words each): finish_reason ``content_filter``."""
+    words = (answer.content or "").split(" ")[: 2 * pieces]
+    return Answer(" ".join(words), None, "content_filter")
 
 
 def max_tokens_of(body: Mapping[str, Any]) -> int | None:
