@@ -5,6 +5,13 @@ server that ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` describe; with neither,
 a local model (SmolLM2-135M-Instruct served by llama.cpp on 127.0.0.1),
 started for the session and stopped when it ends.
 
+Everything cheap is checked before a model server starts (the local one
+takes seconds): the input, the database, the settings and the conversation
+named. A new conversation is stored with its first reply
+(``Memory.conversation(lazy=True)``), so a chat that fails or is left before
+anything was said leaves no empty conversation for the next ``convmem chat``
+to resume.
+
 Compaction runs after a reply, behind a spinner, rather than inside the
 stream, so the reply is on screen before any summary is written.
 """
@@ -17,6 +24,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import (
@@ -27,7 +35,12 @@ from conversation_memory.cli._app import (
     user_option,
 )
 from conversation_memory.engine import Conversation, Memory, UsageTotals
-from conversation_memory.errors import ConversationMemoryError, ModelError
+from conversation_memory.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    ConversationMemoryError,
+    ModelError,
+)
 from conversation_memory.local import LOCAL_MODEL, LOCAL_SYSTEM
 
 DEFAULT_SYSTEM = LOCAL_SYSTEM
@@ -53,19 +66,25 @@ HELP = """\
 Ctrl-C during a reply stops it; the part received is stored as incomplete."""
 
 
+NO_INPUT = (
+    "stdin is not a terminal and holds no message to send; run `convmem chat` in a "
+    "terminal to chat, or pipe messages in, one per line: printf 'hello\\n' | convmem chat"
+)
+
+
 @contextmanager
-def model_client(base_url: str | None, model: str | None) -> Iterator[tuple[Any, str | None, str]]:
-    """The client to talk through (None: built from the environment by the library), the
-    model name (None: the default) and the default strategy for new conversations."""
+def model_client(base_url: str | None, *, local: bool) -> Iterator[Any]:
+    """The client to talk through (None: built from the environment by the library)."""
     if base_url is not None:
         from conversation_memory.llm import client_from_env  # imports the SDK: only here
 
-        yield client_from_env(base_url=base_url), model, DEFAULT_STRATEGY
-    elif remote_configured():
-        yield None, model, DEFAULT_STRATEGY
-    else:
+        with client_from_env(base_url=base_url) as client:  # closes its connections
+            yield client
+    elif local:
         with local_client() as client:
-            yield client, model or LOCAL_MODEL, LOCAL_STRATEGY
+            yield client
+    else:
+        yield None
 
 
 class Session:
@@ -88,12 +107,8 @@ class Session:
 
     def banner(self) -> None:
         c = self.conversation
-        info = self.memory.find(c.id, user=c.user)
-        state = (
-            "new conversation"
-            if info.message_count == 0
-            else f"resumed, {info.message_count} messages"
-        )
+        count = len(c)
+        state = "new conversation" if count == 0 else f"resumed, {count} messages"
         self.err.print(
             f"[bold]{c.title or 'untitled'}[/bold] [dim]{c.id[:12]} · {state} · model {c.model} · "
             f"strategy {c.strategy.name} · budget {c.budget().limit:,} tokens[/dim]\n"
@@ -155,6 +170,9 @@ class Session:
             self.out.print(HELP, highlight=False)
         elif name == "/context":
             self.out.print(_render.context_view(c.context(), model=c.model))
+        elif not len(c) and name in {"/history", "/fork"}:
+            # A new conversation is stored with its first reply: nothing to show or share yet.
+            self.err.print("nothing said yet: the conversation starts with your first message")
         elif name == "/history":
             info = self.memory.find(c.id, user=c.user)
             self.out.print(_render.history_view(info, c.system, c.entries(), c.summary_cover()))
@@ -191,11 +209,12 @@ class Session:
                 continue
             try:
                 self.turn(line.rstrip("\n"))
-            except ModelError as error:
-                # The turn was not stored; the chat goes on.
-                self.err.print(f"[red]the model call failed: {error}[/red]")
+            except (ModelError, BudgetExceeded) as error:
+                # Nothing of the turn was stored; in a terminal the chat goes on.
                 if not self.interactive:
                     raise
+                what = "the model call failed" if isinstance(error, ModelError) else "not sent"
+                self.err.print(f"[red]{what}: {escape(str(error))}[/red]")
 
 
 def read_terminal() -> str:
@@ -260,31 +279,41 @@ def chat(
     if new and ref is not None:
         raise click.UsageError("give an ID to resume or --new, not both")
     interactive = sys.stdin.isatty()
+    read = read_terminal if interactive else _lines()
+    local = base_url is None and not remote_configured()
+    chosen_model = model or (LOCAL_MODEL if local else None)
     with ExitStack() as stack:
-        client, chosen_model, default_strategy = stack.enter_context(model_client(base_url, model))
-        memory = stack.enter_context(
-            Memory(db, client=client, model=chosen_model, compaction="manual")
-        )
+        memory = stack.enter_context(Memory(db, model=chosen_model, compaction="manual"))
         settings: dict[str, Any] = {
             "user": user,
             "system": system or DEFAULT_SYSTEM,
             "model": chosen_model,
-            "strategy": strategy or default_strategy,
+            "strategy": strategy or (LOCAL_STRATEGY if local else DEFAULT_STRATEGY),
             "budget": budget,
             "title": title,
+            "lazy": True,
         }
         conversation = resume(memory, ref, new=new, settings=settings, strategy=strategy)
+        # Only now, with the database and the settings known to work, start a server.
+        memory.client = stack.enter_context(model_client(base_url, local=local))
         session = Session(memory, conversation, interactive=interactive, settings=settings)
         if interactive:
             session.banner()
-            session.loop(read_terminal)
-        else:
-            session.loop(_lines())
+        session.loop(read)
 
 
 def _lines() -> Callable[[], str]:
+    """Messages from a pipe. The first is read now, so that an empty pipe (the quick
+    start run without a terminal) says what to do before anything starts."""
+    first = sys.stdin.readline()
+    while first and not first.strip():
+        first = sys.stdin.readline()
+    if not first:
+        raise ConfigurationError(NO_INPUT, argument="stdin")
+    waiting = [first]
+
     def read() -> str:
-        line = sys.stdin.readline()
+        line = waiting.pop() if waiting else sys.stdin.readline()
         if not line:
             raise EOFError
         return line

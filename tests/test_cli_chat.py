@@ -1,0 +1,98 @@
+"""``convmem chat`` when things go wrong: empty input, failed or refused first turns,
+bad settings, slow servers, replies cut short.
+
+In-process through the command group (as tests/test_cli.py's ``run``), against
+real SQLite files and ``conversation_memory.testing.ChatServer`` over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conversation_memory.cli import cli
+from conversation_memory.testing import ChatServer, Fault
+
+MODEL = "gpt-4o-mini"
+
+
+def run(*args: str, stdin: str = ""):
+    runner = CliRunner(env={k: None for k in os.environ if k.startswith(("OPENAI_", "CONVMEM_"))})
+    return runner.invoke(cli, list(args), input=stdin, prog_name="convmem")
+
+
+def sessions(db: str) -> list[dict]:
+    done = run("sessions", "--db", db, "--json")
+    assert done.exit_code == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture
+def server():
+    with ChatServer(window=128_000, model=MODEL) as server:
+        yield server
+
+
+@pytest.fixture
+def db(tmp_path) -> str:
+    return str(tmp_path / "cli.db")
+
+
+def chat(db: str, server: ChatServer, *args: str, stdin: str):
+    return run("chat", "--db", db, "--base-url", server.base_url, "--model", MODEL, *args,
+               stdin=stdin)  # fmt: skip
+
+
+def test_empty_stdin_says_what_to_do_and_creates_nothing(db, server):
+    done = chat(db, server, stdin="\n  \n")
+    assert done.exit_code == 1
+    assert "not a terminal" in done.stderr
+    assert "| convmem chat" in done.stderr
+    assert not os.path.exists(db), "checked before the database is opened"
+    assert server.requests == []
+
+
+def test_failed_or_refused_first_turns_leave_no_empty_conversation(db, server):
+    server.fail(Fault.status(401))
+    assert chat(db, server, "--new", stdin="hello\n").exit_code == 5
+    assert sessions(db) == []
+    refused = chat(db, server, "--new", "--budget", "60", stdin="word " * 100 + "\n")
+    assert refused.exit_code == 1
+    assert "budget" in refused.stderr
+    assert sessions(db) == []
+    # In-chat commands before the first message create nothing either.
+    idle = chat(db, server, "--new", "--title", "later", stdin="/history\n/fork\n/new\n/exit\n")
+    assert idle.exit_code == 0, idle.stderr
+    assert "nothing said yet" in idle.stderr
+    assert sessions(db) == []
+
+    assert chat(db, server, "--title", "real", stdin="hello\n").exit_code == 0
+    [row] = sessions(db)
+    assert (row["title"], row["message_count"]) == ("real", 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["--db", "{dir}"], 4, "directory"),
+        (["--strategy", "nonsense"], 1, "unknown strategy"),
+        (["--model", "no-such-model"], 1, "no-such-model"),
+        (["no-such-conversation"], 3, "no-such-conversation"),
+    ],
+    ids=["database", "strategy", "model", "conversation"],
+)
+def test_cheap_checks_come_before_the_local_model(monkeypatch, tmp_path, args, code, says):
+    # The local model can't start here (as on a machine without the local extra), so
+    # reaching it would fail with its install hint instead of the real problem.
+    monkeypatch.setitem(sys.modules, "xllamacpp", None)
+    args = [arg.format(dir=tmp_path) for arg in args]
+    if "--db" not in args:
+        args += ["--db", str(tmp_path / "c.db")]
+    done = run("chat", *args, stdin="hello\n")
+    assert done.exit_code == code, done.stderr
+    assert says in done.stderr
+    assert "conversation-memory[local]" not in done.stderr
