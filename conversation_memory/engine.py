@@ -549,8 +549,8 @@ class Memory:
         with self._db.write() as conn:
             if repository.conversation_exists(conn, conversation_id):
                 raise ConversationExists(
-                    f"conversation {conversation_id!r} already exists; delete it first or "
-                    "import with new_id=True",
+                    f"conversation {conversation_id!r} already exists; delete it first, or "
+                    "import a copy with a fresh id (new_id=True; `convmem import --new-id`)",
                     conversation_id=conversation_id,
                 )
             repository.insert_conversation(

@@ -1,5 +1,6 @@
-"""``convmem chat`` when things go wrong: empty input, failed or refused first turns,
-bad settings, slow servers, replies cut short.
+"""``convmem chat`` when things go wrong (empty input, failed or refused first turns,
+bad settings, slow servers, replies cut short), and mistakes explained in the
+command line's words rather than Python's.
 
 In-process through the command group (as tests/test_cli.py's ``run``), against
 real SQLite files and ``conversation_memory.testing.ChatServer`` over HTTP.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -96,3 +98,37 @@ def test_cheap_checks_come_before_the_local_model(monkeypatch, tmp_path, args, c
     assert done.exit_code == code, done.stderr
     assert says in done.stderr
     assert "conversation-memory[local]" not in done.stderr
+
+
+def test_a_hung_server_gives_up_after_timeout_and_names_the_flag(db, server):
+    server.fail(Fault.slow_first_byte(5))
+    started = time.monotonic()
+    done = chat(db, server, "--new", "--timeout", "0.5", stdin="hello\n")
+    assert done.exit_code == 5, done.stderr
+    assert time.monotonic() - started < 4
+    assert "--timeout" in done.stderr
+
+
+def test_mistakes_are_explained_in_the_command_line_s_words(db, server, tmp_path):
+    assert chat(db, server, "--new", stdin="hello\n").exit_code == 0
+    exported = tmp_path / "c.jsonl"
+    [row] = sessions(db)
+    assert run("export", row["id"], "--db", db, "-o", str(exported)).exit_code == 0
+    again = run("import", str(exported), "--db", db)
+    assert again.exit_code == 1
+    assert "--new-id" in again.stderr
+
+    unknown = chat(db, server, "--new", "--strategy", "nonsense", stdin="hi\n").stderr
+    for name in ("truncate", "window:N", "summary", "hierarchical"):
+        assert name in unknown
+    for bad in ("window:-1", "window:0", "window:x"):
+        said = chat(db, server, "--new", "--strategy", bad, stdin="hi\n").stderr
+        assert f"{bad!r}" in said
+        assert "whole number of turns, at least 1" in said, said
+        assert "Window(" not in said
+
+    for args in (["chat", "--budget", "abc"], ["context", "x", "--budget", "abc"],
+                 ["chat", "--timeout", "soon"]):  # fmt: skip
+        said = run(*args, "--db", db).stderr
+        assert "abc" in said or "soon" in said
+        assert "range" not in said, said

@@ -28,6 +28,8 @@ from rich.markup import escape
 
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import (
+    Integer,
+    Number,
     command,
     console,
     local_client,
@@ -41,6 +43,7 @@ from conversation_memory.errors import (
     ConversationMemoryError,
     ModelError,
 )
+from conversation_memory.llm.retry import RetryPolicy
 from conversation_memory.local import LOCAL_MODEL, LOCAL_SYSTEM
 
 DEFAULT_SYSTEM = LOCAL_SYSTEM
@@ -250,9 +253,17 @@ def read_terminal() -> str:
 @click.option(
     "--budget",
     "-b",
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     default=None,
+    metavar="TOKENS",
     help="Prompt token cap (default: the model's window minus the reply reserve).",
+)
+@click.option(
+    "--timeout",
+    type=Number(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Give up on a reply after this long, retries included (default: 120).",
 )
 @user_option("Whose conversations to use (default: 'default').")
 def chat(
@@ -265,6 +276,7 @@ def chat(
     base_url: str | None,
     strategy: str | None,
     budget: int | None,
+    timeout: float | None,
     user: str | None,
     debug: bool,
 ) -> None:
@@ -283,7 +295,10 @@ def chat(
     local = base_url is None and not remote_configured()
     chosen_model = model or (LOCAL_MODEL if local else None)
     with ExitStack() as stack:
-        memory = stack.enter_context(Memory(db, model=chosen_model, compaction="manual"))
+        retry = RetryPolicy(deadline=timeout) if timeout is not None else None
+        memory = stack.enter_context(
+            Memory(db, model=chosen_model, compaction="manual", retry=retry)
+        )
         settings: dict[str, Any] = {
             "user": user,
             "system": system or DEFAULT_SYSTEM,
