@@ -11,6 +11,11 @@ Streaming stores the reply once, when the stream ends. A stream that ends
 without a finish_reason, breaks, or is abandoned by the caller is stored as
 incomplete (``on_incomplete="store"``, the default) or not at all
 (``"drop"``); never as complete.
+
+A reply the server stopped before its end (``finish_reason`` ``length``: the
+``max_tokens`` or output limit; ``content_filter``) arrived whole and is
+stored as complete, with ``{"finish_reason": ...}`` as its metadata, so the
+cut stays visible in ``entries()``, exports and ``convmem show``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ if TYPE_CHECKING:
     from conversation_memory.engine import Conversation, Pending
 
 INCOMPLETE_CHOICES = ("store", "drop")
+CUT_SHORT = frozenset({"length", "content_filter"})
+"""Finish reasons of a reply the server stopped before the model was done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +162,14 @@ def finish_turn(
     """Store the turn in one transaction, then calibrate and compact as needed."""
     batch = list(pending)
     if store_reply:
+        cut = completion.finish_reason in CUT_SHORT
         batch.append(
-            conversation._pending(completion.message, complete=completion.complete, check=False)
+            conversation._pending(
+                completion.message,
+                complete=completion.complete,
+                metadata={"finish_reason": completion.finish_reason} if cut else None,
+                check=False,
+            )
         )
     error = None if completion.complete else "the reply was cut off"
     reported = completion.usage.prompt_tokens

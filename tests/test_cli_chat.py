@@ -132,3 +132,16 @@ def test_mistakes_are_explained_in_the_command_line_s_words(db, server, tmp_path
         said = run(*args, "--db", db).stderr
         assert "abc" in said or "soon" in said
         assert "range" not in said, said
+
+
+def test_a_reply_cut_short_is_said_in_the_chat_and_kept_in_show(db):
+    cut = {"content": "The answer begins with", "finish_reason": "length"}
+    with ChatServer(window=128_000, model=MODEL, reply=cut) as server:
+        done = chat(db, server, "--new", stdin="tell me everything\n")
+    assert done.exit_code == 0, done.stderr
+    assert "The answer begins with" in done.stdout
+    assert "cut off" in done.stderr
+    [row] = sessions(db)
+    shown = json.loads(run("show", row["id"], "--db", db, "--json").stdout)["messages"]
+    assert shown[1]["metadata"] == {"finish_reason": "length"}
+    assert "cut off" in run("show", row["id"], "--db", db).stdout

@@ -69,6 +69,13 @@ HELP = """\
 Ctrl-C during a reply stops it; the part received is stored as incomplete."""
 
 
+CUT_OFF = {
+    "length": "the reply was cut off at the model's output limit (finish_reason length); "
+    "ask it to go on for the rest",
+    "content_filter": "the reply was cut off by the server's content filter",
+}
+"""What to say after a reply the server stopped early (it is stored with that mark)."""
+
 NO_INPUT = (
     "stdin is not a terminal and holds no message to send; run `convmem chat` in a "
     "terminal to chat, or pipe messages in, one per line: printf 'hello\\n' | convmem chat"
@@ -144,6 +151,9 @@ class Session:
                 return
         sys.stdout.write("\n")
         sys.stdout.flush()
+        cut = CUT_OFF.get(stream.reply.finish_reason) if stream.reply is not None else None
+        if cut:
+            self.err.print(f"[yellow]{cut}[/yellow]")
         if stream.fold_wanted:
             self.compact()
 
