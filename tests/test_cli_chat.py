@@ -145,3 +145,22 @@ def test_a_reply_cut_short_is_said_in_the_chat_and_kept_in_show(db):
     shown = json.loads(run("show", row["id"], "--db", db, "--json").stdout)["messages"]
     assert shown[1]["metadata"] == {"finish_reason": "length"}
     assert "cut off" in run("show", row["id"], "--db", db).stdout
+
+
+def test_in_a_terminal_a_refused_message_leaves_the_chat_going(db, server, capsys):
+    from conversation_memory import Memory
+    from conversation_memory.cli.chat import Session
+
+    lines = iter(["word " * 100, "hello"])
+
+    def read() -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    with server.client() as client, Memory(db, client=client, model=MODEL) as memory:
+        conversation = memory.conversation(budget=60, lazy=True)
+        Session(memory, conversation, interactive=True, settings={}).loop(read)
+        assert "not sent" in capsys.readouterr().err
+        assert [m["role"] for m in conversation.history()] == ["user", "assistant"]
