@@ -273,7 +273,8 @@ def read_terminal() -> str:
     type=Number(min=0, min_open=True),
     default=None,
     metavar="SECONDS",
-    help="Give up on a reply after this long, retries included (default: 120).",
+    help="Give up on a reply after this long, retries included "
+    f"(default: {RetryPolicy().deadline:g}).",
 )
 @user_option("Whose conversations to use (default: 'default').")
 def chat(
