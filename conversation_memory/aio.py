@@ -520,8 +520,10 @@ class AsyncMemory:
         budget: int | None = None,
         reserve: int | None = None,
         title: str | None = None,
+        lazy: bool = False,
     ) -> AsyncConversation:
-        """Create a conversation (``id=None``) or resume one of this user's."""
+        """Create a conversation (``id=None``) or resume one of this user's (see
+        ``Memory.conversation``; ``lazy=True`` stores a new one with its first message)."""
         found = await asyncio.to_thread(
             self.sync.conversation,
             id,
@@ -532,6 +534,7 @@ class AsyncMemory:
             budget=budget,
             reserve=reserve,
             title=title,
+            lazy=lazy,
         )
         return AsyncConversation(self, found)
 

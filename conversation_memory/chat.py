@@ -12,6 +12,12 @@ without a finish_reason, breaks, or is abandoned by the caller is stored as
 incomplete (``on_incomplete="store"``, the default) or not at all
 (``"drop"``); never as complete. A reply a content filter stopped
 (finish_reason ``content_filter``) is incomplete too, streamed or not.
+
+A reply the server stopped before its end (``finish_reason`` ``length``: the
+``max_tokens`` or output limit; or ``content_filter``) is stored with
+``{"finish_reason": ...}`` as its metadata, so the cut stays visible in
+``entries()``, exports and ``convmem show``; one cut by ``length`` arrived
+whole and is stored as complete.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ if TYPE_CHECKING:
     from conversation_memory.engine import Conversation, Pending
 
 INCOMPLETE_CHOICES = ("store", "drop")
+CUT_SHORT = frozenset({"length", "content_filter"})
+"""Finish reasons of a reply the server stopped before the model was done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +164,14 @@ def finish_turn(
     """Store the turn in one transaction, then calibrate and compact as needed."""
     batch = list(pending)
     if store_reply:
+        cut = completion.finish_reason in CUT_SHORT
         batch.append(
-            conversation._pending(completion.message, complete=completion.complete, check=False)
+            conversation._pending(
+                completion.message,
+                complete=completion.complete,
+                metadata={"finish_reason": completion.finish_reason} if cut else None,
+                check=False,
+            )
         )
     if completion.complete:
         error = None

@@ -269,6 +269,8 @@ def _store_summary(
 
 
 def record_failure(conversation: Conversation, model: str, error: str) -> None:
+    if conversation._unsaved:
+        return  # no row to attach it to: a conversation not stored yet has nothing to fold
     with conversation.database.write() as conn:
         conn.execute(
             insert(usage).values(
@@ -375,6 +377,8 @@ def compact(
     chunk_tokens: int | None = None,
 ) -> Outcome:
     """Fold what the strategy asks for into summaries; see the module docstring."""
+    if conversation._unsaved:
+        return Outcome(skipped="nothing to fold")  # not stored yet (the lease needs the row)
     strategy = conversation.strategy
     # The lease comes first: a compaction that read the state before another
     # finished would otherwise summarize the same range again.

@@ -2,7 +2,10 @@
 
 A :class:`Memory` is one open database. ``memory.conversation(...)`` creates or
 resumes a :class:`Conversation`, scoped by user: another user's conversation
-id behaves exactly like one that doesn't exist.
+id behaves exactly like one that doesn't exist. A conversation created with
+``lazy=True`` has no row until its first write, which inserts the row in the
+same transaction as the first message, so an abandoned or failed start leaves
+nothing behind.
 
 One append is one write transaction: the message is checked and its tokens
 counted *before* the transaction starts (so the write lock is held for two
@@ -19,7 +22,7 @@ import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -381,9 +384,20 @@ class Memory:
         budget: int | None = None,
         reserve: int | None = None,
         title: str | None = None,
+        lazy: bool = False,
     ) -> Conversation:
-        """Create a conversation (``id=None``) or resume one of this user's."""
+        """Create a conversation (``id=None``) or resume one of this user's.
+
+        ``lazy=True`` stores a new conversation with its first message (or
+        turn) instead of now: until then it reads as empty, is not listed,
+        and its id is not found elsewhere. A chat front end wants that: a
+        first call that fails, or a user who says nothing, leaves no empty
+        conversation behind. Create it eagerly (the default) to hand its id
+        to other processes before anything is said.
+        """
         user_id = _check_user(user)
+        if not isinstance(lazy, bool):
+            raise ConfigurationError(f"lazy must be True or False, got {lazy!r}")
         if budget is not None:
             _check_positive("budget", budget)
         if reserve is not None:
@@ -394,6 +408,10 @@ class Memory:
         if id is not None:
             if not isinstance(id, str):
                 raise ConfigurationError(f"id must be a string, got {type(id).__name__}")
+            if lazy:
+                raise ConfigurationError(
+                    "lazy=True is for a new conversation; an existing one is resumed by id"
+                )
             with self._db.read() as conn:
                 row = repository.get_conversation(conn, id, user_id)
             if row is None:
@@ -427,29 +445,28 @@ class Memory:
         if reserve is not None:
             settings["reserve"] = reserve
         when = repository.now()
-        new_id = uuid.uuid4().hex
-        with self._db.write() as conn:
-            repository.insert_conversation(
-                conn,
-                {
-                    "id": new_id,
-                    "user_id": user_id,
-                    "title": title,
-                    "model": model_name,
-                    "system": system,
-                    "system_tokens": system_tokens,
-                    "counter": counter.name,
-                    "settings": dumps(settings),
-                    "created_at": when,
-                    "updated_at": when,
-                    "next_position": 0,
-                    "message_count": 0,
-                    "total_tokens": 0,
-                },
-            )
-            row = repository.get_conversation(conn, new_id, user_id)
-        assert row is not None
-        conversation = Conversation(self, row, strategy=chosen)
+        row = repository.ConversationRow(
+            id=uuid.uuid4().hex,
+            user_id=user_id,
+            title=title,
+            model=model_name,
+            system=system,
+            system_tokens=system_tokens,
+            counter=counter.name,
+            settings=settings,
+            created_at=when,
+            updated_at=when,
+            forked_from=None,
+            fork_position=None,
+            next_position=0,
+            message_count=0,
+            total_tokens=0,
+        )
+        if not lazy:
+            with self._db.write() as conn:
+                repository.insert_conversation(conn, {**asdict(row), "settings": dumps(settings)})
+        # Lazy: the first turn's own transaction inserts the row (Conversation._commit).
+        conversation = Conversation(self, row, strategy=chosen, unsaved=lazy)
         conversation._override(strategy=None, budget=None, reserve=None)
         return conversation
 
@@ -562,8 +579,8 @@ class Memory:
         with self._db.write() as conn:
             if repository.conversation_exists(conn, conversation_id):
                 raise ConversationExists(
-                    f"conversation {conversation_id!r} already exists; delete it first or "
-                    "import with new_id=True",
+                    f"conversation {conversation_id!r} already exists; delete it first, or "
+                    "import a copy with a fresh id (new_id=True; `convmem import --new-id`)",
                     conversation_id=conversation_id,
                 )
             repository.insert_conversation(
@@ -597,7 +614,12 @@ class Conversation:
     """One conversation: append messages, build the context to send, fork, export."""
 
     def __init__(
-        self, memory: Memory, row: repository.ConversationRow, *, strategy: Strategy | None = None
+        self,
+        memory: Memory,
+        row: repository.ConversationRow,
+        *,
+        strategy: Strategy | None = None,
+        unsaved: bool = False,
     ) -> None:
         self._memory = memory
         self._db = memory.database
@@ -616,6 +638,10 @@ class Conversation:
         self._plain_limit = self.budget().limit
         self._prepared: Any = None
         self._last_correction: Correction | None = None
+        self._unsaved = unsaved
+        """The row is still to be inserted, by the first write (see ``_commit``)."""
+        self._unsaved_calibration: dict[str, Any] | None = None
+        """A calibration learnt before the row existed; written with the first turn."""
 
     def _stored_strategy(self, name: str | None) -> Strategy:
         """The strategy saved at creation: a built-in by name, or the Memory's own."""
@@ -741,14 +767,35 @@ class Conversation:
     ) -> list[StoredMessage]:
         """Store ``batch``, its usage row and any calibration change in one transaction.
 
-        ``observed`` is (our count, the server's count) of the turn's prompt.
+        ``observed`` is (our count, the server's count) of the turn's prompt. A new
+        conversation's row is inserted here too, so it exists only with its first turn.
         """
+        if self._unsaved and not batch:
+            return []  # nothing to store, so no row either
         calibration = self._calibration_change(*observed) if observed else None
+        if calibration is None and self._unsaved:
+            calibration = self._unsaved_calibration
         when = repository.now()
         hot = self._memory._hot
         stamp = hot.stamp(when)
         stored: list[StoredMessage] = []
         with self._db.cursor(write=True) as cur:
+            if self._unsaved:
+                row = self._row
+                hot.create(
+                    cur,
+                    {
+                        "id": row.id,
+                        "user_id": row.user_id,
+                        "title": row.title,
+                        "model": row.model,
+                        "system": row.system,
+                        "system_tokens": row.system_tokens,
+                        "counter": row.counter,
+                        "settings": dumps(row.settings),
+                        "now": stamp,
+                    },
+                )
             segments: list[repository.Segment] | None = None
             total = sum(pending.row["tokens"] for pending in batch)
             first = hot.claim(cur, self.id, self.user, total, stamp, count=len(batch))
@@ -796,6 +843,7 @@ class Conversation:
                         "updated_at": stamp,
                     },
                 )
+        self._unsaved, self._unsaved_calibration = False, None
         if calibration is not None:
             self._last_correction = Correction(calibration["factor"], calibration["margin"])
         return stored
@@ -835,8 +883,33 @@ class Conversation:
         """The lineage for the Core (non hot-path) reads of :meth:`_fresh_row`'s row."""
         return repository.lineage(conn, self._row)
 
+    def _head(self, cur: Any) -> repository.Head:
+        """The hot path's view of the row (an empty one while it is still unsaved)."""
+        head = self._memory._hot.head(cur, self.id, self.user, self.model)
+        if head is not None:
+            return head
+        if not self._unsaved:
+            raise ConversationNotFound(
+                f"conversation {self.id!r} no longer exists (deleted?)",
+                conversation_id=self.id,
+            )
+        learnt = self._unsaved_calibration or {}
+        return repository.Head(
+            system=self._row.system,
+            system_tokens=self._row.system_tokens,
+            forked_from=None,
+            fork_position=None,
+            next_position=0,
+            message_count=0,
+            total_tokens=0,
+            factor=learnt.get("factor"),
+            margin=learnt.get("margin"),
+        )
+
     def _fresh_row(self, conn: Any) -> repository.ConversationRow:
         row = repository.get_conversation(conn, self.id, self.user)
+        if row is None and self._unsaved:
+            return self._row  # reads as an empty conversation until its first write
         if row is None:
             raise ConversationNotFound(
                 f"conversation {self.id!r} no longer exists (deleted?)", conversation_id=self.id
@@ -854,12 +927,7 @@ class Conversation:
         """
         hot = self._memory._hot
         with self._db.cursor(write=False) as cur:
-            head = hot.head(cur, self.id, self.user, self.model)
-            if head is None:
-                raise ConversationNotFound(
-                    f"conversation {self.id!r} no longer exists (deleted?)",
-                    conversation_id=self.id,
-                )
+            head = self._head(cur)
             correction = (
                 Correction(factor=head.factor, margin=head.margin or 0)
                 if head.factor is not None
@@ -950,12 +1018,7 @@ class Conversation:
         """The stored summaries that together cover the summarized range, oldest first."""
         hot = self._memory._hot
         with self._db.cursor(write=False) as cur:
-            head = hot.head(cur, self.id, self.user, self.model)
-            if head is None:
-                raise ConversationNotFound(
-                    f"conversation {self.id!r} no longer exists (deleted?)",
-                    conversation_id=self.id,
-                )
+            head = self._head(cur)
             return hot.summary_cover(cur, self._segments_of(head, cur))
 
     def entries_between(self, first: int, last: int) -> list[repository.Entry]:
@@ -1101,6 +1164,9 @@ class Conversation:
     def correction(self) -> Correction:
         """The calibrated correction for this conversation's model (the registry's
         initial one, identity for OpenAI models, until the server has reported counts)."""
+        if self._unsaved and self._unsaved_calibration is not None:
+            learnt = self._unsaved_calibration
+            return Correction(factor=learnt["factor"], margin=learnt["margin"])
         with self._db.read() as conn:
             found = repository.get_calibration(conn, self.id, self.model)
         if found is None:
@@ -1114,13 +1180,26 @@ class Conversation:
         """
         _check_positive("counted", counted)
         _check_positive("reported", reported)
+        # The same prior a turn uses: what was learnt, else the registry's initial guess.
+        initial = self._info.correction
+        guess = initial.factor if initial != Correction() else None
+        if self._unsaved:
+            # No row to hang a calibration on yet: kept here, written with the first turn.
+            learnt = self._unsaved_calibration
+            factor, margin = next_correction(
+                learnt["factor"] if learnt else guess, counted, reported
+            )
+            self._unsaved_calibration = {
+                "factor": factor,
+                "margin": margin,
+                "last_counted": counted,
+                "last_reported": reported,
+            }
+            self._last_correction = Correction(factor=factor, margin=margin)
+            return self._last_correction
         with self._db.write() as conn:
             found = repository.get_calibration(conn, self.id, self.model)
-            # The same prior a turn uses: what was learnt, else the registry's initial guess.
-            initial = self._info.correction
-            prior = found.factor if found is not None else None
-            if prior is None and initial != Correction():
-                prior = initial.factor
+            prior = found.factor if found is not None else guess
             factor, margin = next_correction(prior, counted, reported)
             samples = found.samples + 1 if found is not None else 1
             repository.put_calibration(
@@ -1194,6 +1273,7 @@ class Conversation:
             row = self._fresh_row(conn)
             repository.detach_forks(conn, row)
             repository.delete_conversation(conn, row.id)
+        self._unsaved = False  # a new one deleted before its first turn stays deleted
 
     def export(self) -> str:
         """JSONL: a header line with the conversation's metadata, then one message per line.

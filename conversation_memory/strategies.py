@@ -406,7 +406,8 @@ def _as_one(cover: list[Summary]) -> Summary:
 
 
 _CHOICES = (
-    "'truncate', 'window' or 'window:N' (N turns, at least 1), 'summary' or 'summary:high=H,low=L'"
+    "'truncate', 'window' or 'window:N' (N turns, at least 1), 'summary' or "
+    "'summary:high=H,low=L', 'hierarchical' or 'hierarchical:fanout=F'"
 )
 
 
@@ -418,8 +419,14 @@ def _by_name(text: str) -> Strategy:
     if key == "window":
         if not colon:
             return Window()
-        if argument.isdigit():
+        if argument.isdigit() and int(argument) >= 1:
             return Window(turns=int(argument))
+        # One message for 0, -1 and x alike, in the name's own terms (not the class's).
+        raise ConfigurationError(
+            f"strategy {text!r}: N in 'window:N' must be a whole number of turns, at least 1; "
+            "e.g. 'window:8'",
+            argument="strategy",
+        )
     if key == "summary":
         return _summary_from(text, argument if colon else "")
     if key == "hierarchical":
@@ -428,7 +435,7 @@ def _by_name(text: str) -> Strategy:
         f"unknown strategy {text!r}; choose {_CHOICES}, or pass a strategy object "
         "or a function (state, budget) -> Selection",
         argument="strategy",
-        choices=("truncate", "window", "window:N"),
+        choices=("truncate", "window", "window:N", "summary", "hierarchical"),
     )
 
 

@@ -144,6 +144,21 @@ def test_a_cut_stream_is_stored_as_incomplete(tmp_path, server):
         assert entries[-1].complete is False
 
 
+def test_a_reply_cut_at_max_tokens_is_marked_in_its_metadata(tmp_path, server):
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation()
+        assert chat.send("Tell me everything.", max_tokens=3).finish_reason == "length"
+        with chat.stream("And again.", max_tokens=3) as stream:
+            list(stream)
+        assert stream.reply is not None
+        assert stream.reply.finish_reason == "length"
+        chat.send("Short?", max_tokens=100)  # ended on its own: no mark
+        replies = [e for e in chat.entries() if e.message["role"] == "assistant"]
+        assert [e.metadata for e in replies] == [{"finish_reason": "length"}] * 2 + [None]
+        assert all(e.complete for e in replies), "received whole, only cut by the limit"
+        assert chat.export().count('"metadata":{"finish_reason":"length"}') == 2
+
+
 def test_an_abandoned_stream_is_stored_once_as_incomplete_or_dropped(tmp_path, server):
     with open_memory(tmp_path / "c.db", server) as memory:
         chat = memory.conversation()

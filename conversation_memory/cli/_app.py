@@ -128,6 +128,19 @@ def debug_option(func: F) -> F:
     )(func)
 
 
+class Integer(click.IntRange):
+    """click's IntRange, worded for people: "'abc' is not a valid integer", where
+    IntRange says "integer range"."""
+
+    name = "integer"
+
+
+class Number(click.FloatRange):
+    """click's FloatRange, likewise: "'soon' is not a valid number"."""
+
+    name = "number"
+
+
 def user_option(help_text: str) -> Callable[[F], F]:
     return click.option("--user", "-u", default=None, metavar="USER", help=help_text)
 

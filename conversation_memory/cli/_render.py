@@ -147,6 +147,8 @@ def history_view(
             flags.append("pinned")
         if not entry.complete:
             flags.append("incomplete")
+        if entry.metadata and entry.metadata.get("finish_reason") in {"length", "content_filter"}:
+            flags.append("cut off")
         head = Text.assemble(
             (f"#{entry.position} {role}", ROLE_STYLE.get(role, "")),
             (f"  {entry.tokens} tok  {entry.created_at.astimezone():%Y-%m-%d %H:%M}", "dim"),

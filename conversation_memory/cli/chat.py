@@ -5,6 +5,13 @@ server that ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` describe; with neither,
 a local model (SmolLM2-135M-Instruct served by llama.cpp on 127.0.0.1),
 started for the session and stopped when it ends.
 
+Everything cheap is checked before a model server starts (the local one
+takes seconds): the input, the database, the settings and the conversation
+named. A new conversation is stored with its first reply
+(``Memory.conversation(lazy=True)``), so a chat that fails or is left before
+anything was said leaves no empty conversation for the next ``convmem chat``
+to resume.
+
 Compaction runs after a reply, behind a spinner, rather than inside the
 stream, so the reply is on screen before any summary is written.
 """
@@ -21,6 +28,8 @@ from rich.markup import escape
 
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import (
+    Integer,
+    Number,
     command,
     console,
     local_client,
@@ -28,7 +37,13 @@ from conversation_memory.cli._app import (
     user_option,
 )
 from conversation_memory.engine import Conversation, Memory, UsageTotals
-from conversation_memory.errors import ConversationMemoryError, ModelError
+from conversation_memory.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    ConversationMemoryError,
+    ModelError,
+)
+from conversation_memory.llm.retry import RetryPolicy
 from conversation_memory.local import LOCAL_MODEL, LOCAL_SYSTEM
 from conversation_memory.registry import default_registry, register_model
 
@@ -55,19 +70,32 @@ HELP = """\
 Ctrl-C during a reply stops it; the part received is stored as incomplete."""
 
 
+CUT_OFF = {
+    "length": "the reply was cut off at the model's output limit (finish_reason length); "
+    "ask it to go on for the rest",
+    "content_filter": "the reply was cut off by the server's content filter",
+}
+"""What to say after a reply the server stopped early (it is stored with that mark)."""
+
+NO_INPUT = (
+    "stdin is not a terminal and holds no message to send; run `convmem chat` in a "
+    "terminal to chat, or pipe messages in, one per line: printf 'hello\\n' | convmem chat"
+)
+
+
 @contextmanager
-def model_client(base_url: str | None, model: str | None) -> Iterator[tuple[Any, str | None, str]]:
-    """The client to talk through (None: built from the environment by the library), the
-    model name (None: the default) and the default strategy for new conversations."""
+def model_client(base_url: str | None, *, local: bool) -> Iterator[Any]:
+    """The client to talk through (None: built from the environment by the library)."""
     if base_url is not None:
         from conversation_memory.llm import client_from_env  # imports the SDK: only here
 
-        yield client_from_env(base_url=base_url), model, DEFAULT_STRATEGY
-    elif remote_configured():
-        yield None, model, DEFAULT_STRATEGY
-    else:
+        with client_from_env(base_url=base_url) as client:  # closes its connections
+            yield client
+    elif local:
         with local_client() as client:
-            yield client, model or LOCAL_MODEL, LOCAL_STRATEGY
+            yield client
+    else:
+        yield None
 
 
 class Session:
@@ -90,12 +118,8 @@ class Session:
 
     def banner(self) -> None:
         c = self.conversation
-        info = self.memory.find(c.id, user=c.user)
-        state = (
-            "new conversation"
-            if info.message_count == 0
-            else f"resumed, {info.message_count} messages"
-        )
+        count = len(c)
+        state = "new conversation" if count == 0 else f"resumed, {count} messages"
         self.err.print(
             f"[bold]{c.title or 'untitled'}[/bold] [dim]{c.id[:12]} · {state} · model {c.model} · "
             f"strategy {c.strategy.name} · budget {c.budget().limit:,} tokens[/dim]\n"
@@ -128,6 +152,9 @@ class Session:
                 return
         sys.stdout.write("\n")
         sys.stdout.flush()
+        cut = CUT_OFF.get(stream.reply.finish_reason) if stream.reply is not None else None
+        if cut:
+            self.err.print(f"[yellow]{cut}[/yellow]")
         if stream.fold_wanted:
             self.compact()
 
@@ -157,6 +184,9 @@ class Session:
             self.out.print(HELP, highlight=False)
         elif name == "/context":
             self.out.print(_render.context_view(c.context(), model=c.model))
+        elif not len(c) and name in {"/history", "/fork"}:
+            # A new conversation is stored with its first reply: nothing to show or share yet.
+            self.err.print("nothing said yet: the conversation starts with your first message")
         elif name == "/history":
             info = self.memory.find(c.id, user=c.user)
             self.out.print(_render.history_view(info, c.system, c.entries(), c.summary_cover()))
@@ -193,11 +223,12 @@ class Session:
                 continue
             try:
                 self.turn(line.rstrip("\n"))
-            except ModelError as error:
+            except (ModelError, BudgetExceeded) as error:
+                # Nothing of the turn was stored; in a terminal the chat goes on.
                 if not self.interactive:
-                    raise  # a script stops here; the error is printed once, with exit code 5
-                # The turn was not stored; the chat goes on.
-                self.err.print(f"[red]the model call failed: {escape(str(error))}[/red]")
+                    raise
+                what = "the model call failed" if isinstance(error, ModelError) else "not sent"
+                self.err.print(f"[red]{what}: {escape(str(error))}[/red]")
 
 
 def read_terminal() -> str:
@@ -249,9 +280,18 @@ def read_terminal() -> str:
 @click.option(
     "--budget",
     "-b",
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     default=None,
+    metavar="TOKENS",
     help="Prompt token cap (default: the model's window minus the reply reserve).",
+)
+@click.option(
+    "--timeout",
+    type=Number(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Give up on a reply after this long, retries included "
+    f"(default: {RetryPolicy().deadline:g}).",
 )
 @user_option("Whose conversations to use (default: 'default').")
 def chat(
@@ -266,6 +306,7 @@ def chat(
     max_output: int | None,
     strategy: str | None,
     budget: int | None,
+    timeout: float | None,
     user: str | None,
     debug: bool,
 ) -> None:
@@ -286,31 +327,44 @@ def chat(
         known = model in default_registry
         register_model(model, like=model if known else None, window=window, max_output=max_output)
     interactive = sys.stdin.isatty()
+    read = read_terminal if interactive else _lines()
+    local = base_url is None and not remote_configured()
+    chosen_model = model or (LOCAL_MODEL if local else None)
     with ExitStack() as stack:
-        client, chosen_model, default_strategy = stack.enter_context(model_client(base_url, model))
+        retry = RetryPolicy(deadline=timeout) if timeout is not None else None
         memory = stack.enter_context(
-            Memory(db, client=client, model=chosen_model, compaction="manual")
+            Memory(db, model=chosen_model, compaction="manual", retry=retry)
         )
         settings: dict[str, Any] = {
             "user": user,
             "system": system or DEFAULT_SYSTEM,
             "model": chosen_model,
-            "strategy": strategy or default_strategy,
+            "strategy": strategy or (LOCAL_STRATEGY if local else DEFAULT_STRATEGY),
             "budget": budget,
             "title": title,
+            "lazy": True,
         }
         conversation = resume(memory, ref, new=new, settings=settings, strategy=strategy)
+        # Only now, with the database and the settings known to work, start a server.
+        memory.client = stack.enter_context(model_client(base_url, local=local))
         session = Session(memory, conversation, interactive=interactive, settings=settings)
         if interactive:
             session.banner()
-            session.loop(read_terminal)
-        else:
-            session.loop(_lines())
+        session.loop(read)
 
 
 def _lines() -> Callable[[], str]:
+    """Messages from a pipe. The first is read now, so that an empty pipe (the quick
+    start run without a terminal) says what to do before anything starts."""
+    first = sys.stdin.readline()
+    while first and not first.strip():
+        first = sys.stdin.readline()
+    if not first:
+        raise ConfigurationError(NO_INPUT, argument="stdin")
+    waiting = [first]
+
     def read() -> str:
-        line = sys.stdin.readline()
+        line = waiting.pop() if waiting else sys.stdin.readline()
         if not line:
             raise EOFError
         return line

@@ -22,6 +22,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from conversation_memory.cli._app import (
+    Integer,
+    Number,
     command,
     console,
     json_option,
@@ -64,18 +66,18 @@ def _sentences(value: str) -> tuple[int, int]:
     "when no FILES are given; with FILES, replayed after them).",
 )
 @click.option(
-    "--turns", type=click.IntRange(min=1), default=200, show_default=True,
+    "--turns", type=Integer(min=1), default=200, show_default=True,
     help="Generated conversation: user/assistant exchanges.",
 )  # fmt: skip
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Generated conversation: seed."
 )
 @click.option(
-    "--fact-rate", type=click.FloatRange(0, 1), default=0.15, show_default=True,
+    "--fact-rate", type=Number(0, 1), default=0.15, show_default=True,
     help="Generated conversation: share of user turns that plant a fact.",
 )  # fmt: skip
 @click.option(
-    "--probe-every", type=click.IntRange(min=0), default=10, show_default=True,
+    "--probe-every", type=Integer(min=0), default=10, show_default=True,
     help="Generated conversation: a probe question every N turns (0: none).",
 )  # fmt: skip
 @click.option(
@@ -98,7 +100,7 @@ def _sentences(value: str) -> tuple[int, int]:
     "-b",
     "budgets",
     multiple=True,
-    type=click.IntRange(min=16),
+    type=Integer(min=16),
     metavar="TOKENS",
     help="A prompt budget; repeat for several (default: 1000 and 4000).",
 )

@@ -16,6 +16,7 @@ import click
 
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import (
+    Integer,
     command,
     console,
     json_option,
@@ -44,7 +45,7 @@ USER = user_option("Only look among this user's conversations.")
 @command("sessions")
 @user_option("Only this user's conversations.")
 @click.option(
-    "--limit", "-n", type=click.IntRange(min=1), default=PAGE, show_default=True,
+    "--limit", "-n", type=Integer(min=1), default=PAGE, show_default=True,
     help="Show the N most recent.",
 )  # fmt: skip
 @click.option("--all", "show_all", is_flag=True, help="Show every conversation (no limit).")
@@ -122,7 +123,7 @@ def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool)
 @click.option(
     "--budget",
     "-b",
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     default=None,
     help="Show it under another prompt budget.",
 )

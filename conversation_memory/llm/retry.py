@@ -210,8 +210,10 @@ class Attempts:
         """The error for a call whose deadline passed."""
         return ModelTimeout(
             f"model {model!r} {what} within the call's {self.policy.deadline:g} s "
-            f"deadline (attempt {self.number}); raise RetryPolicy(deadline=...) for long "
-            "replies, or check that the server is not overloaded.",
+            f"deadline (attempt {self.number}); for long replies allow more time "
+            "(RetryPolicy(deadline=...); `convmem chat --timeout SECONDS`), or check that "
+            "the server is not overloaded.",
+            deadline=self.policy.deadline,
             status=status,
             request_id=request_id,
             attempts=self.number,

@@ -211,6 +211,15 @@ def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None
 # append against ~0.3 ms of SQLite work; these strings are what Core compiled,
 # written once.
 
+# A new conversation's row, inserted by its first turn; DO NOTHING: two threads
+# sharing one new Conversation object may both try, and the second just appends.
+_CREATE = """
+INSERT INTO conversations (id, user_id, title, model, system, system_tokens, counter, settings,
+                           created_at, updated_at, next_position, message_count, total_tokens)
+VALUES (:id, :user_id, :title, :model, :system, :system_tokens, :counter, :settings,
+        :now, :now, 0, 0, 0)
+ON CONFLICT (id) DO NOTHING
+"""
 _CLAIM = """
 UPDATE conversations
    SET next_position = next_position + :count, message_count = message_count + :count,
@@ -325,6 +334,7 @@ class HotPath:
             sql = " ".join(sql.split())
             return sql if self.sqlite else re.sub(r":(\w+)", r"%(\1)s", sql)
 
+        self.create_sql = prepare(_CREATE)
         self.claim_sql = prepare(_CLAIM)
         self.insert_sql = prepare(_INSERT)
         self.head_sql = prepare(_HEAD)
@@ -342,6 +352,10 @@ class HotPath:
         if self.sqlite:
             return when.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
         return when
+
+    def create(self, cur: Any, row: Mapping[str, Any]) -> None:
+        """Insert a new conversation's row (see ``_CREATE``)."""
+        cur.execute(self.create_sql, row)
 
     def claim(
         self,
