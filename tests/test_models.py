@@ -120,7 +120,9 @@ def test_convmem_chat_talks_to_a_model_outside_the_registry(tmp_path) -> None:
     llama = fresh("llama3.2")
     db = str(tmp_path / "cli.db")
     with ChatServer(model=llama, window=8192) as server:
-        refused = convmem("chat", "--db", db, "-m", llama, "--base-url", server.base_url)
+        refused = convmem(
+            "chat", "--db", db, "-m", llama, "--base-url", server.base_url, stdin="hello\n"
+        )
         assert refused.exit_code == 1
         assert "--window" in refused.stderr
         assert "CONVMEM_MODELS" in refused.stderr
