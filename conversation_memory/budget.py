@@ -126,13 +126,21 @@ def _check_calls(index: int, calls: Any) -> list[str]:
     return ids
 
 
-def validate(messages: Sequence[Message]) -> None:
+def validate(messages: Sequence[Message], *, history: int | None = None) -> None:
     """Raise :class:`InvalidPayload` unless the API would accept ``messages`` as they are.
 
     Checks each message's role, content type and tool calls, and the order rule:
     an assistant message with ``tool_calls`` is followed at once by tool messages
     answering each of its calls exactly once (in any order), and every tool
     message answers a call of the assistant message just before its run.
+
+    With ``history``, ``messages[history:]`` is a conversation's history (what
+    follows the system prompt, summaries and pinned messages), and it must not
+    start mid-turn: after any system messages it begins with a user message, as
+    the strict chat templates of local models require, and so no reply goes
+    without the question it answers. The one exception is a history with no
+    user message at all: the newest turn alone was larger than the budget, and
+    only its newest part is sent (see :func:`~conversation_memory.strategies.keep_newest`).
     """
     if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
         raise InvalidPayload(
@@ -212,6 +220,24 @@ def validate(messages: Sequence[Message]) -> None:
             caller,
             "tool_calls",
             f"{sorted(pending)} are not answered by tool messages before the end",
+        )
+    if history is not None:
+        _check_turn_start(messages, history)
+
+
+def _check_turn_start(messages: Sequence[Message], first: int) -> None:
+    """The history from ``first`` on begins with a user message, unless it holds none."""
+    while first < len(messages) and messages[first].get("role") in ("system", "developer"):
+        first += 1
+    if first == len(messages) or messages[first].get("role") == "user":
+        return
+    if any(message.get("role") == "user" for message in messages[first:]):
+        raise _bad(
+            first,
+            "role",
+            f"is {messages[first].get('role')!r}, but the history must start with a user "
+            "message: this reply would be sent without the question it answers. Keep whole "
+            "turns (a user message with everything that answers it).",
         )
 
 
@@ -462,8 +488,9 @@ def too_big(budget: Budget, *, system: int, pinned: int, newest: int) -> BudgetE
     corrected = budget.correction.apply(total)
     shown = f"{total}" if corrected == total else f"{total} ({corrected} after calibration)"
     return BudgetExceeded(
-        f"the system prompt ({system} tokens), pinned messages ({pinned}), the newest turn "
-        f"({newest}) and reply priming ({REPLY_PRIMING}) need {shown} prompt tokens, but the "
+        f"the system prompt ({system} tokens), pinned messages ({pinned}), the newest message "
+        f"({newest}, with the tool results that answer it) and reply priming ({REPLY_PRIMING}) "
+        f"need {shown} prompt tokens, but the "
         f"limit is {budget.limit} ({_limit_terms(budget)}). Give a bigger budget or a model "
         "with a larger window, a smaller reply reserve, a shorter system prompt or newest "
         "message, or unpin messages.",
@@ -479,7 +506,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
     """Run ``strategy`` on ``state`` and assemble, check and report the next request.
 
     Raises :class:`BudgetExceeded` when the system prompt, pinned messages and
-    newest turn cannot fit, and :class:`InvalidPayload` when the strategy's
+    newest message cannot fit, and :class:`InvalidPayload` when the strategy's
     choice breaks the API's rules.
     """
     from conversation_memory.strategies import as_strategy
@@ -525,7 +552,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
             f"strategy {chosen.name!r} left out the system prompt or did not put it first",
             index=0,
         )
-    validate(messages)
+    validate(messages, history=_history_start(state, items, summary_index, len(sent_summaries)))
     total = sum(item.tokens for item in items) + REPLY_PRIMING
     total += sum(each.tokens for each in sent_summaries)
     if not budget.fits(total):
@@ -548,6 +575,43 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
         fold_through=selection.fold_through,
         summary_index=summary_index,
     )
+
+
+def _history_start(state: State, items: Sequence[Item], summary_index: int, summaries: int) -> int:
+    """Where the conversation's history starts in the payload: after the system prompt,
+    the summaries and the pinned units before it (a pinned reply is sent whatever it
+    answers), so at the first message the turn rule applies to."""
+    at = 0
+    while at < len(items):
+        item = items[at]
+        role = item.message.get("role")
+        if item is state.system or role in ("system", "developer"):
+            at += 1
+        elif role != "user" and _in_pinned_unit(state, item):
+            at += 1
+            while at < len(items) and items[at].message.get("role") == "tool":
+                at += 1  # the results of a pinned call
+        else:
+            break
+    return at + (summaries if at >= summary_index else 0)
+
+
+def _in_pinned_unit(state: State, item: Item) -> bool:
+    """Whether ``item`` is pinned, or a call one of whose stored results is."""
+    if item.pinned:
+        return True
+    tail = state.tail
+    if "tool_calls" not in item.message or not tail:
+        return False
+    at = item.position - tail[0].position
+    if not 0 <= at < len(tail) or tail[at].position != item.position:
+        return False
+    for answer in tail[at + 1 :]:
+        if answer.message.get("role") != "tool":
+            return False
+        if answer.pinned:
+            return True
+    return False
 
 
 def _report(
