@@ -414,6 +414,7 @@ class Report:
     messages_sent: int
     """Number of tail messages sent that are not pinned."""
     dropped: int
+    """Messages left out that no summary sent represents: still stored, just not sent."""
     first_dropped: int | None
     last_dropped: int | None
     repaired: tuple[int, ...] = ()
@@ -421,9 +422,16 @@ class Report:
     orphaned: tuple[int, ...] = ()
     """Positions of tool messages left out because their call is not sent with them."""
     covered: int = 0
-    """Tail messages left out because the summary already covers them."""
+    """Messages left out because a summary that is sent represents them."""
     summary_omitted: bool = False
-    """A summary exists but did not fit next to what must be sent."""
+    """A summary exists but did not fit next to what must be sent (what it covers is
+    then counted in ``dropped``)."""
+    overlap: int = 0
+    """Messages sent as they are although a summary sent represents them too: the
+    ``summary`` strategy fills the room beside the summary with the newest turns."""
+    partial_turn: int | None = None
+    """Position of the newest turn's question when that turn alone is larger than the
+    budget and only its newest part is sent, without it (else None)."""
 
     @property
     def prompt(self) -> int:
@@ -625,23 +633,55 @@ def _report(
 ) -> Report:
     sent = {item.position: item for item in selection.items}
     dropped = {item.position for item in selection.dropped}
-    end = state.summary.end if state.summary is not None else -1
+    # Left out is either covered (a summary that is sent represents it) or dropped.
+    # The summaries sent represent lo..hi; the state's summaries cover begin..end: what
+    # they cover is left out even when it could not be sent (then it is dropped).
+    cover = selection.summaries or ((selection.summary,) if selection.summary else ())
+    lo, hi = (cover[0].start, cover[-1].end) if cover else (0, -1)
+    known = state.summaries or ((state.summary,) if state.summary else ())
+    begin, end = (known[0].start, known[-1].end) if known else (0, -1)
+    start = state.tail[0].position if state.tail else end + 1 + state.older
+    # Read although older than the tail: pinned messages (and a system prompt stored at 0).
+    read = {item.position for item in state.pinned} | {p for p in sent if 0 <= p < start}
+    covered = overlap = 0
+    gone: list[tuple[int, int, int]] = []  # (first, last, how many) dropped, in order
+
+    def unread(first: int, last: int) -> int:
+        """How many of the messages first..last (older than the tail) were not read."""
+        if last < first:
+            return 0
+        return last - first + 1 - sum(first <= p <= last for p in read)
+
+    top = min(end, start - 1)  # the unread part of the summarized range ends here
+    covered += unread(max(lo, 0), min(hi, top))
+    for first, last in ((begin, min(lo - 1, top)), (max(hi + 1, begin), top)):
+        if count := unread(first, last):
+            gone.append((first, last, count))
+    if state.older:
+        gone.append((state.older_from, start - 1, state.older))
     repaired: list[int] = []
     orphaned: list[int] = []
-    covered = 0
+    question: int | None = None  # the newest user message, and whether it was sent
+    answered = False
     for item in (*state.pinned, *state.tail):
-        out = sent.get(item.position)
+        position = item.position
+        out = sent.get(position)
+        if item.message.get("role") == "user" and position >= start and not item.pinned:
+            question, answered = (None, False) if out is not None else (position, False)
+        elif out is not None and question is not None and not item.pinned:
+            answered = True
         if out is not None:
             if out.message is not item.message and "tool_calls" in item.message:
-                repaired.append(item.position)
-        elif item.position in dropped:
-            continue
-        elif item.position <= end and not item.pinned:
+                repaired.append(position)
+            overlap += lo <= position <= hi and not item.pinned
+        elif lo <= position <= hi and not item.pinned:
             covered += 1
+        elif position in dropped or (position <= end and not item.pinned):
+            gone.append((position, position, 1))
         elif item.message.get("role") == "tool":
-            orphaned.append(item.position)
+            orphaned.append(position)
         elif "tool_calls" in item.message:
-            repaired.append(item.position)
+            repaired.append(position)
     system = pinned = pinned_sent = 0
     for i in selection.items:
         if i is state.system:
@@ -673,27 +713,17 @@ def _report(
         sent=len(messages),
         pinned_sent=pinned_sent,
         messages_sent=len(selection.items) - pinned_sent - (state.system is not None),
-        dropped=len(selection.dropped) + state.older,
-        first_dropped=(
-            state.older_from
-            if state.older
-            else selection.dropped[0].position
-            if selection.dropped
-            else None
-        ),
-        last_dropped=(
-            selection.dropped[-1].position
-            if selection.dropped
-            else state.tail[0].position - 1
-            if state.older and state.tail
-            else None
-        ),
+        dropped=sum(count for _, _, count in gone),
+        first_dropped=gone[0][0] if gone else None,
+        last_dropped=gone[-1][1] if gone else None,
         repaired=tuple(repaired),
         orphaned=tuple(orphaned),
         covered=covered,
         summary_omitted=state.summary is not None
         and selection.summary is None
         and not selection.summaries,
+        overlap=overlap,
+        partial_turn=question if answered else None,
     )
 
 
@@ -744,7 +774,14 @@ def explain(context: Context) -> str:
     else:
         lines.append("dropped nothing")
     if r.covered:
-        lines.append(f"left out {_messages(r.covered)} the summary covers")
+        lines.append(f"{_messages(r.covered)} represented by the summary instead of sent")
+    if r.overlap:
+        lines.append(f"{_messages(r.overlap)} the summary represents also sent as they are")
+    if r.partial_turn is not None:
+        lines.append(
+            f"the newest turn (from position {r.partial_turn}) is larger than the budget: "
+            "only its newest part is sent, without its question"
+        )
     if r.repaired:
         lines.append(f"repaired unanswered tool calls at positions {_positions(r.repaired)}")
     if r.orphaned:

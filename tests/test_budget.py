@@ -340,7 +340,7 @@ def test_build_reports_orphans_and_covered_messages() -> None:
     assert context.report.orphaned == (6,)
     assert context.report.covered == 2
     assert "without their call at positions 6" in explain(context)
-    assert "left out 2 messages the summary covers" in explain(context)
+    assert "2 messages represented by the summary instead of sent" in explain(context)
 
 
 def test_build_raises_when_system_pinned_and_newest_cannot_fit() -> None:

@@ -269,6 +269,31 @@ def check_whole_turns(
         check_newest_turn_over_budget(context, tail, users[-1], budget)
 
 
+def check_left_out(context: Context, state: State) -> None:
+    """Every message read or summarized and not sent is counted once: covered when a
+    summary sent represents it, else dropped (or reported as orphaned or repaired)."""
+    r = context.report
+    sent = {i.position for i in context.items if i is not state.system}
+    cover = context.summaries or ((context.summary,) if context.summary else ())
+    represented = set(range(cover[0].start, cover[-1].end + 1)) if cover else set()
+    summarized = set(range(state.summary.start, state.summary.end + 1)) if state.summary else set()
+    known = {i.position for i in (*state.pinned, *state.tail)} | summarized
+    if state.system is not None:
+        known.discard(state.system.position)
+    left = known - sent
+    pinned = {i.position for i in (*state.pinned, *state.tail) if i.pinned}
+    covered = (left - pinned) & represented
+    assert r.covered == len(covered)
+    dropped = left - covered - set(r.orphaned) - set(r.repaired)
+    assert r.dropped == len(dropped)
+    if dropped:
+        assert r.first_dropped is not None
+        assert r.first_dropped <= min(dropped)
+        assert r.last_dropped is not None
+        assert r.last_dropped >= max(dropped)
+    assert r.overlap == len((sent - pinned) & represented)
+
+
 def check_dropped(selection: Selection, state: State, strategy: Strategy) -> None:
     sent = {i.position for i in selection.items}
     dropped = [i.position for i in selection.dropped]
@@ -328,7 +353,7 @@ def test_every_context_obeys_the_rules(case: tuple[State, Budget], strategy: Str
     check_whole_turns(context, state, budget)
     selection = strategy.select(state, budget)  # pure: the same choice build made
     assert selection.items == context.items
-    assert context.report.dropped == len(selection.dropped)
+    check_left_out(context, state)
     check_dropped(selection, state, strategy)
 
 
@@ -489,3 +514,4 @@ def test_after_a_summary_the_raw_tail_starts_with_a_question(
     # margin, so the budget check of a turn sent in part is left to the test above.)
     tail = state.tail if getattr(strategy, "overlap", False) else live_tail(state)
     check_whole_turns(context, state, None, tail)
+    check_left_out(context, state)

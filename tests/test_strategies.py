@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from conversation_memory.budget import Selection, build
+from conversation_memory.budget import Selection, build, explain
 from conversation_memory.errors import BudgetExceeded, ConfigurationError
 from conversation_memory.strategies import (
     TRUNCATE,
@@ -168,7 +168,10 @@ def test_newest_turn_is_kept_whole_or_else_its_newest_part() -> None:
     # newest whole units: without its question, the one case a context starts mid-turn.
     selection = TRUNCATE.select(s, Budget(window=37))
     assert positions(selection) == [0, 4, 5]
-    build(s, Budget(window=37))  # the validator allows it
+    context = build(s, Budget(window=37))  # the validator allows it, and the report says so
+    assert context.report.partial_turn == 3
+    assert "the newest turn (from position 3) is larger than the budget" in explain(context)
+    assert build(s, Budget(window=38)).report.partial_turn is None
     with pytest.raises(BudgetExceeded) as info:
         TRUNCATE.select(s, Budget(window=27))
     assert info.value.newest == 20  # the call with its result: never split
