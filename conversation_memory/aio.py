@@ -16,8 +16,8 @@ copying it:
   the non-I/O pieces of :mod:`.chat`. A turn takes one thread hop to build its
   messages and context, then the model call, then one hop in which
   ``chat.finish_turn`` stores the turn and its usage in one transaction and
-  feeds the calibration. On a context-length error the turn calibrates from
-  the server's numbers and re-fits once, as the sync turn does.
+  feeds the calibration. On a context-length error the turn re-fits once from
+  the server's numbers, as the sync turn does.
 - **Compaction is the sync algorithm, with the summarizer on the loop.**
   After a turn, :func:`compaction.compact` itself (the lease, the fold point,
   the chunks, "extends the newest summary", hierarchical merges, failure
@@ -190,21 +190,8 @@ def _turn_context(
 ) -> tuple[list[Pending], Context, int]:
     """The turn's new messages (checked and counted) and the context around them."""
     pending = chat.turn_input(conversation, new)
-    context, counted = chat._context(conversation, pending, tools=tools, params=params)
+    context, counted = chat.turn_context(conversation, pending, tools=tools, params=params)
     return pending, context, counted
-
-
-def _refit(
-    conversation: Conversation,
-    pending: Sequence[Pending],
-    *,
-    counted: int,
-    reported: int,
-    tools: Sequence[Mapping[str, Any]] | None,
-    params: Mapping[str, Any],
-) -> tuple[Context, int]:
-    conversation.calibrate(counted=counted, reported=reported)
-    return chat._context(conversation, pending, tools=tools, params=params)
 
 
 class AsyncTurnStream:
@@ -782,17 +769,16 @@ class AsyncConversation:
         try:
             return pending, await call(context), counted, context.fold_through is not None
         except ContextLengthExceeded as exc:
-            reported = chat.overflow_count(exc, counted)
-            if reported is None:
+            correction = chat.refit_correction(conversation, exc, context, counted, tools)
+            if correction is None:
                 raise
             context, counted = await self._run(
-                _refit,
+                chat.turn_context,
                 conversation,
                 pending,
-                counted=counted,
-                reported=reported,
                 tools=tools,
                 params=params,
+                correction=correction,
             )
             return pending, await call(context), counted, context.fold_through is not None
 

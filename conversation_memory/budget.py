@@ -126,13 +126,21 @@ def _check_calls(index: int, calls: Any) -> list[str]:
     return ids
 
 
-def validate(messages: Sequence[Message]) -> None:
+def validate(messages: Sequence[Message], *, history: int | None = None) -> None:
     """Raise :class:`InvalidPayload` unless the API would accept ``messages`` as they are.
 
     Checks each message's role, content type and tool calls, and the order rule:
     an assistant message with ``tool_calls`` is followed at once by tool messages
     answering each of its calls exactly once (in any order), and every tool
     message answers a call of the assistant message just before its run.
+
+    With ``history``, ``messages[history:]`` is a conversation's history (what
+    follows the system prompt, summaries and pinned messages), and it must not
+    start mid-turn: after any system messages it begins with a user message, as
+    the strict chat templates of local models require, and so no reply goes
+    without the question it answers. The one exception is a history with no
+    user message at all: the newest turn alone was larger than the budget, and
+    only its newest part is sent (see :func:`~conversation_memory.strategies.keep_newest`).
     """
     if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
         raise InvalidPayload(
@@ -212,6 +220,24 @@ def validate(messages: Sequence[Message]) -> None:
             caller,
             "tool_calls",
             f"{sorted(pending)} are not answered by tool messages before the end",
+        )
+    if history is not None:
+        _check_turn_start(messages, history)
+
+
+def _check_turn_start(messages: Sequence[Message], first: int) -> None:
+    """The history from ``first`` on begins with a user message, unless it holds none."""
+    while first < len(messages) and messages[first].get("role") in ("system", "developer"):
+        first += 1
+    if first == len(messages) or messages[first].get("role") == "user":
+        return
+    if any(message.get("role") == "user" for message in messages[first:]):
+        raise _bad(
+            first,
+            "role",
+            f"is {messages[first].get('role')!r}, but the history must start with a user "
+            "message: this reply would be sent without the question it answers. Keep whole "
+            "turns (a user message with everything that answers it).",
         )
 
 
@@ -388,6 +414,7 @@ class Report:
     messages_sent: int
     """Number of tail messages sent that are not pinned."""
     dropped: int
+    """Messages left out that no summary sent represents: still stored, just not sent."""
     first_dropped: int | None
     last_dropped: int | None
     repaired: tuple[int, ...] = ()
@@ -395,9 +422,16 @@ class Report:
     orphaned: tuple[int, ...] = ()
     """Positions of tool messages left out because their call is not sent with them."""
     covered: int = 0
-    """Tail messages left out because the summary already covers them."""
+    """Messages left out because a summary that is sent represents them."""
     summary_omitted: bool = False
-    """A summary exists but did not fit next to what must be sent."""
+    """A summary exists but did not fit next to what must be sent (what it covers is
+    then counted in ``dropped``)."""
+    overlap: int = 0
+    """Messages sent as they are although a summary sent represents them too: the
+    ``summary`` strategy fills the room beside the summary with the newest turns."""
+    partial_turn: int | None = None
+    """Position of the newest turn's question when that turn alone is larger than the
+    budget and only its newest part is sent, without it (else None)."""
 
     @property
     def prompt(self) -> int:
@@ -462,8 +496,9 @@ def too_big(budget: Budget, *, system: int, pinned: int, newest: int) -> BudgetE
     corrected = budget.correction.apply(total)
     shown = f"{total}" if corrected == total else f"{total} ({corrected} after calibration)"
     return BudgetExceeded(
-        f"the system prompt ({system} tokens), pinned messages ({pinned}), the newest turn "
-        f"({newest}) and reply priming ({REPLY_PRIMING}) need {shown} prompt tokens, but the "
+        f"the system prompt ({system} tokens), pinned messages ({pinned}), the newest message "
+        f"({newest}, with the tool results that answer it) and reply priming ({REPLY_PRIMING}) "
+        f"need {shown} prompt tokens, but the "
         f"limit is {budget.limit} ({_limit_terms(budget)}). Give a bigger budget or a model "
         "with a larger window, a smaller reply reserve, a shorter system prompt or newest "
         "message, or unpin messages.",
@@ -479,7 +514,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
     """Run ``strategy`` on ``state`` and assemble, check and report the next request.
 
     Raises :class:`BudgetExceeded` when the system prompt, pinned messages and
-    newest turn cannot fit, and :class:`InvalidPayload` when the strategy's
+    newest message cannot fit, and :class:`InvalidPayload` when the strategy's
     choice breaks the API's rules.
     """
     from conversation_memory.strategies import as_strategy
@@ -525,7 +560,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
             f"strategy {chosen.name!r} left out the system prompt or did not put it first",
             index=0,
         )
-    validate(messages)
+    validate(messages, history=_history_start(state, items, summary_index, len(sent_summaries)))
     total = sum(item.tokens for item in items) + REPLY_PRIMING
     total += sum(each.tokens for each in sent_summaries)
     if not budget.fits(total):
@@ -550,6 +585,43 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
     )
 
 
+def _history_start(state: State, items: Sequence[Item], summary_index: int, summaries: int) -> int:
+    """Where the conversation's history starts in the payload: after the system prompt,
+    the summaries and the pinned units before it (a pinned reply is sent whatever it
+    answers), so at the first message the turn rule applies to."""
+    at = 0
+    while at < len(items):
+        item = items[at]
+        role = item.message.get("role")
+        if item is state.system or role in ("system", "developer"):
+            at += 1
+        elif role != "user" and _in_pinned_unit(state, item):
+            at += 1
+            while at < len(items) and items[at].message.get("role") == "tool":
+                at += 1  # the results of a pinned call
+        else:
+            break
+    return at + (summaries if at >= summary_index else 0)
+
+
+def _in_pinned_unit(state: State, item: Item) -> bool:
+    """Whether ``item`` is pinned, or a call one of whose stored results is."""
+    if item.pinned:
+        return True
+    tail = state.tail
+    if "tool_calls" not in item.message or not tail:
+        return False
+    at = item.position - tail[0].position
+    if not 0 <= at < len(tail) or tail[at].position != item.position:
+        return False
+    for answer in tail[at + 1 :]:
+        if answer.message.get("role") != "tool":
+            return False
+        if answer.pinned:
+            return True
+    return False
+
+
 def _report(
     state: State,
     budget: Budget,
@@ -561,23 +633,55 @@ def _report(
 ) -> Report:
     sent = {item.position: item for item in selection.items}
     dropped = {item.position for item in selection.dropped}
-    end = state.summary.end if state.summary is not None else -1
+    # Left out is either covered (a summary that is sent represents it) or dropped.
+    # The summaries sent represent lo..hi; the state's summaries cover begin..end: what
+    # they cover is left out even when it could not be sent (then it is dropped).
+    cover = selection.summaries or ((selection.summary,) if selection.summary else ())
+    lo, hi = (cover[0].start, cover[-1].end) if cover else (0, -1)
+    known = state.summaries or ((state.summary,) if state.summary else ())
+    begin, end = (known[0].start, known[-1].end) if known else (0, -1)
+    start = state.tail[0].position if state.tail else end + 1 + state.older
+    # Read although older than the tail: pinned messages (and a system prompt stored at 0).
+    read = {item.position for item in state.pinned} | {p for p in sent if 0 <= p < start}
+    covered = overlap = 0
+    gone: list[tuple[int, int, int]] = []  # (first, last, how many) dropped, in order
+
+    def unread(first: int, last: int) -> int:
+        """How many of the messages first..last (older than the tail) were not read."""
+        if last < first:
+            return 0
+        return last - first + 1 - sum(first <= p <= last for p in read)
+
+    top = min(end, start - 1)  # the unread part of the summarized range ends here
+    covered += unread(max(lo, 0), min(hi, top))
+    for first, last in ((begin, min(lo - 1, top)), (max(hi + 1, begin), top)):
+        if count := unread(first, last):
+            gone.append((first, last, count))
+    if state.older:
+        gone.append((state.older_from, start - 1, state.older))
     repaired: list[int] = []
     orphaned: list[int] = []
-    covered = 0
+    question: int | None = None  # the newest user message, and whether it was sent
+    answered = False
     for item in (*state.pinned, *state.tail):
-        out = sent.get(item.position)
+        position = item.position
+        out = sent.get(position)
+        if item.message.get("role") == "user" and position >= start and not item.pinned:
+            question, answered = (None, False) if out is not None else (position, False)
+        elif out is not None and question is not None and not item.pinned:
+            answered = True
         if out is not None:
             if out.message is not item.message and "tool_calls" in item.message:
-                repaired.append(item.position)
-        elif item.position in dropped:
-            continue
-        elif item.position <= end and not item.pinned:
+                repaired.append(position)
+            overlap += lo <= position <= hi and not item.pinned
+        elif lo <= position <= hi and not item.pinned:
             covered += 1
+        elif position in dropped or (position <= end and not item.pinned):
+            gone.append((position, position, 1))
         elif item.message.get("role") == "tool":
-            orphaned.append(item.position)
+            orphaned.append(position)
         elif "tool_calls" in item.message:
-            repaired.append(item.position)
+            repaired.append(position)
     system = pinned = pinned_sent = 0
     for i in selection.items:
         if i is state.system:
@@ -609,27 +713,17 @@ def _report(
         sent=len(messages),
         pinned_sent=pinned_sent,
         messages_sent=len(selection.items) - pinned_sent - (state.system is not None),
-        dropped=len(selection.dropped) + state.older,
-        first_dropped=(
-            state.older_from
-            if state.older
-            else selection.dropped[0].position
-            if selection.dropped
-            else None
-        ),
-        last_dropped=(
-            selection.dropped[-1].position
-            if selection.dropped
-            else state.tail[0].position - 1
-            if state.older and state.tail
-            else None
-        ),
+        dropped=sum(count for _, _, count in gone),
+        first_dropped=gone[0][0] if gone else None,
+        last_dropped=gone[-1][1] if gone else None,
         repaired=tuple(repaired),
         orphaned=tuple(orphaned),
         covered=covered,
         summary_omitted=state.summary is not None
         and selection.summary is None
         and not selection.summaries,
+        overlap=overlap,
+        partial_turn=question if answered else None,
     )
 
 
@@ -680,7 +774,14 @@ def explain(context: Context) -> str:
     else:
         lines.append("dropped nothing")
     if r.covered:
-        lines.append(f"left out {_messages(r.covered)} the summary covers")
+        lines.append(f"{_messages(r.covered)} represented by the summary instead of sent")
+    if r.overlap:
+        lines.append(f"{_messages(r.overlap)} the summary represents also sent as they are")
+    if r.partial_turn is not None:
+        lines.append(
+            f"the newest turn (from position {r.partial_turn}) is larger than the budget: "
+            "only its newest part is sent, without its question"
+        )
     if r.repaired:
         lines.append(f"repaired unanswered tool calls at positions {_positions(r.repaired)}")
     if r.orphaned:

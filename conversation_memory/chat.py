@@ -22,13 +22,15 @@ whole and is stored as complete.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from conversation_memory.budget import Context, build
-from conversation_memory.errors import ConfigurationError, ContextLengthExceeded
+from conversation_memory.errors import BudgetExceeded, ConfigurationError, ContextLengthExceeded
+from conversation_memory.types import Correction
 
 if TYPE_CHECKING:
     from conversation_memory.engine import Conversation, Pending
@@ -90,20 +92,71 @@ def _reserve(params: Mapping[str, Any]) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _context(
+TEMPLATE_ALLOWANCE = 256
+"""Prompt tokens a server's chat template may add of its own: a default system prompt,
+tool-use instructions (about 15 to 120 tokens in the Llama 3.1, Qwen 2.5 and SmolLM2
+templates)."""
+
+
+def prompt_ceiling(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None, counted: int
+) -> int:
+    """The most prompt tokens any server could count for this request (our count ``counted``).
+
+    No tokenizer makes more tokens of a text than its UTF-8 bytes, and the
+    request's JSON holds every byte a template renders, its keys and quotes
+    standing for the per-message framing. Our own count is added for what is
+    not text (an image's tokens), and :data:`TEMPLATE_ALLOWANCE` for the
+    template's own words.
+    """
+    payload = json.dumps([messages, tools or []], ensure_ascii=False, separators=(",", ":"))
+    return len(payload.encode("utf-8")) + counted + TEMPLATE_ALLOWANCE
+
+
+def turn_context(
     conversation: Conversation,
     pending: Sequence[Pending],
     *,
     tools: Sequence[Mapping[str, Any]] | None,
     params: Mapping[str, Any],
+    correction: Correction | None = None,
 ) -> tuple[Context, int]:
-    """The context for this turn and our count of its prompt (tools included)."""
+    """The context for this turn and our count of its prompt (tools included).
+
+    ``correction`` replaces the stored one (the re-fit after a context-length
+    error). Without it, a stored correction that leaves no room for what must be
+    sent, yet claims more tokens than the request built with the model's initial
+    correction could hold (:func:`prompt_ceiling`), is wrong (numbers from a
+    server that was confused, or given to ``calibrate()`` by mistake); as nothing
+    would be sent, no reply could ever correct it. So that request is built
+    instead: if it is too long the server says so and the turn re-fits once from
+    its numbers; if not, its reply's usage replaces the stored correction.
+    """
     tool_tokens = conversation.counter.count_tools(tools) if tools else 0
-    state, budget = conversation._read_state(
-        tools=tool_tokens, extra=pending, reserve=_reserve(params)
-    )
-    context = build(state, budget, conversation.strategy)
-    return context, context.report.total + tool_tokens
+
+    def built(correction: Correction | None) -> tuple[Context, int]:
+        state, budget = conversation._read_state(
+            tools=tool_tokens, extra=pending, reserve=_reserve(params), correction=correction
+        )
+        context = build(state, budget, conversation.strategy)
+        return context, context.report.total + tool_tokens
+
+    try:
+        return built(correction)
+    except BudgetExceeded as exc:
+        stored, initial = conversation._known(), conversation._info.correction
+        if correction is not None or (
+            stored.factor <= initial.factor and stored.margin <= initial.margin
+        ):
+            raise
+        refused = exc
+    try:
+        context, counted = built(initial)
+    except BudgetExceeded:
+        raise refused from None
+    if stored.apply(counted) <= prompt_ceiling(context.messages, tools, counted):
+        raise refused  # a plausible correction: the request is too long
+    return context, counted
 
 
 def _with_refit(
@@ -114,27 +167,57 @@ def _with_refit(
     params: Mapping[str, Any],
     call: Any,
 ) -> tuple[Any, Context, int]:
-    """Call the model; on a context-length error, calibrate from its numbers, re-fit, retry once."""
-    context, counted = _context(conversation, pending, tools=tools, params=params)
+    """Call the model; on a context-length error, re-fit from its numbers and retry once."""
+    context, counted = turn_context(conversation, pending, tools=tools, params=params)
     try:
         return call(context), context, counted
     except ContextLengthExceeded as exc:
-        reported = overflow_count(exc, counted)
-        if reported is None:
+        correction = refit_correction(conversation, exc, context, counted, tools)
+        if correction is None:
             raise
-        conversation.calibrate(counted=counted, reported=reported)
-        context, counted = _context(conversation, pending, tools=tools, params=params)
+        context, counted = turn_context(
+            conversation, pending, tools=tools, params=params, correction=correction
+        )
         return call(context), context, counted
 
 
-def overflow_count(exc: ContextLengthExceeded, counted: int) -> int | None:
-    """The prompt size the server says it counted for our ``counted``, or None if unknown."""
+def refit_correction(
+    conversation: Conversation,
+    exc: ContextLengthExceeded,
+    context: Context,
+    counted: int,
+    tools: Sequence[Mapping[str, Any]] | None,
+) -> Correction | None:
+    """The correction to re-fit with after ``exc``, or None if it says no size.
+
+    The error's numbers are a claim about a request the server did not serve:
+    they are capped at what the prompt could have been (:func:`prompt_ceiling`)
+    and used for the one retry only, never stored. What is learnt for later
+    comes from replies' usage, the exact count of a served prompt. So a bogus
+    claim costs at most one smaller retry, and a retry that fails too leaves
+    the stored correction as it was.
+    """
+    ceiling = prompt_ceiling(context.messages, tools, counted)
+    reported = overflow_count(exc, counted, ceiling=ceiling)
+    if reported is None:
+        return None
+    return Correction(*conversation._learn(counted, reported))
+
+
+def overflow_count(
+    exc: ContextLengthExceeded, counted: int, *, ceiling: int | None = None
+) -> int | None:
+    """The prompt size the server says it counted for our ``counted`` (at most
+    ``ceiling``), or None if unknown."""
     requested = getattr(exc, "requested", None)
     limit = getattr(exc, "limit", None)
     if not requested and limit:
         # Only the limit is known: assume we undercount by what overflowed.
         requested = max(counted + 1, int(counted * 1.1))
-    return max(int(requested), 1) if requested else None
+    if not requested:
+        return None
+    requested = max(int(requested), 1)
+    return requested if ceiling is None else min(requested, ceiling)
 
 
 def _usage_row(completion: Any, counted: int, *, error: str | None = None) -> dict[str, Any]:
@@ -351,7 +434,7 @@ def prepare(
 ) -> list[dict[str, Any]]:
     pending = turn_input(conversation, new)
     params = {"max_tokens": max_tokens} if max_tokens is not None else {}
-    context, counted = _context(conversation, pending, tools=tools, params=params)
+    context, counted = turn_context(conversation, pending, tools=tools, params=params)
     conversation._prepared = Prepared(pending=pending, context=context, counted=counted)
     return context.messages
 

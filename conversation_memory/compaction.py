@@ -303,7 +303,9 @@ def _merge(
         texts = [{"role": "system", "content": each.text} for each in run]
         try:
             result = summarizer.summarize(None, texts, max_tokens=cap)
-            text = check_summary(result.text, max_tokens=cap, count=counter.count_text)
+            text = check_summary(
+                result.text, max_tokens=cap, count=counter.count_text, source=texts
+            )
         except (SummarizationFailed, ModelError) as exc:
             record_failure(conversation, summarizer_model, str(exc))
             return str(exc)
@@ -408,12 +410,12 @@ def compact(
             if hierarchical:
                 start = chunk_start  # each level-0 summary stands for its own period
             try:
-                result = summarizer.summarize(
-                    None if hierarchical or previous is None else previous.text,
-                    chunk,
-                    max_tokens=cap,
+                before = None if hierarchical or previous is None else previous.text
+                result = summarizer.summarize(before, chunk, max_tokens=cap)
+                said = [*chunk, {"role": "system", "content": before}] if before else chunk
+                text = check_summary(
+                    result.text, max_tokens=cap, count=counter.count_text, source=said
                 )
-                text = check_summary(result.text, max_tokens=cap, count=counter.count_text)
             except (SummarizationFailed, ModelError) as exc:
                 record_failure(conversation, summarizer_model, str(exc))
                 return Outcome(summaries=tuple(done), error=str(exc))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from conversation_memory import _config, chat, compaction
-from conversation_memory.budget import Context, budget_for, build
+from conversation_memory.budget import Context, budget_for
 from conversation_memory.errors import (
     AmbiguousReference,
     BudgetExceeded,
@@ -171,15 +171,26 @@ def llm_options(retry: Any, sleep: Any) -> dict[str, Any]:
     return options
 
 
+SPREAD = 2.0
+"""How far apart the ratios (server's count to ours) of one conversation's prompts
+plausibly lie. A correction more than this above an exact count is not a memory of
+an earlier, denser prompt but stale or wrong, and the count replaces it."""
+
+
 def next_correction(factor: float | None, counted: int, reported: int) -> tuple[float, int]:
     """The calibration after one observation: (factor, margin).
 
     The factor follows the observed ratio (an exponential average that never
     drops below the newest ratio, so one surprise is never averaged away); a
-    server that disagrees with us at all also gets a margin.
+    server that disagrees with us at all also gets a margin. A factor more than
+    :data:`SPREAD` times the observed ratio is replaced by it: one reply's exact
+    count is enough to undo a wrong correction.
     """
     ratio = min(max(reported / counted, MIN_FACTOR), MAX_FACTOR)
-    new = ratio if factor is None else max(ratio, 0.7 * factor + 0.3 * ratio)
+    if factor is None or factor > SPREAD * ratio:
+        new = ratio
+    else:
+        new = max(ratio, 0.7 * factor + 0.3 * ratio)
     exact = reported == counted and new == 1.0
     # The ratio differs between the messages of one prompt, so the margin grows
     # with the prompt: 16 tokens plus 2% of what the server counted.
@@ -918,24 +929,30 @@ class Conversation:
         return row
 
     def _read_state(
-        self, *, tools: int = 0, extra: Sequence[Pending] = (), reserve: int | None = None
+        self,
+        *,
+        tools: int = 0,
+        extra: Sequence[Pending] = (),
+        reserve: int | None = None,
+        correction: Correction | None = None,
     ) -> tuple[State, Budget]:
         """One read transaction: row and calibration, summary, pinned and a bounded tail.
 
         ``extra`` are messages of the turn in progress, not stored yet: they
-        join the tail at the positions they would get.
+        join the tail at the positions they would get. ``correction`` budgets this
+        request instead of the stored one (which is still what a reply calibrates).
         """
         hot = self._memory._hot
         with self._db.cursor(write=False) as cur:
             head = self._head(cur)
-            correction = (
+            self._last_correction = (
                 Correction(factor=head.factor, margin=head.margin or 0)
                 if head.factor is not None
                 # Nothing learnt yet: the registry's expected gap for this model (identity
                 # for OpenAI models; e.g. 1.25 for the local model's own tokenizer).
                 else self._info.correction
             )
-            self._last_correction = correction
+            correction = correction or self._last_correction
             budget = self.budget(tools=tools, correction=correction, reserve=reserve)
             segments = self._segments_of(head, cur)
             cover: list[Summary] = []
@@ -1029,9 +1046,7 @@ class Conversation:
 
     def context(self, *, tools: Sequence[Mapping[str, Any]] | None = None) -> Context:
         """The exact messages the next request would send, with a token report."""
-        tool_tokens = self._counter.count_tools(tools) if tools else 0
-        state, budget = self._read_state(tools=tool_tokens)
-        return build(state, budget, self._strategy)
+        return chat.turn_context(self, (), tools=tools, params={})[0]
 
     # -- talking to the model ------------------------------------------------------
 
@@ -1115,14 +1130,11 @@ class Conversation:
         """
         if counted <= 0 or reported <= 0:
             return None
-        # What the last request was budgeted with: the stored calibration, else the
-        # registry's initial correction for the model (identity for OpenAI models).
-        known = self._last_correction or self._info.correction
-        prior = known if known != Correction() else None
-        if prior is None and reported == counted:
+        known = self._known()
+        if known == Correction() and reported == counted:
             return None  # agrees with us and nothing learnt yet: nothing to write
-        factor, margin = next_correction(prior.factor if prior else None, counted, reported)
-        moved = prior is None or abs(factor - known.factor) > 0.02 * known.factor
+        factor, margin = self._learn(counted, reported)
+        moved = known == Correction() or abs(factor - known.factor) > 0.02 * known.factor
         if not moved and margin == known.margin:
             return None
         return {
@@ -1131,6 +1143,16 @@ class Conversation:
             "last_counted": counted,
             "last_reported": reported,
         }
+
+    def _known(self) -> Correction:
+        """The stored calibration as last read, else the registry's initial correction
+        for the model (identity for OpenAI models)."""
+        return self._last_correction or self._info.correction
+
+    def _learn(self, counted: int, reported: int) -> tuple[float, int]:
+        """:func:`next_correction` from :meth:`_known`, without storing anything."""
+        known = self._known()
+        return next_correction(known.factor if known != Correction() else None, counted, reported)
 
     def usage(self) -> UsageTotals:
         """Tokens, calls, latency and estimated cost of every model call of this conversation."""

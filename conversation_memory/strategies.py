@@ -6,12 +6,25 @@ returning a :class:`~conversation_memory.budget.Selection`; a bare function
 a built-in's name (``"truncate"``, ``"window:8"``). Strategies are pure: the
 same state and budget give the same selection.
 
-The built-ins share one rule, :func:`keep_newest`. The system prompt, every
-pinned message and the newest turn (from the newest user message on) are
-always sent; if they can't fit, :class:`~conversation_memory.errors.BudgetExceeded`
-says by how much. The summary comes next, when it fits, and then whole units
-of the tail from the newest back, stopping at the first that doesn't fit, so
-only the oldest end is ever dropped.
+The built-ins share one rule, :func:`keep_newest`: the newest whole turns. A
+*turn* is a user message with everything that answers it (replies, tool calls
+and their results), up to the next user message. The system prompt and every
+pinned message are always sent, and so is the newest turn; the summary comes
+next, when it fits, and then older turns from the newest back, each whole or
+not at all, stopping at the first that doesn't fit, so only the oldest end is
+ever dropped. So the history sent after the system part (and after a summary)
+begins with a question: strict chat templates of local models (llama.cpp,
+vLLM and Ollama serving Mistral, Gemma, Llama) refuse anything else, and a
+model shown an answer without its question is misled.
+
+One turn can be larger than the whole budget: an agent's long tool loop. The
+newest turn is then sent from its newest end, as many whole units (a tool
+call with its results is one) as fit, without its question: the one case a
+request starts mid-turn, and the alternative would be a conversation that can
+never go on. Only when its newest unit alone (with the system prompt and the
+pinned messages) can't fit does
+:class:`~conversation_memory.errors.BudgetExceeded` say by how much. An older
+turn larger than the budget is simply left out.
 """
 
 from __future__ import annotations
@@ -76,10 +89,12 @@ StrategyLike: TypeAlias = "Strategy | Callable[[State, Budget], Selection] | str
 def keep_newest(
     state: State, budget: Budget, *, turns: int | None = None, overlap: bool = False
 ) -> Selection:
-    """System, pinned, newest turn, summary, then as many newer whole units as fit.
+    """System, pinned, the newest turn, summary, then as many older whole turns as fit.
 
-    With ``turns``, no unit older than the ``turns``-th newest user message is kept
-    (pinned ones excepted). Tail items the summary covers are not sent: it stands
+    A turn too large for the budget is sent from its newest end if it is the newest
+    (see the module docstring), else left out. With ``turns``, no turn older than
+    the ``turns``-th newest user message is kept (pinned messages excepted). Tail
+    items the summary covers are not sent (with ``overlap``, they may be): it stands
     in for them.
     """
     return _keep_newest(state, budget, turns=turns, overlap=overlap)[0]
@@ -98,41 +113,44 @@ def _keep_newest(
     # ``fits(n)`` is ``bound >= n``: one comparison instead of a correction per unit.
     fits = partial(operator.ge, largest_fit(budget))
 
-    start = len(units)  # units[start:] is the newest turn, always sent
-    for k in range(len(units) - 1, -1, -1):
-        if units[k].has_user:
-            start = k
-            break
-    else:
-        for k in range(len(units) - 1, -1, -1):
-            if units[k].items:
-                start = k
-                break
+    # units[turn:] is the newest turn: from the newest user message on (the whole
+    # tail when it has none); units[last:] its newest unit, which is always sent.
+    backwards = range(len(units) - 1, -1, -1)
+    turn = next((k for k in backwards if units[k].has_user), 0)
+    last = next((k for k in backwards if units[k].items), len(units))
 
     system = state.system.tokens if state.system is not None else 0
     pinned = sum(unit.tokens for unit in head)
-    pinned += sum(unit.tokens for unit in units[:start] if unit.pinned)
-    newest = sum(unit.tokens for unit in units[start:])
+    pinned += sum(unit.tokens for unit in units[:last] if unit.pinned)
+    newest = sum(unit.tokens for unit in units[last:])
     total = system + pinned + newest + REPLY_PRIMING
     if not fits(total):
         raise too_big(budget, system=system, pinned=pinned, newest=newest)
+
+    def keep(k: int) -> bool:
+        """Add units[k] to what is sent if it fits (pinned ones are counted already)."""
+        nonlocal total
+        if units[k].pinned:
+            return True
+        if not fits(total + units[k].tokens):
+            return False
+        total += units[k].tokens
+        return True
+
+    cut = last
+    while cut > turn and keep(cut - 1):
+        cut -= 1
     if summary is not None and fits(total + summary.tokens):
         total += summary.tokens
     else:
         summary = None
-
-    users = 1 if start < len(units) and units[start].has_user else 0
-    cut = start
-    for k in range(start - 1, -1, -1):
-        unit = units[k]
-        if turns is not None and users >= turns:
-            break
-        if not unit.pinned:
-            if not fits(total + unit.tokens):
-                break
-            total += unit.tokens
-        cut = k
-        users += unit.has_user
+    if cut == turn:  # the newest turn fits whole: add older turns, whole ones only
+        users = 1 if turn < len(units) and units[turn].has_user else 0
+        while cut > 0 and (turns is None or users < turns) and keep(cut - 1):
+            cut -= 1
+            users += units[cut].has_user
+        while cut < turn and not units[cut].has_user:
+            cut += 1  # the walk stopped inside a turn: its question is gone, so are its replies
 
     items: list[Item] = [state.system] if state.system is not None else []
     for unit in head:
@@ -141,7 +159,7 @@ def _keep_newest(
     for unit in units[:cut]:
         if unit.pinned:
             items.extend(unit.items)
-        else:
+        elif unit.items:  # an orphan tool result (no items) is not left out to fit
             dropped.extend(unit.source)
     for unit in units[cut:]:
         items.extend(unit.items)

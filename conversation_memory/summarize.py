@@ -32,6 +32,7 @@ __all__ = [
     "Summarizer",
     "SummaryText",
     "check_summary",
+    "is_refusal",
     "render_transcript",
 ]
 
@@ -89,18 +90,43 @@ DEFAULT_PROMPT = PromptTemplate(
 )
 
 _MARKER_RE = re.compile(r"<(/?)(transcript[-\w]*)>", re.IGNORECASE)
-_REFUSALS = (
-    "i'm sorry",
-    "i am sorry",
-    "i cannot",
-    "i can't",
-    "i can not",
-    "i'm unable",
-    "i am unable",
-    "as an ai",
-    "sorry, but",
-    "i won't",
+
+# A refusal is the summarizer declining the task, in the first person: an optional
+# apology, "I can't" (or a kin), then the verb of the task itself ("help", "summarize",
+# "provide"...). A summary may open with a first-person sentence too ("I can't wait for
+# your trip", "I'm sorry to hear that", "I can't believe the price"), but its verb is
+# not a task's, and when it is ("I can't help you move") it is a quote from the
+# transcript, which a refusal is not.
+_REFUSAL_RE = re.compile(
+    r"(?:(?:i'm|i am) sorry|i apologi[sz]e|sorry|unfortunately|"
+    r"as an ai(?: language model| assistant| model)?)?"
+    r"[\s,.!:;-]*(?:but\s+)?"
+    r"(?P<clause>(?:i (?:can't|cannot|can not|won't|will not|am unable to|am not able to)|"
+    r"i'm (?:unable to|not able to)|that(?:'s| is) not something i can)\s+"
+    r"(?:be able to\s+)?"
+    r"(?:help(?!\s+but\b)|assist|comply|fulfil|fulfill|summari[sz]e|provide|do|continue|"
+    r"engage|create|generate|write|process|answer|share|complete|support)\b"
+    r"[^.,;:!?\"\n]*)"
 )
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
+def _plain(text: str) -> str:
+    """Lower case, one kind of apostrophe, single spaces: what the refusal check compares."""
+    return " ".join(text.translate(_APOSTROPHES).lower().split())
+
+
+def is_refusal(text: str, source: Sequence[Message] = ()) -> bool:
+    """Whether ``text`` is a model declining to summarize rather than a summary.
+
+    ``source`` is what was summarized: an opening that reads like a refusal but
+    quotes it ("I can't help you move," said Bob) belongs to a summary.
+    """
+    found = _REFUSAL_RE.match(_plain(text))
+    if found is None:
+        return False
+    clause = found.group("clause").strip()
+    return not any(clause in _plain(_text_of(m.get("content"))) for m in source)
 
 
 def _text_of(content: Any) -> str:
@@ -134,13 +160,15 @@ def render_transcript(messages: Sequence[Message]) -> str:
     return _MARKER_RE.sub(lambda m: f"<{m.group(1)}\u200b{m.group(2)}>", "\n".join(blocks))
 
 
-def check_summary(text: Any, *, max_tokens: int, count: Any) -> str:
-    """The summary text to store, or :class:`SummarizationFailed` saying why not."""
+def check_summary(text: Any, *, max_tokens: int, count: Any, source: Sequence[Message] = ()) -> str:
+    """The summary text to store, or :class:`SummarizationFailed` saying why not.
+
+    ``source`` is what was summarized (see :func:`is_refusal`).
+    """
     if not isinstance(text, str) or not text.strip():
         raise SummarizationFailed("the summarizer returned an empty summary; nothing was stored")
     cleaned = text.strip()
-    lowered = cleaned.lower()
-    if lowered.startswith(_REFUSALS):
+    if is_refusal(cleaned, source):
         raise SummarizationFailed(
             f"the summarizer refused ({cleaned[:80]!r}); nothing was stored",
             text=cleaned,

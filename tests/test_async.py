@@ -22,12 +22,13 @@ from conversation_memory import (
     ConfigurationError,
     ContextLengthExceeded,
     ConversationNotFound,
+    Correction,
     ServerError,
     register_model,
 )
 from conversation_memory.aio import AsyncConversation, AsyncMemory
 from conversation_memory.llm import RetryPolicy
-from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer
+from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer, wire
 
 MODEL = "test-model"
 SUMMARY_HEADER = "Summary of the earlier conversation"
@@ -441,10 +442,17 @@ def test_a_context_length_error_calibrates_and_refits_once(tmp_path, server):
             reply = await chat.send("hello", max_tokens=20)
             assert reply.complete
             assert [r.status for r in server.chat_requests] == [400, 200]
-            assert (await chat.correction()).factor > 1
+            # The 400's claim served the retry only; the reply's usage (the prompt as we
+            # counted it) is what is kept.
+            assert await chat.correction() == Correction()
             server.fail(Fault.context_length(), times=2)
             with pytest.raises(ContextLengthExceeded):
                 await chat.stream("again", max_tokens=20)
             assert len(await chat.history()) == 2  # the failed turn stored nothing
+            assert await chat.correction() == Correction()
+            # A claim no prompt of this size could make is capped: the retry still fits.
+            server.fail(Fault.status(400, body=wire.openai_context_body(1500, 90000, 0)))
+            assert (await chat.send("and again", max_tokens=20)).complete
+            assert len(await chat.history()) == 4
 
     asyncio.run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -142,6 +143,41 @@ def test_each_rule_names_index_and_field(
     assert words in str(info.value)
 
 
+def test_a_history_that_starts_mid_turn_is_refused() -> None:
+    """After the system part, the history begins with a question, never with its answer."""
+    summary = {"role": "system", "content": "Summary of the earlier conversation: ..."}
+    validate([SYSTEM, summary, user(), assistant()], history=1)
+    validate([SYSTEM, user("pinned"), user(), assistant()], history=2)
+    validate([assistant()])  # without ``history``: the API's own rules only
+    for payload, history in [
+        ([SYSTEM, assistant(), user()], 1),
+        ([SYSTEM, summary, calls("a"), result("a"), user()], 1),
+        ([assistant(), user()], 0),
+    ]:
+        with pytest.raises(InvalidPayload, match="without the question it answers") as info:
+            validate(payload, history=history)
+        assert info.value.field == "role"
+        assert payload[info.value.index]["role"] == "assistant"
+    # No question at all: the newest turn alone was over the budget, sent from its middle.
+    validate([SYSTEM, calls("a"), result("a")], history=1)
+
+
+def test_build_refuses_a_strategy_that_starts_mid_turn() -> None:
+    history = items(SYSTEM, user(), assistant(), user("again"))
+    state = State(system=history[0], pinned=(), summary=None, tail=history[1:])
+
+    def answers_first(state: State, budget: Budget) -> Selection:
+        return Selection(items=(state.system, *state.tail[1:]), summary=None, dropped=())
+
+    with pytest.raises(InvalidPayload, match="without the question"):
+        build(state, Budget(window=500), answers_first)
+    # A pinned answer is part of what is always sent, not of the history.
+    answer = replace(history[2], pinned=True)
+    pinned = State(system=history[0], pinned=(answer,), summary=None, tail=[history[3]])
+    roles = [m["role"] for m in build(pinned, Budget(window=500)).messages]
+    assert roles == ["system", "assistant", "user"]
+
+
 def test_empty_and_non_list_payloads_are_refused() -> None:
     with pytest.raises(InvalidPayload, match="empty"):
         validate([])
@@ -248,30 +284,31 @@ def test_build_places_summary_after_pinned_and_before_tail() -> None:
     context = build(state_with_summary(), Budget(window=200, reserve=50), "truncate")
     assert isinstance(context, Context)
     roles = [m["role"] for m in context.messages]
-    assert roles == ["system", "user", "system", "assistant", "user", "assistant", "tool", "user"]
+    # The summary ends at a question (3): its answer (4) is not sent without it.
+    assert roles == ["system", "user", "system", "user", "assistant", "tool", "user"]
     assert context.messages[0] == SYSTEM
     assert context.messages[2]["content"].startswith("Summary of the earlier conversation")
-    assert context.messages[5]["tool_calls"] == [call("q")]
+    assert context.messages[4]["tool_calls"] == [call("q")]
     report = context.report
-    assert (report.system, report.pinned, report.summary, report.messages) == (10, 10, 20, 50)
-    assert (report.priming, report.total, report.limit) == (3, 93, 150)
-    assert report.utilization == pytest.approx(93 / 150)
+    assert (report.system, report.pinned, report.summary, report.messages) == (10, 10, 20, 40)
+    assert (report.priming, report.total, report.limit) == (3, 83, 150)
+    assert report.utilization == pytest.approx(83 / 150)
     assert report.repaired == (6,)
-    assert (report.dropped, report.first_dropped, report.last_dropped) == (0, None, None)
-    assert report.sent == 8
+    assert (report.dropped, report.first_dropped, report.last_dropped) == (1, 4, 4)
+    assert report.sent == 7
     assert report.strategy == "truncate"
 
 
 def test_build_report_counts_drops_and_explain_says_so() -> None:
-    context = build(state_with_summary(), Budget(window=80, tools=7), "truncate")
+    context = build(state_with_summary(), Budget(window=90, tools=7), "truncate")
     report = context.report
-    assert report.total <= report.limit == 73
-    assert report.dropped == 2
-    assert (report.first_dropped, report.last_dropped) == (4, 5)
+    assert report.total <= report.limit == 83
+    assert report.dropped == 1
+    assert (report.first_dropped, report.last_dropped) == (4, 4)
     assert report.prompt == report.total + 7
     text = explain(context)
-    assert text.splitlines()[0].startswith(f"strategy truncate: {report.total} of 73 prompt tokens")
-    assert "dropped the oldest 2 messages (positions 4 to 5)" in text
+    assert text.splitlines()[0].startswith(f"strategy truncate: {report.total} of 83 prompt tokens")
+    assert "dropped the oldest 1 message (positions 4 to 4)" in text
     assert "tools" in text
     assert "repaired unanswered tool calls at positions 6" in text
 
@@ -290,18 +327,20 @@ def test_explain_mentions_calibration_and_a_summary_left_out() -> None:
 
 
 def test_build_reports_orphans_and_covered_messages() -> None:
-    history = items(SYSTEM, user(), calls("a"), result("a"), result("a"), user("x"), assistant())
+    history = items(
+        SYSTEM, user(), assistant(), user(), calls("a"), result("a"), result("a"), user("x")
+    )
     state = State(
         system=history[0],
         pinned=(),
-        summary=Summary(start=1, end=1, text="s", tokens=5),
+        summary=Summary(start=1, end=2, text="s", tokens=5),
         tail=history[1:],
     )
     context = build(state, Budget(window=500), "truncate")
-    assert context.report.orphaned == (4,)
-    assert context.report.covered == 1
-    assert "without their call at positions 4" in explain(context)
-    assert "left out 1 message the summary covers" in explain(context)
+    assert context.report.orphaned == (6,)
+    assert context.report.covered == 2
+    assert "without their call at positions 6" in explain(context)
+    assert "2 messages represented by the summary instead of sent" in explain(context)
 
 
 def test_build_raises_when_system_pinned_and_newest_cannot_fit() -> None:
@@ -430,9 +469,15 @@ def test_fit_argument_errors() -> None:
 
 def test_a_system_prompt_kept_apart_from_the_messages_comes_first() -> None:
     system = Item(-1, SYSTEM, 5)  # the engine stores it outside the message positions
-    history = items(user(), assistant(), user("again"))
-    context = build(State(system, (), Summary(0, 0, "s", 4), history[1:]), Budget(100))
-    assert [m["role"] for m in context.messages] == ["system", "system", "assistant", "user"]
+    history = items(user(), assistant(), user("again"), assistant(), user("more"))
+    context = build(State(system, (), Summary(0, 1, "s", 4), history[2:]), Budget(100))
+    assert [m["role"] for m in context.messages] == [
+        "system",
+        "system",
+        "user",
+        "assistant",
+        "user",
+    ]
     assert context.report.system == 5
 
 

@@ -15,12 +15,13 @@ import sqlalchemy as sa
 from conversation_memory import (
     AuthenticationFailed,
     ConfigurationError,
+    ContextLengthExceeded,
     Memory,
     ServerError,
     register_model,
 )
 from conversation_memory.llm import RetryPolicy
-from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer
+from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer, wire
 
 MODEL = "test-model"
 SUMMARY_HEADER = "Summary of the earlier conversation"
@@ -342,3 +343,58 @@ def test_no_transaction_is_open_during_a_model_call(tmp_path, server):
         assert rows(memory, "summaries"), "the summarizer was called too"
     assert free
     assert all(free)
+
+
+# -- calibration against what a server claims ------------------------------------------
+
+
+def bogus_overflow() -> Fault:
+    """A 400 that claims 90,000 prompt tokens whatever was sent (a confused proxy)."""
+    return Fault.status(400, body=wire.openai_context_body(1500, 90000, 0))
+
+
+TURNS = [f"Question {n}: what do {n} apples and {n} pears make together?" for n in range(6)]
+
+
+def test_a_bogus_context_length_error_does_not_stick(tmp_path, server):
+    """The claim is bounded by what the prompt could have been, the retry goes out, and
+    the replies' usage decides the correction: it ends where an undisturbed twin's does."""
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat, twin = memory.conversation(), memory.conversation()
+        server.fail(bogus_overflow())
+        for text in TURNS:
+            assert chat.send(text, max_tokens=20).complete
+            twin.send(text, max_tokens=20)
+        assert [r.status for r in server.chat_requests].count(400) == 1
+        assert len(chat.history()) == 2 * len(TURNS)
+        learnt, expected = chat.correction(), twin.correction()
+    assert expected.factor == pytest.approx(1, abs=0.5)  # the server's tokenizer is not ours
+    assert learnt.factor == pytest.approx(expected.factor, rel=0.05)
+
+
+def test_a_retry_that_also_fails_leaves_the_correction_as_it_was(tmp_path, server):
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat = memory.conversation()
+        chat.send(TURNS[0], max_tokens=20)
+        before = chat.correction()
+        server.fail(bogus_overflow(), times=2)
+        with pytest.raises(ContextLengthExceeded):
+            chat.send(TURNS[1], max_tokens=20)
+        assert chat.correction() == before
+        assert len(chat.history()) == 2  # the failed turn stored nothing
+        assert chat.send(TURNS[1], max_tokens=20).complete
+
+
+def test_a_conversation_recovers_from_any_stored_correction(tmp_path, server):
+    """Even a correction that leaves no room at all (one a bogus claim stored before)
+    lets the next request go out, and that reply's usage replaces it."""
+    with open_memory(tmp_path / "c.db", server) as memory:
+        chat, twin = memory.conversation(), memory.conversation()
+        for each in (chat, twin):
+            each.send(TURNS[0], max_tokens=20)
+        assert chat.calibrate(counted=13, reported=90000).factor == 1000
+        assert chat.context().messages[-1]["content"]  # a preview, not an error
+        for text in TURNS[1:3]:
+            assert chat.send(text, max_tokens=20).complete
+            twin.send(text, max_tokens=20)
+        assert chat.correction().factor == pytest.approx(twin.correction().factor, rel=0.05)

@@ -538,3 +538,35 @@ def test_listing_commands_do_not_import_the_sdk(db):
         env=env_without_keys(),
     )  # fmt: skip
     assert done.stdout.splitlines()[-1] == "False", done.stderr
+
+
+def test_context_counts_what_the_summary_represents_as_covered(db):
+    """The summary strategy re-sends the newest turns it already covers (on purpose: the
+    budget stays full between folds). What it represents is covered, not left out."""
+    from conversation_memory.testing import RecordingSummarizer
+
+    with Memory(db, summarizer=RecordingSummarizer(), compaction="manual") as memory:
+        chat = memory.conversation(model=MODEL, strategy="summary", budget=400)
+        for n in range(25):
+            words = "word " * 12
+            chat.extend(
+                [
+                    {"role": "user", "content": f"question {n} {words}"},
+                    {"role": "assistant", "content": f"answer {n} {words}"},
+                ]
+            )
+        assert chat.compact().summaries
+        conversation_id = chat.id
+    context = run_json("context", conversation_id, "--db", db)
+    summary = next(p for p in context["parts"] if p["kind"] == "summary")
+    start, end = map(int, summary["position"].split("-"))
+    sent = {p["position"] for p in context["parts"] if p["kind"] == "message"}
+    assert min(sent) <= end, "the newest turns sent raw overlap the summary"
+    r = context["report"]
+    assert r["covered"] == (end - start + 1) - len({p for p in sent if p <= end})
+    assert r["overlap"] == len({p for p in sent if start <= p <= end})
+    assert r["dropped"] == 0
+    text = run("context", conversation_id, "--db", db).stdout
+    assert "left out" not in text
+    assert f"{r['covered']} message(s) are represented by the summary" in text
+    assert "also sent as they are" in text

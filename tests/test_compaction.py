@@ -842,3 +842,24 @@ def test_compaction_recovers_after_a_summarizer_outage(tmp_path: Path) -> None:
         assert summaries, "the turn tried to compact"
         assert [r.status for r in summaries] == [200] * len(summaries)
         assert _summaries(str(tmp_path / "outage.db"), conversation.id)
+
+
+def test_a_summary_that_quotes_a_refusal_is_stored_a_refusal_is_not(tmp_path) -> None:
+    """Compaction gives the refusal check what was summarized: a summary opening with a
+    line somebody said is stored; the same words from the summarizer alone are not."""
+    quoted = "I can't help you move on Saturday, Bob told Alice, who hired movers instead."
+    summarizer = RecordingSummarizer()
+    with Memory(
+        tmp_path / "c.db", model=MODEL, summarizer=summarizer, compaction="manual"
+    ) as memory:
+        said = memory.conversation(strategy="summary")
+        said.append({"role": "user", "content": "Bob: I can't help you move on Saturday."})
+        _fill(said, 80)
+        summarizer.replies = [quoted]
+        assert said.compact().summaries
+        silent = memory.conversation(strategy="summary")
+        _fill(silent, 81)
+        summarizer.replies = [quoted]
+        outcome = silent.compact()
+        assert not outcome.summaries
+        assert "refused" in (outcome.error or "")

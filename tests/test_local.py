@@ -511,7 +511,7 @@ def test_a_context_error_from_the_real_server_is_calibrated_refit_and_retried(
     assert log.of("/chat/completions") == [400, 200]
     assert reply.complete
     assert reply.usage.prompt_tokens + REPLY_TOKENS <= WINDOW
-    assert correction.factor > 1.1  # learnt from the 400's own numbers
+    assert correction.factor > 1.1  # learnt from the retry's usage (the 400 only re-fit it)
     assert [call.error for call in calls] == [None]
 
 

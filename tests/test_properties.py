@@ -30,7 +30,7 @@ from conversation_memory.budget import (
     validate,
 )
 from conversation_memory.errors import BudgetExceeded, ConfigurationError, InvalidPayload
-from conversation_memory.strategies import TRUNCATE, Strategy, Summarize, Window
+from conversation_memory.strategies import TRUNCATE, Hierarchical, Strategy, Summarize, Window
 from conversation_memory.tokens import REPLY_PRIMING
 from conversation_memory.types import (
     MAX_FACTOR,
@@ -190,9 +190,9 @@ def check_refusal(error: BudgetExceeded, state: State, budget: Budget) -> None:
         error.system + error.pinned + error.newest + REPLY_PRIMING
     )
     assert error.system == (state.system.tokens if state.system else 0)
-    users = [i for i in live_tail(state) if i.message["role"] == "user"]
-    if users:
-        assert error.newest >= users[-1].tokens
+    tail = live_tail(state)
+    if tail and tail[-1].message["role"] == "user":
+        assert error.newest >= tail[-1].tokens
 
 
 def check_budget_and_order(context: Context, state: State, budget: Budget) -> None:
@@ -218,7 +218,7 @@ def check_budget_and_order(context: Context, state: State, budget: Budget) -> No
         assert not budget.fits(total + state.summary.tokens)
 
 
-def check_kept(context: Context, state: State) -> None:
+def check_kept(context: Context, state: State, budget: Budget) -> None:
     by_position = {i.position: i for i in context.items}
     for item in (*state.pinned, *live_tail(state)):
         if item.pinned and item.message["role"] in ("user", "system", "developer"):
@@ -226,8 +226,72 @@ def check_kept(context: Context, state: State) -> None:
         if item.pinned and item.message["role"] == "assistant" and item.message["content"]:
             assert item.position in by_position
     users = [i for i in live_tail(state) if i.message["role"] == "user"]
-    if users:
-        assert users[-1].position in by_position
+    if users and users[-1].position not in by_position:
+        check_newest_turn_over_budget(context, live_tail(state), users[-1].position, budget)
+
+
+def check_newest_turn_over_budget(
+    context: Context, tail: Sequence[Item], question: int, budget: Budget | None
+) -> None:
+    """The newest turn (from ``question`` on) is sent only in part: the rest can't fit."""
+    event("the newest turn is over the budget: sent from its middle")
+    if budget is None:
+        return
+    sent = {i.position for i in context.items}
+    missing = sum(i.tokens for i in tail if i.position >= question and i.position not in sent)
+    assert not budget.fits(context.report.total + missing)
+
+
+def check_whole_turns(
+    context: Context, state: State, budget: Budget | None, tail: Sequence[Item] | None = None
+) -> None:
+    """No reply is sent without the user message it answers (its question), so the history
+    after the system part, the summary and pinned messages begins with a user message.
+
+    The one exception: the newest turn alone is over the budget. Then its newest part is
+    sent without its question. Pinned units are sent whatever they answer.
+    """
+    tail = live_tail(state) if tail is None else tail
+    sent = {i.position for i in context.items}
+    pinned = {i.position for unit in units_of(tail) if any(u.pinned for u in unit) for i in unit}
+    users = [i.position for i in tail if i.message["role"] == "user"]
+    question: int | None = None  # the user message the items that follow answer
+    for item in tail:
+        role = item.message["role"]
+        if role == "user":
+            question = item.position
+            continue
+        if item.position not in sent or item.position in pinned or role == "system":
+            continue
+        if question in sent or not users:
+            continue
+        assert item.position > users[-1], f"position {item.position} went without its question"
+        check_newest_turn_over_budget(context, tail, users[-1], budget)
+
+
+def check_left_out(context: Context, state: State) -> None:
+    """Every message read or summarized and not sent is counted once: covered when a
+    summary sent represents it, else dropped (or reported as orphaned or repaired)."""
+    r = context.report
+    sent = {i.position for i in context.items if i is not state.system}
+    cover = context.summaries or ((context.summary,) if context.summary else ())
+    represented = set(range(cover[0].start, cover[-1].end + 1)) if cover else set()
+    summarized = set(range(state.summary.start, state.summary.end + 1)) if state.summary else set()
+    known = {i.position for i in (*state.pinned, *state.tail)} | summarized
+    if state.system is not None:
+        known.discard(state.system.position)
+    left = known - sent
+    pinned = {i.position for i in (*state.pinned, *state.tail) if i.pinned}
+    covered = (left - pinned) & represented
+    assert r.covered == len(covered)
+    dropped = left - covered - set(r.orphaned) - set(r.repaired)
+    assert r.dropped == len(dropped)
+    if dropped:
+        assert r.first_dropped is not None
+        assert r.first_dropped <= min(dropped)
+        assert r.last_dropped is not None
+        assert r.last_dropped >= max(dropped)
+    assert r.overlap == len((sent - pinned) & represented)
 
 
 def check_dropped(selection: Selection, state: State, strategy: Strategy) -> None:
@@ -285,10 +349,11 @@ def test_every_context_obeys_the_rules(case: tuple[State, Budget], strategy: Str
     event(f"repaired or orphaned: {bool(report.repaired or report.orphaned)}")
     event(f"summary: {'sent' if context.summary else 'omitted' if state.summary else 'none'}")
     check_budget_and_order(context, state, budget)
-    check_kept(context, state)
+    check_kept(context, state, budget)
+    check_whole_turns(context, state, budget)
     selection = strategy.select(state, budget)  # pure: the same choice build made
     assert selection.items == context.items
-    assert context.report.dropped == len(selection.dropped)
+    check_left_out(context, state)
     check_dropped(selection, state, strategy)
 
 
@@ -340,9 +405,12 @@ def test_fit_keeps_within_budget_and_order(
     assert sum(counter.count_message(m) for m in kept) + REPLY_PRIMING <= budget
     if system is not None:
         assert kept[0] == plain[0]
-    users = [m for m in plain if m["role"] == "user"]
-    if users:
-        assert any(m is users[-1] or m == users[-1] for m in kept)
+    users = [n for n, m in enumerate(plain) if m["role"] == "user"]
+    if users and not any(m == plain[users[-1]] for m in kept):
+        # Only when the newest turn can't fit whole is it sent in part, without its question.
+        lead = next((n for n, m in enumerate(plain) if m["role"] != "system"), len(plain))
+        turn = plain[:lead] + plain[users[-1] :]
+        assert sum(map(counter.count_message, turn)) + REPLY_PRIMING > budget - 5 * tools
 
 
 # --- the shortcuts of the selection code agree with the long way -----------------------
@@ -417,3 +485,33 @@ def test_summarize_folds_where_fold_point_says(state: State, data: st.DataObject
         return
     assert isinstance(selection, Selection)
     assert selection.fold_through == strategy.fold_point(state, budget)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    state=summarized_states(),
+    data=st.data(),
+    strategy=st.sampled_from(
+        [
+            Summarize(high=0.5, low=0.3, summary_tokens=16),
+            Summarize(overlap=False),
+            Hierarchical(fanout=2, summary_tokens=16),
+        ]
+    ),
+)
+def test_after_a_summary_the_raw_tail_starts_with_a_question(
+    state: State, data: st.DataObject, strategy: Strategy
+) -> None:
+    context = attempt(lambda: build(state, data.draw(budgets_for(state)), strategy))
+    if isinstance(context, InvalidPayload):
+        assert "empty" in str(context)
+        return
+    if isinstance(context, BudgetExceeded):
+        return
+    event(f"summary sent: {context.summary is not None}")
+    # Summarize re-sends covered turns beside the summary (overlap); the others send
+    # only what follows it. (Hierarchical reserves the summaries' room through the
+    # margin, so the budget check of a turn sent in part is left to the test above.)
+    tail = state.tail if getattr(strategy, "overlap", False) else live_tail(state)
+    check_whole_turns(context, state, None, tail)
+    check_left_out(context, state)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from conversation_memory.budget import Selection, build
+from conversation_memory.budget import Selection, build, explain
 from conversation_memory.errors import BudgetExceeded, ConfigurationError
 from conversation_memory.strategies import (
     TRUNCATE,
@@ -127,14 +127,25 @@ def test_everything_is_sent_when_it_fits() -> None:
     assert selection.fold_through is None
 
 
-def test_oldest_whole_units_are_dropped_first() -> None:
+def test_oldest_whole_turns_are_dropped_first() -> None:
     s = state(msg("user"), calls("a", "b"), result("a"), result("b"), msg("assistant"), msg("user"))
-    # system 5 + priming 3 + newest 10 = 18; the assistant fits (28), the 3-message unit not.
-    selection = TRUNCATE.select(s, Budget(window=50))
-    assert positions(selection) == [0, 5, 6]
-    assert [i.position for i in selection.dropped] == [1, 2, 3, 4]
-    selection = TRUNCATE.select(s, Budget(window=58))
-    assert positions(selection) == [0, 2, 3, 4, 5, 6]
+    # system 5 + priming 3 + newest 10 = 18; the older turn (1 to 5) needs 50 more.
+    selection = TRUNCATE.select(s, Budget(window=67))
+    assert positions(selection) == [0, 6]  # its replies fit, but not without its question
+    assert [i.position for i in selection.dropped] == [1, 2, 3, 4, 5]
+    selection = TRUNCATE.select(s, Budget(window=68))
+    assert positions(selection) == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_a_turn_is_kept_whole_or_not_at_all() -> None:
+    """The replies of a turn whose question no longer fits are not sent: a context never
+    starts with an answer (strict chat templates refuse it, and it misleads the model)."""
+    s = state(*conversation(3), msg("user"))
+    for window in range(18, 90):
+        selection = TRUNCATE.select(s, Budget(window=window))
+        history = [i.message["role"] for i in selection.items[1:]]
+        assert history[0] == "user", (window, history)
+        assert len(history) % 2 == 1  # whole question-and-answer turns, then the new question
 
 
 def test_a_big_unit_stops_the_walk_back_nothing_older_is_kept() -> None:
@@ -149,13 +160,21 @@ def test_a_big_unit_stops_the_walk_back_nothing_older_is_kept() -> None:
     assert positions(selection) == [0, 5]
 
 
-def test_newest_turn_with_tool_calls_is_kept_whole() -> None:
+def test_newest_turn_is_kept_whole_or_else_its_newest_part() -> None:
     s = state(msg("user"), msg("assistant"), msg("user"), calls("a"), result("a"))
     selection = TRUNCATE.select(s, Budget(window=38))
     assert positions(selection) == [0, 3, 4, 5]
+    # Larger than the budget, the newest turn (an agent's tool loop) goes on from its
+    # newest whole units: without its question, the one case a context starts mid-turn.
+    selection = TRUNCATE.select(s, Budget(window=37))
+    assert positions(selection) == [0, 4, 5]
+    context = build(s, Budget(window=37))  # the validator allows it, and the report says so
+    assert context.report.partial_turn == 3
+    assert "the newest turn (from position 3) is larger than the budget" in explain(context)
+    assert build(s, Budget(window=38)).report.partial_turn is None
     with pytest.raises(BudgetExceeded) as info:
-        TRUNCATE.select(s, Budget(window=37))
-    assert info.value.newest == 30
+        TRUNCATE.select(s, Budget(window=27))
+    assert info.value.newest == 20  # the call with its result: never split
 
 
 def test_without_a_user_message_the_newest_unit_is_kept() -> None:
@@ -166,8 +185,9 @@ def test_without_a_user_message_the_newest_unit_is_kept() -> None:
 def test_pinned_tail_messages_keep_their_place() -> None:
     s = state(*conversation(4), msg("user"), pinned=(2,))
     selection = TRUNCATE.select(s, Budget(window=38))
-    assert positions(selection) == [0, 2, 8, 9]
-    assert [i.position for i in selection.dropped] == [1, 3, 4, 5, 6, 7]
+    assert positions(selection) == [0, 2, 9]  # 8 would fit, but not its question (7)
+    assert [i.position for i in selection.dropped] == [1, 3, 4, 5, 6, 7, 8]
+    assert positions(TRUNCATE.select(s, Budget(window=48))) == [0, 2, 7, 8, 9]
 
 
 def test_pinned_older_messages_come_before_the_summary_and_are_repaired() -> None:
@@ -187,12 +207,12 @@ def test_pinned_older_messages_come_before_the_summary_and_are_repaired() -> Non
 
 def test_summary_is_sent_when_it_fits_and_left_out_when_not() -> None:
     base = state(*conversation(2), msg("user"))
-    s = State(base.system, (), Summary(0, 0, "before", 15), base.tail)
-    assert TRUNCATE.select(s, Budget(window=33)).summary is not None
-    assert positions(TRUNCATE.select(s, Budget(window=33))) == [0, 5]
-    selection = TRUNCATE.select(s, Budget(window=32))
+    s = State(base.system, (), Summary(0, 0, "before", 25), base.tail)
+    assert TRUNCATE.select(s, Budget(window=43)).summary is not None
+    assert positions(TRUNCATE.select(s, Budget(window=43))) == [0, 5]
+    selection = TRUNCATE.select(s, Budget(window=42))
     assert selection.summary is None
-    assert positions(selection) == [0, 4, 5]  # the room it left takes older messages
+    assert positions(selection) == [0, 3, 4, 5]  # the room it left takes an older turn
 
 
 def test_tail_items_the_summary_covers_are_not_sent() -> None:
@@ -230,7 +250,7 @@ def test_window_keeps_at_most_n_turns() -> None:
 
 def test_window_still_respects_the_budget() -> None:
     s = state(*conversation(5), msg("user"))
-    assert positions(Window(turns=3).select(s, Budget(window=37))) == [0, 10, 11]
+    assert positions(Window(turns=3).select(s, Budget(window=47))) == [0, 9, 10, 11]
 
 
 def test_window_counts_turns_through_tool_calls_and_keeps_pinned() -> None:

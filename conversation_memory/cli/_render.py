@@ -283,6 +283,16 @@ def context_view(context: Context, *, model: str) -> Group:
         )
     if r.covered:
         notes.append(f"{r.covered} message(s) are represented by the summary instead of sent")
+    if r.overlap:
+        notes.append(
+            f"{r.overlap} message(s) the summary represents are also sent as they are: the "
+            "summary strategy fills the room beside it with the newest turns"
+        )
+    if r.partial_turn is not None:
+        notes.append(
+            f"the newest turn (from position {r.partial_turn}) is larger than the budget: "
+            "only its newest part is sent, without its question"
+        )
     if r.summary_omitted:
         notes.append("a summary exists but did not fit beside what must be sent")
     if r.repaired:
