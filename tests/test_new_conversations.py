@@ -68,7 +68,9 @@ def test_failed_and_refused_first_turns_leave_no_conversation(db_url, server):
         server.fail(Fault.context_length(), times=2)  # calibrates, re-fits, fails again
         with pytest.raises(ContextLengthExceeded):
             chat.send("hello", max_tokens=20)
-        assert chat.correction().factor > 1, "the calibration is kept for the first turn"
+        assert chat.correction().factor == 1, "a failed call's claim is never kept"
+        learnt = chat.calibrate(counted=100, reported=130)  # no row yet: kept on the object
+        assert chat.correction() == learnt and learnt.factor > 1
         assert [count(memory, t) for t in ("conversations", "usage", "calibrations")] == [0, 0, 0]
 
         reply = chat.send("hello")
