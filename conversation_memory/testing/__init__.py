@@ -14,9 +14,9 @@ OpenAI's validation errors and scriptable :class:`Fault` s.
 """
 
 from conversation_memory.testing.faults import ContextStyle, Fault
+from conversation_memory.testing.replies import ReplySpec
 from conversation_memory.testing.server import ChatServer, RecordedRequest
 from conversation_memory.testing.summarizers import RecordingSummarizer, SummaryCall
-from conversation_memory.testing.wire import ReplySpec
 
 __all__ = [
     "ChatServer",
