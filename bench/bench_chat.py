@@ -70,7 +70,7 @@ from _measure import Row, alternating, ms, print_table
 
 from conversation_memory import Memory, register_model
 from conversation_memory.messages import dumps
-from conversation_memory.testing import ChatServer, wire
+from conversation_memory.testing import ChatServer, replies, tokenizer
 
 MODEL = "bench-chat-model"
 WINDOW = 8000
@@ -115,7 +115,7 @@ def sentence(rng: random.Random) -> str:
 
 def chat_reply(body: dict[str, Any]) -> str | None:
     """The server's answer: its own summarizer for summaries, else a 10-60 word reply."""
-    if wire.is_summarization(body):
+    if replies.is_summarization(body):
         return None
     last = body["messages"][-1].get("content") or ""
     return sentence(random.Random(len(body["messages"]) * 7919 + len(str(last))))
@@ -123,7 +123,7 @@ def chat_reply(body: dict[str, Any]) -> str | None:
 
 def tokens(message: dict[str, Any]) -> int:
     """One message as the server counts it inside a prompt (its share, priming excluded)."""
-    return wire.count_tokens([message]) - wire.PRIMING
+    return tokenizer.count_tokens([message]) - tokenizer.PRIMING
 
 
 def open_memory(path: Path, server: ChatServer, client: Any, **options: Any) -> Memory:
@@ -160,7 +160,7 @@ def long_conversation(folder: Path, turns: int, strategy: str, seed: int) -> Lon
         open_memory(path, server, client, strategy=strategy) as memory,
     ):
         conversation = memory.conversation(user=USER, system=SYSTEM, budget=BUDGET)
-        history = wire.count_tokens([{"role": "system", "content": SYSTEM}])  # + priming
+        history = tokenizer.count_tokens([{"role": "system", "content": SYSTEM}])  # + priming
         first_over: int | None = None
         report_fill: list[float] = []
         for turn in range(turns):

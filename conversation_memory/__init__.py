@@ -6,11 +6,13 @@ implementation detail (docs/architecture.md draws the layers).
 
 from typing import TYPE_CHECKING
 
+from conversation_memory._config import default_model
 from conversation_memory._lazy import loader
 from conversation_memory.budget import (
     Context,
     Report,
     Selection,
+    budget_for,
     build,
     explain,
     fit,
@@ -56,12 +58,14 @@ from conversation_memory.errors import (
     UnknownModel,
     UserNotFound,
 )
+from conversation_memory.export import read_export
 from conversation_memory.llm.retry import RetryPolicy
 from conversation_memory.registry import (
     ModelInfo,
     ModelRegistry,
     get_model,
     load_models,
+    load_models_from_env,
     register_model,
 )
 from conversation_memory.store.repository import Entry
@@ -180,15 +184,19 @@ __all__ = [
     "Window",
     "__version__",
     "as_strategy",
+    "budget_for",
     "build",
     "count_tokens",
     "counter_for",
+    "default_model",
     "explain",
     "fit",
     "get_encoding",
     "get_model",
     "keep_newest",
     "load_models",
+    "load_models_from_env",
+    "read_export",
     "register_model",
     "summary_message",
     "validate",

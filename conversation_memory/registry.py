@@ -5,12 +5,12 @@ The facts are data (``models.json``, shipped in the package), not code: a
 don't know with :func:`register_model` — a name of their own (an Ollama or
 llama.cpp model) with its window, or a name that serves a known model (an
 Azure deployment, a gateway's alias) with ``like="gpt-4o"``. A JSON models
-file, named by ``CONVMEM_MODELS`` and read by :func:`load_models`, does the
-same without code. Lookups are exact first, then regardless of case (Azure
-deployments are often named ``GPT-4o``); a dated snapshot such as
-``gpt-4o-2024-08-06`` or ``gpt-4-0613`` then resolves to the longest
-registered name it starts with (followed by ``-``), so only snapshots whose
-facts differ need their own row. Fine-tuned names
+file, named by ``CONVMEM_MODELS`` and read by :func:`load_models` (or
+:func:`load_models_from_env`), does the same without code. Lookups are exact
+first, then regardless of case (Azure deployments are often named
+``GPT-4o``); a dated snapshot such as ``gpt-4o-2024-08-06`` or
+``gpt-4-0613`` then resolves to the longest registered name it starts with
+(followed by ``-``), so only snapshots whose facts differ need their own row. Fine-tuned names
 (``ft:gpt-4o-mini-2024-07-18:org::id``) resolve through their base model.
 The name sent to the server is always the caller's, unchanged.
 
@@ -41,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from conversation_memory import _config
 from conversation_memory.errors import ConfigurationError, UnknownModel
 from conversation_memory.types import Correction
 
@@ -52,6 +53,7 @@ __all__ = [
     "default_registry",
     "get_model",
     "load_models",
+    "load_models_from_env",
     "register_model",
 ]
 
@@ -504,3 +506,14 @@ def load_models(
             raise refused(exc.message, model=name) from None
     target._add(infos)
     return infos
+
+
+def load_models_from_env(
+    env: Mapping[str, str] | None = None, *, registry: ModelRegistry | None = None
+) -> list[ModelInfo]:
+    """Register the models of the file ``CONVMEM_MODELS`` names (:func:`load_models`);
+    none when it is unset. ``Memory()`` and every ``convmem`` command do this first.
+
+    ``env`` replaces the process environment (for tests)."""
+    path = _config.models_file(env)
+    return [] if path is None else load_models(path, registry=registry)

@@ -22,7 +22,7 @@ from conversation_memory import AsyncMemory, Memory, register_model
 from conversation_memory.errors import AuthenticationFailed, BadRequest, ConfigurationError
 from conversation_memory.llm import RetryPolicy
 from conversation_memory.testing import ChatServer, Fault
-from conversation_memory.testing.wire import is_summarization
+from conversation_memory.testing.replies import is_summarization
 
 DEPLOYMENT = "prod-gpt4o"
 SERVED = "gpt-4o-2024-08-06"

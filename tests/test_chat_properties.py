@@ -55,7 +55,7 @@ from conversation_memory.budget import validate
 from conversation_memory.engine import Conversation
 from conversation_memory.llm import context_limits
 from conversation_memory.messages import normalize
-from conversation_memory.testing import ChatServer, RecordingSummarizer, wire
+from conversation_memory.testing import ChatServer, RecordingSummarizer, refusals, tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -455,8 +455,8 @@ def overflowed(request: Any, window: int) -> bool:
     if request.status != 400:
         return False
     body = request.body
-    prompt = wire.count_tokens(body["messages"], tools=body.get("tools"))
-    return prompt + (wire.max_tokens_of(body) or 0) > window
+    prompt = tokenizer.count_tokens(body["messages"], tools=body.get("tools"))
+    return prompt + (tokenizer.max_tokens_of(body) or 0) > window
 
 
 def replay(history: list[dict[str, Any]], gaps: set[str]) -> list[dict[str, Any]]:
@@ -513,7 +513,7 @@ def check_history(run: Run) -> None:
     replayed = replay(history, gaps)
     if replayed:
         validate(replayed)
-        assert wire.validate({"model": run.model, "messages": replayed}) is None
+        assert refusals.validate({"model": run.model, "messages": replayed}) is None
 
 
 def count_summaries(memory: Memory, conversation_id: str) -> int:

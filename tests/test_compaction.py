@@ -52,7 +52,7 @@ from conversation_memory.store.schema import compaction_leases
 from conversation_memory.strategies import Summarize
 from conversation_memory.summarize import SummaryText
 from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer
-from conversation_memory.testing.wire import is_summarization
+from conversation_memory.testing.replies import is_summarization
 
 MODEL = "compaction-test-model"
 WINDOW = 1000

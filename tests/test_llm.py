@@ -47,6 +47,7 @@ from conversation_memory.llm import (
     context_limits,
     map_error,
     parse_retry_after,
+    server_configured,
 )
 from conversation_memory.llm.assembly import Assembler
 from conversation_memory.testing import ChatServer, Fault
@@ -448,6 +449,15 @@ def test_client_from_env_uses_only_the_given_environment() -> None:
     with pytest.raises(ConfigurationError, match="RetryPolicy"):
         client_from_env({"OPENAI_API_KEY": "k"}, max_retries=2)
     assert isinstance(async_client_from_env({"OPENAI_API_KEY": "k"}), openai.AsyncOpenAI)
+
+
+def test_server_configured_says_whether_client_from_env_has_a_server() -> None:
+    assert server_configured({"OPENAI_API_KEY": "sk-1"})
+    assert server_configured({"OPENAI_BASE_URL": "http://h:1/v1"})
+    assert not server_configured({})
+    assert not server_configured({"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""})
+    with pytest.raises(ConfigurationError):  # the same environment client_from_env refuses
+        client_from_env({"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""})
 
 
 def test_sdk_retries_are_switched_off_and_clients_checked() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conversation_memory import Memory, get_model, load_models
+from conversation_memory import Memory, get_model, load_models, load_models_from_env
 from conversation_memory.cli import cli
 from conversation_memory.errors import ConfigurationError, UnknownModel
 from conversation_memory.registry import ModelRegistry
@@ -104,6 +104,18 @@ def test_a_bad_models_file_is_refused_with_its_name(tmp_path, content, said) -> 
     with pytest.raises(ConfigurationError, match=said) as caught:
         Memory(":memory:", env={"CONVMEM_MODELS": str(path)})
     assert str(path) in str(caught.value)
+
+
+def test_load_models_from_env_reads_the_file_convmem_models_names(tmp_path) -> None:
+    llama = fresh("llama3.2")
+    models = write_models(tmp_path / "models.json", {llama: {"window": 8192, "max_output": 9}})
+    registry = ModelRegistry.builtin()
+    assert load_models_from_env({}, registry=registry) == []
+    (loaded,) = load_models_from_env({"CONVMEM_MODELS": models}, registry=registry)
+    assert loaded.name == llama
+    assert registry.get(llama).max_output == 9
+    with pytest.raises(UnknownModel):
+        get_model(llama)  # only the registry it was given learned it
 
 
 def test_load_models_wants_a_path() -> None:

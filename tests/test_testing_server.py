@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from conversation_memory.errors import ConfigurationError
-from conversation_memory.testing import ChatServer, Fault, RecordedRequest, wire
+from conversation_memory.testing import ChatServer, Fault, RecordedRequest, replies, tokenizer
 
 USER = [{"role": "user", "content": "My name is Alice and I live in Paris."}]
 
@@ -109,7 +109,7 @@ def test_tokenizer_counts_tools_names_and_tool_calls(server):
         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "abcd"}]},
     ]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    compact = wire.compact
+    compact = tokenizer.compact
     expected = (
         2
         + 4 + 2 + 1  # 6 utf-8 bytes, "bob"
@@ -163,7 +163,7 @@ def test_tool_call_reply():
     assert json.loads(first.function.arguments) == {"city": "Paris", "unit": "celsius"}
     assert (second.id, second.function.name, second.function.arguments) == ("call_b", "now", "{}")
     calls = [call.model_dump(exclude_none=True) for call in choice.message.tool_calls]
-    assert reply.usage.completion_tokens == server.count_text(wire.compact(calls))
+    assert reply.usage.completion_tokens == server.count_text(tokenizer.compact(calls))
 
 
 def test_tool_call_reply_streams_as_deltas():
@@ -247,13 +247,13 @@ def test_summaries_keep_facts_and_respect_their_cap(server):
     transcript = "user: My name is Alice, I moved to Paris in 2019.\nassistant: Nice, Alice!"
     body = summarization(transcript, max_tokens=100)
 
-    assert wire.is_summarization(body)
-    assert wire.default_summary(body, 100) == "Summary: Bob, Rome, Alice, Paris, 2019."
+    assert replies.is_summarization(body)
+    assert replies.default_summary(body, 100) == "Summary: Bob, Rome, Alice, Paris, 2019."
     for cap in (1, 3, 6):
-        capped = wire.default_summary(summarization(transcript), cap)
+        capped = replies.default_summary(summarization(transcript), cap)
         assert capped.strip()
         assert server.count_text(capped) <= cap
-    assert wire.default_summary({"messages": []}, None) == "Summary: nothing to note."
+    assert replies.default_summary({"messages": []}, None) == "Summary: nothing to note."
 
 
 def test_summarizer_prompt_gets_a_summary_over_http(client):
@@ -496,7 +496,7 @@ def test_context_length_fault_styles(server, client):
 
 
 def test_the_window_is_enforced_with_the_reply_reserve():
-    prompt = wire.count_tokens(USER)
+    prompt = tokenizer.count_tokens(USER)
     with ChatServer(window=prompt + 10) as server, server.client() as client:
         assert ask(client, max_tokens=10).choices[0].message.content
         with pytest.raises(openai.BadRequestError) as with_reserve:

@@ -33,14 +33,13 @@ import click
 from rich.console import Console
 from rich.measure import Measurement
 
-from conversation_memory import _config
+from conversation_memory import load_models_from_env
 from conversation_memory.errors import (
     ConversationMemoryError,
     ModelError,
     NotFound,
     StoreError,
 )
-from conversation_memory.registry import load_models
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -157,9 +156,7 @@ def command(
             if options.get("db") is None:  # `convmem --db x.db sessions` names it up front
                 options["db"] = click.get_current_context().find_root().params.get("db")
             with reported(options.get("debug", False)):
-                models = _config.models_file()
-                if models is not None:
-                    load_models(models)
+                load_models_from_env()
                 result = func(*args, **options)
                 sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit
                 return result
@@ -183,12 +180,7 @@ def print_json(value: Any) -> None:
     click.echo(json.dumps(value, default=_json_default, ensure_ascii=False, indent=2))
 
 
-# -- which model server -------------------------------------------------------------
-
-
-def remote_configured() -> bool:
-    """Whether ``OPENAI_API_KEY`` or ``OPENAI_BASE_URL`` names a server to talk to."""
-    return bool(_config.openai_api_key() or _config.openai_base_url())
+# -- the local model ---------------------------------------------------------------
 
 
 @contextmanager

@@ -18,8 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from conversation_memory.budget import Context
-from conversation_memory.registry import get_model
+from conversation_memory import Context, get_model
 
 PREVIEW = 72
 

@@ -26,6 +26,14 @@ from typing import Any
 import click
 from rich.markup import escape
 
+from conversation_memory import (
+    Conversation,
+    Memory,
+    RetryPolicy,
+    UsageTotals,
+    get_model,
+    register_model,
+)
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import (
     Integer,
@@ -33,19 +41,17 @@ from conversation_memory.cli._app import (
     command,
     console,
     local_client,
-    remote_configured,
     user_option,
 )
-from conversation_memory.engine import Conversation, Memory, UsageTotals
 from conversation_memory.errors import (
     BudgetExceeded,
     ConfigurationError,
     ConversationMemoryError,
     ModelError,
+    UnknownModel,
 )
-from conversation_memory.llm.retry import RetryPolicy
+from conversation_memory.llm import server_configured
 from conversation_memory.local import LOCAL_MODEL, LOCAL_SYSTEM
-from conversation_memory.registry import default_registry, register_model
 
 DEFAULT_SYSTEM = LOCAL_SYSTEM
 """Sent when a new conversation names no system prompt.
@@ -81,6 +87,14 @@ NO_INPUT = (
     "stdin is not a terminal and holds no message to send; run `convmem chat` in a "
     "terminal to chat, or pipe messages in, one per line: printf 'hello\\n' | convmem chat"
 )
+
+
+def _known(model: str) -> bool:
+    try:
+        get_model(model)
+    except UnknownModel:
+        return False
+    return True
 
 
 @contextmanager
@@ -324,11 +338,11 @@ def chat(
         if model is None:
             raise click.UsageError("--window and --max-output describe a model: give --model too")
         # For this process only; resume it later with the same options or a CONVMEM_MODELS file.
-        known = model in default_registry
-        register_model(model, like=model if known else None, window=window, max_output=max_output)
+        like = model if _known(model) else None
+        register_model(model, like=like, window=window, max_output=max_output)
     interactive = sys.stdin.isatty()
     read = read_terminal if interactive else _lines()
-    local = base_url is None and not remote_configured()
+    local = base_url is None and not server_configured()
     chosen_model = model or (LOCAL_MODEL if local else None)
     with ExitStack() as stack:
         retry = RetryPolicy(deadline=timeout) if timeout is not None else None

@@ -30,9 +30,9 @@ from conversation_memory.cli._app import (
     local_client,
     print_json,
     print_view,
-    remote_configured,
 )
 from conversation_memory.errors import ConfigurationError
+from conversation_memory.llm import server_configured
 
 if TYPE_CHECKING:
     from conversation_memory.lab import Results
@@ -213,7 +213,7 @@ def lab_command(
                 sentences=_sentences(sentences),
             )
         )
-    chosen = backend or ("openai" if base_url or remote_configured() else "test")
+    chosen = backend or ("openai" if base_url or server_configured() else "test")
     if base_url and chosen != "openai":
         raise ConfigurationError(f"--base-url goes with --backend openai, not {chosen}")
     err = console(stderr=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from conversation_memory import Memory, UsageTotals, read_export
 from conversation_memory.cli import _render
 from conversation_memory.cli._app import (
     Integer,
@@ -24,9 +25,7 @@ from conversation_memory.cli._app import (
     print_view,
     user_option,
 )
-from conversation_memory.engine import Memory, UsageTotals
 from conversation_memory.errors import ConfigurationError
-from conversation_memory.export import read_export
 
 
 def resolve(memory: Memory, ref: str, user: str | None) -> Any:

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from conversation_memory.budget import validate
+from conversation_memory import validate
 from conversation_memory.errors import ImportFormatError, InvalidPayload
 from conversation_memory.lab.transcript import Probe, Transcript
 

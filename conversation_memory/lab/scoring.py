@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from conversation_memory import PromptTemplate
 from conversation_memory.lab.transcript import Probe
-from conversation_memory.summarize import PromptTemplate
 
 __all__ = ["JUDGE_PROMPT", "SCORING", "judge_messages", "judge_verdict"]
 

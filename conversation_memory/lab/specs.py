@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from conversation_memory import Strategy, as_strategy
 from conversation_memory.errors import ConfigurationError
-from conversation_memory.strategies import Strategy, as_strategy
 
 __all__ = ["BUILTIN", "load_strategy"]
 

@@ -37,7 +37,6 @@ from typing import Any
 
 from conversation_memory.lab.scoring import JUDGE_PROMPT
 from conversation_memory.testing import ChatServer
-from conversation_memory.testing.wire import count_text, text_of
 
 __all__ = ["VERSION", "answer", "extract_summary", "lab_server", "reply"]
 
@@ -66,11 +65,24 @@ _STOP = frozenset((
 ))  # fmt: skip
 
 
+def _text_of(content: Any) -> str:
+    """The text of a message's content: a string, or its text parts joined by spaces."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, Mapping) and part.get("type") == "text"
+        )
+    return ""
+
+
 def reply(body: Mapping[str, Any]) -> str:
     """The lab model's reply to one chat request body (a ``ChatServer(reply=...)``)."""
     messages = [m for m in body.get("messages") or () if isinstance(m, Mapping)]
-    system = text_of(messages[0].get("content")) if messages else ""
-    last = text_of(messages[-1].get("content")) if messages else ""
+    system = _text_of(messages[0].get("content")) if messages else ""
+    last = _text_of(messages[-1].get("content")) if messages else ""
     if system == JUDGE_PROMPT.system:
         return _judge(last)
     block = _BLOCK.search(last) if messages and messages[-1].get("role") == "user" else None
@@ -89,14 +101,14 @@ def answer(messages: Sequence[Mapping[str, Any]]) -> str:
     question_at = max((n for n, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if question_at is None:
         return UNKNOWN
-    wanted = _words(text_of(messages[question_at].get("content")))
+    wanted = _words(_text_of(messages[question_at].get("content")))
     if not wanted:
         return UNKNOWN
     best, best_score = None, 0
     for n, message in enumerate(messages):
         if n == question_at:
             continue
-        for sentence in _sentences(text_of(message.get("content"))):
+        for sentence in _sentences(_text_of(message.get("content"))):
             score = len(wanted & _words(sentence))
             if score and score >= best_score:
                 best, best_score = sentence, score
@@ -119,10 +131,10 @@ def extract_summary(previous: str, transcript: str, max_tokens: int | None) -> s
             fallback = found[:1]
     limit = None if max_tokens is None else max(1, int(max_tokens * 0.8))
     if limit is not None:
-        while len(sentences) > 1 and count_text(" ".join(sentences)) > limit:
+        while len(sentences) > 1 and ChatServer.count_text(" ".join(sentences)) > limit:
             sentences.pop(0)
     summary = " ".join(sentences or fallback) or "Nothing to note."
-    if limit is not None and count_text(summary) > limit:
+    if limit is not None and ChatServer.count_text(summary) > limit:
         summary = summary.encode("utf-8")[: limit * 3].decode("utf-8", errors="ignore")
     return summary
 

@@ -17,25 +17,29 @@ exponential backoff, jitter, ``Retry-After`` and a total deadline per call
 (:class:`RetryPolicy`). Every failure surfaces as a
 :class:`~conversation_memory.errors.ModelError` subclass carrying ``status``,
 ``request_id``, ``attempts`` and ``model``.
+
+Modules: :mod:`.clients` (SDK clients from the environment), :mod:`.sync` and
+:mod:`.aio` (the calls, blocking and asyncio, over what :mod:`._shared` holds
+for both), :mod:`.params`, :mod:`.retry`, :mod:`.mapping` (errors) and
+:mod:`.assembly` (replies and streams into a :class:`Completion`).
 """
 
 from typing import TYPE_CHECKING
 
 from conversation_memory._lazy import loader
+from conversation_memory.llm.clients import (
+    async_client_from_env,
+    client_from_env,
+    server_configured,
+)
 from conversation_memory.llm.params import check_params, check_tools
 from conversation_memory.llm.retry import RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
+    from conversation_memory.llm.aio import AsyncLLM, AsyncReplyStream
     from conversation_memory.llm.assembly import Completion, Usage, completion_from
-    from conversation_memory.llm.calls import (
-        LLM,
-        AsyncLLM,
-        AsyncReplyStream,
-        ReplyStream,
-        async_client_from_env,
-        client_from_env,
-    )
     from conversation_memory.llm.mapping import context_limits, map_error
+    from conversation_memory.llm.sync import LLM, ReplyStream
 
 # Modules that import the openai SDK: loaded on first use (see conversation_memory._lazy).
 __getattr__ = loader(
@@ -44,12 +48,10 @@ __getattr__ = loader(
         "Completion": "conversation_memory.llm.assembly",
         "Usage": "conversation_memory.llm.assembly",
         "completion_from": "conversation_memory.llm.assembly",
-        "LLM": "conversation_memory.llm.calls",
-        "AsyncLLM": "conversation_memory.llm.calls",
-        "AsyncReplyStream": "conversation_memory.llm.calls",
-        "ReplyStream": "conversation_memory.llm.calls",
-        "async_client_from_env": "conversation_memory.llm.calls",
-        "client_from_env": "conversation_memory.llm.calls",
+        "LLM": "conversation_memory.llm.sync",
+        "ReplyStream": "conversation_memory.llm.sync",
+        "AsyncLLM": "conversation_memory.llm.aio",
+        "AsyncReplyStream": "conversation_memory.llm.aio",
         "context_limits": "conversation_memory.llm.mapping",
         "map_error": "conversation_memory.llm.mapping",
     },
@@ -72,4 +74,5 @@ __all__ = [
     "context_limits",
     "map_error",
     "parse_retry_after",
+    "server_configured",
 ]

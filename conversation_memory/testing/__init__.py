@@ -11,12 +11,18 @@ OpenAI's validation errors and scriptable :class:`Fault` s.
         server.fail(Fault.status(429, retry_after=1))
         ...  # the first chat request gets the 429, the next one a reply
         assert server.chat_requests[0].fault is not None
+
+The model the server plays is spelled out, pure, in three modules a test may
+use to predict its answers: :mod:`~conversation_memory.testing.tokenizer`
+(its token counts), :mod:`~conversation_memory.testing.refusals` (what it
+refuses, and every error body) and :mod:`~conversation_memory.testing.replies`
+(its replies and summaries).
 """
 
 from conversation_memory.testing.faults import ContextStyle, Fault
+from conversation_memory.testing.replies import ReplySpec
 from conversation_memory.testing.server import ChatServer, RecordedRequest
 from conversation_memory.testing.summarizers import RecordingSummarizer, SummaryCall
-from conversation_memory.testing.wire import ReplySpec
 
 __all__ = [
     "ChatServer",

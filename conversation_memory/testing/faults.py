@@ -22,7 +22,7 @@ from datetime import datetime
 from email.utils import format_datetime
 from typing import Any, Literal
 
-from conversation_memory.testing.wire import FILTER_CATEGORIES
+from conversation_memory.testing.replies import FILTER_CATEGORIES
 
 __all__ = ["ContextStyle", "Fault"]
 

@@ -1,131 +1,32 @@
-"""The test server's model: its tokenizer, its rules, its replies and its bodies.
+"""What the test server refuses, and the error bodies it answers with.
 
-Everything here is pure (no sockets, no clock), so the HTTP layer in
-:mod:`~conversation_memory.testing.server` only decides *when* bytes go out.
-
-**Tokenizer.** Deliberately not tiktoken, so that calibration against a
-server's reported ``usage`` is exercised::
-
-    text tokens   = ceil(utf-8 bytes / 3)
-    message       = 4 + text(content) + text(name) + text(tool_call_id)
-                      + text(compact JSON of tool_calls)
-    prompt        = 2 (priming) + sum(messages) + text(compact JSON of tools)
-    completion    = text(reply content) + text(compact JSON of reply tool_calls)
-
-Content given as parts counts each text part's text and any other part's
-compact JSON. "Compact JSON" is ``json.dumps(..., separators=(",", ":"),
-ensure_ascii=False)``.
-
-**Error texts.** Copied from what the real servers answer (as reported in
+Strict validation (:func:`validate`) refuses what OpenAI refuses, in OpenAI's
+words. The texts are copied from what the real servers answer (as reported in
 public bug reports quoting them): OpenAI's validation and context-length
 messages, llama.cpp's ``llama-server`` and ``llama-cpp-python``'s overflow
 messages, Azure OpenAI's ``{"code", "message"}`` errors. The spelling
-"preceeding" is OpenAI's own.
-
-**Azure's content filter.** Azure OpenAI adds ``prompt_filter_results`` to a
-reply (the first chunk of a stream, with no choices) and
-``content_filter_results`` to each choice, one verdict per category; a reply
-its filter stopped ends with ``finish_reason: "content_filter"``.
+"preceeding" is OpenAI's own. Pure: no sockets, no clock.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "PER_MESSAGE",
-    "PRIMING",
-    "Answer",
+    "AZURE_NOT_FOUND",
+    "AZURE_NO_DEPLOYMENT",
     "Invalid",
-    "ReplySpec",
-    "completion_tokens",
-    "count_text",
-    "count_tokens",
-    "default_reply",
-    "default_summary",
-    "is_summarization",
-    "summarize",
+    "azure_status_body",
+    "error_body",
+    "llama_cpp_python_context_body",
+    "llamacpp_context_body",
+    "openai_context_body",
+    "status_body",
     "validate",
 ]
-
-PER_MESSAGE = 4
-PRIMING = 2
-
-ReplySpec = (
-    str | Mapping[str, Any] | Callable[[dict[str, Any]], str | Mapping[str, Any] | None] | None
-)
-"""What ``ChatServer(reply=...)`` accepts: fixed text, a fixed reply dict, or a function
-of the request body returning either (or None to fall back to the default)."""
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def count_text(text: str) -> int:
-    """Tokens of one string: ceil(utf-8 bytes / 3)."""
-    return -(-len(text.encode("utf-8")) // 3)
-
-
-def _content_tokens(content: Any) -> int:
-    if content is None:
-        return 0
-    if isinstance(content, str):
-        return count_text(content)
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, Mapping) and part.get("type") == "text":
-                total += count_text(str(part.get("text", "")))
-            else:
-                total += count_text(compact(part))
-        return total
-    return count_text(compact(content))
-
-
-def count_tokens(messages: Sequence[Mapping[str, Any]], *, tools: Any = None) -> int:
-    """Prompt tokens of ``messages`` (and ``tools``) by the server's own tokenizer."""
-    total = PRIMING
-    for message in messages:
-        total += PER_MESSAGE
-        if not isinstance(message, Mapping):
-            total += count_text(compact(message))
-            continue
-        total += _content_tokens(message.get("content"))
-        for key in ("name", "tool_call_id"):
-            if isinstance(message.get(key), str):
-                total += count_text(message[key])
-        if message.get("tool_calls"):
-            total += count_text(compact(message["tool_calls"]))
-        if message.get("function_call"):
-            total += count_text(compact(message["function_call"]))
-    if tools:
-        total += count_text(compact(tools))
-    return total
-
-
-def completion_tokens(content: str | None, tool_calls: list[dict[str, Any]] | None) -> int:
-    """Tokens of a reply, as reported in ``usage.completion_tokens``."""
-    total = count_text(content) if content else 0
-    if tool_calls:
-        total += count_text(compact(tool_calls))
-    return total
-
-
-def truncate_to_tokens(text: str, tokens: int) -> str:
-    """The longest prefix of ``text`` that is at most ``tokens`` tokens."""
-    data = text.encode("utf-8")[: max(tokens, 0) * 3]
-    return data.decode("utf-8", errors="ignore")
-
-
-# --------------------------------------------------------------------------- errors
 
 
 def error_body(
@@ -465,183 +366,3 @@ AZURE_NO_DEPLOYMENT = azure_error(
     "The API deployment for this resource does not exist. If you created the deployment "
     "within the last 5 minutes, please wait a moment and try again.",
 )
-
-FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
-
-
-def filter_results(filtered: str | None = None) -> dict[str, Any]:
-    """Azure's per-category verdicts: all safe, or ``filtered`` caught."""
-    return {
-        category: {"filtered": True, "severity": "high"}
-        if category == filtered
-        else {"filtered": False, "severity": "safe"}
-        for category in FILTER_CATEGORIES
-    }
-
-
-# --------------------------------------------------------------------------- replies
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """The assistant turn the server sends back."""
-
-    content: str | None
-    tool_calls: list[dict[str, Any]] | None = None
-    finish_reason: str = "stop"
-
-
-def text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, Mapping) and part.get("type") == "text"
-        )
-    return ""
-
-
-def _last(messages: Any, roles: tuple[str, ...]) -> str | None:
-    if not isinstance(messages, list):
-        return None
-    for message in reversed(messages):
-        if isinstance(message, Mapping) and message.get("role") in roles:
-            return text_of(message.get("content"))
-    return None
-
-
-def is_summarization(body: Mapping[str, Any]) -> bool:
-    """A request whose system/developer message mentions summar(y/ize/ies)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return False
-    return any(
-        isinstance(m, Mapping)
-        and m.get("role") in ("system", "developer")
-        and "summar" in text_of(m.get("content")).casefold()
-        for m in messages
-    )
-
-
-def default_reply(body: Mapping[str, Any], n: int) -> str:
-    """``Reply #<n> to: <first 40 characters of the last user message>``."""
-    last = _last(body.get("messages"), ("user",))
-    return f"Reply #{n} to: {(last or '(nothing)')[:40]}"
-
-
-_WORD = re.compile(r"[^\W_][\w'\u2019-]*")
-_BLOCK = re.compile(r"<(transcript[-\w]*)>(.*?)</\1>", re.IGNORECASE | re.DOTALL)
-_PREVIOUS = re.compile(r"summary:\s*(.*?)(?:\n\s*\n|$)", re.IGNORECASE | re.DOTALL)
-_STOP = frozenset(
-    {
-        *("a", "an", "and", "are", "as", "at", "be", "but", "by", "do", "does", "did"),
-        *("for", "from", "had", "has", "have", "he", "her", "his", "how", "i", "if", "in"),
-        *("is", "it", "its", "me", "my", "no", "not", "of", "ok", "okay", "on", "or", "our"),
-        *("please", "she", "so", "that", "the", "their", "them", "then", "there", "these"),
-        *("they", "this", "to", "was", "we", "were", "what", "when", "where", "which", "who"),
-        *("why", "will", "with", "yes", "you", "your", "hello", "hi", "thanks", "thank"),
-        *("sure", "nice", "great", "good", "well", "oh", "none"),
-        # words of the summarization prompt and transcript, not of the conversation
-        *("summary", "previous", "new", "write", "user", "assistant", "system", "tool"),
-        "developer",
-    }
-)
-_MAX_FACTS = 24
-
-
-def _summary_source(text: str) -> str:
-    """The transcript (and previous summary) inside a summarization prompt, or all of it."""
-    block = _BLOCK.search(text)
-    if not block:
-        return text
-    before = text[: block.start()]
-    previous = _PREVIOUS.search(before)
-    return f"{previous.group(1) if previous else ''}\n{block.group(2)}"
-
-
-def default_summary(body: Mapping[str, Any], max_tokens: int | None) -> str:
-    """The summary the server answers a summarization request with (see :func:`summarize`)."""
-    return summarize(_summary_source(_last(body.get("messages"), ("user",)) or ""), max_tokens)
-
-
-def summarize(source: str, max_tokens: int | None) -> str:
-    """``Summary: Alice, Paris, 42.``: the distinct capitalized words and numbers, in order.
-
-    Keeps the oldest facts when the cap forces a cut; never empty, never over
-    ``max_tokens`` (by this module's tokenizer).
-    """
-    facts: list[str] = []
-    seen: set[str] = set()
-    words = [w.group().strip("'\u2019-") for w in _WORD.finditer(source)]
-    for word in words:
-        if not word or word.casefold() in _STOP or word.casefold() in seen:
-            continue
-        if word[0].isupper() or word[0].isdigit():
-            seen.add(word.casefold())
-            facts.append(word)
-            if len(facts) == _MAX_FACTS:
-                break
-    if not facts:
-        facts = [w for w in words if w.casefold() not in _STOP][:8] or ["nothing to note"]
-    text = f"Summary: {', '.join(facts)}."
-    if max_tokens is None:
-        return text
-    while len(facts) > 1 and count_text(text) > max_tokens:
-        facts.pop()
-        text = f"Summary: {', '.join(facts)}."
-    if count_text(text) > max_tokens:
-        text = truncate_to_tokens(text, max_tokens) or text[0]
-    return text
-
-
-def normalize_answer(value: Any, n: int) -> Answer | None:
-    """Turn what a ``reply=`` gave into an :class:`Answer` (None: use the default)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return Answer(value)
-    if not isinstance(value, Mapping):
-        raise TypeError(f"reply must give a str, a dict or None, not {type(value).__name__}")
-    calls = value.get("tool_calls")
-    tool_calls = [_normalize_call(call, n, j) for j, call in enumerate(calls)] if calls else None
-    content = value.get("content")
-    finish = value.get("finish_reason") or ("tool_calls" if tool_calls else "stop")
-    return Answer(content if content is not None or tool_calls else "", tool_calls, finish)
-
-
-def _normalize_call(call: Mapping[str, Any], n: int, j: int) -> dict[str, Any]:
-    function = call.get("function", call)
-    arguments = function.get("arguments", {})
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return {
-        "id": call.get("id") or f"call_{n}_{j}",
-        "type": "function",
-        "function": {"name": function["name"], "arguments": arguments},
-    }
-
-
-def cap_answer(answer: Answer, max_tokens: int | None) -> Answer:
-    """Cut a text reply that is longer than ``max_tokens``: finish_reason becomes length."""
-    if max_tokens is None or answer.tool_calls or not answer.content:
-        return answer
-    if count_text(answer.content) <= max_tokens:
-        return answer
-    return Answer(truncate_to_tokens(answer.content, max_tokens), None, "length")
-
-
-def filtered_answer(answer: Answer, pieces: int) -> Answer:
-    """What is left of ``answer`` once a content filter stops it after ``pieces`` stream
-    pieces (about two words each): finish_reason ``content_filter``."""
-    words = (answer.content or "").split(" ")[: 2 * pieces]
-    return Answer(" ".join(words), None, "content_filter")
-
-
-def max_tokens_of(body: Mapping[str, Any]) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
