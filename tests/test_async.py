@@ -28,7 +28,7 @@ from conversation_memory import (
 )
 from conversation_memory.aio import AsyncConversation, AsyncMemory
 from conversation_memory.llm import RetryPolicy
-from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer, wire
+from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer, refusals
 
 MODEL = "test-model"
 SUMMARY_HEADER = "Summary of the earlier conversation"
@@ -451,7 +451,7 @@ def test_a_context_length_error_calibrates_and_refits_once(tmp_path, server):
             assert len(await chat.history()) == 2  # the failed turn stored nothing
             assert await chat.correction() == Correction()
             # A claim no prompt of this size could make is capped: the retry still fits.
-            server.fail(Fault.status(400, body=wire.openai_context_body(1500, 90000, 0)))
+            server.fail(Fault.status(400, body=refusals.openai_context_body(1500, 90000, 0)))
             assert (await chat.send("and again", max_tokens=20)).complete
             assert len(await chat.history()) == 4
 

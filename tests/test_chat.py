@@ -21,7 +21,7 @@ from conversation_memory import (
     register_model,
 )
 from conversation_memory.llm import RetryPolicy
-from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer, wire
+from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer, refusals
 
 MODEL = "test-model"
 SUMMARY_HEADER = "Summary of the earlier conversation"
@@ -350,7 +350,7 @@ def test_no_transaction_is_open_during_a_model_call(tmp_path, server):
 
 def bogus_overflow() -> Fault:
     """A 400 that claims 90,000 prompt tokens whatever was sent (a confused proxy)."""
-    return Fault.status(400, body=wire.openai_context_body(1500, 90000, 0))
+    return Fault.status(400, body=refusals.openai_context_body(1500, 90000, 0))
 
 
 TURNS = [f"Question {n}: what do {n} apples and {n} pears make together?" for n in range(6)]
