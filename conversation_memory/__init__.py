@@ -7,6 +7,7 @@ implementation detail (docs/architecture.md draws the layers).
 from typing import TYPE_CHECKING
 
 from conversation_memory._lazy import loader
+from conversation_memory._tiktoken_data import get_encoding
 from conversation_memory.budget import (
     Context,
     Report,
@@ -88,7 +89,6 @@ from conversation_memory.tokens import (
     TokenCounter,
     count_tokens,
     counter_for,
-    get_encoding,
 )
 from conversation_memory.types import Budget, Correction, Item, State, Summary
 
