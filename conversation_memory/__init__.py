@@ -16,7 +16,6 @@ from conversation_memory.budget import (
     explain,
     fit,
     summary_message,
-    validate,
 )
 from conversation_memory.chat import Reply, TurnStream
 from conversation_memory.compaction import Outcome
@@ -58,6 +57,7 @@ from conversation_memory.errors import (
     UserNotFound,
 )
 from conversation_memory.llm.retry import RetryPolicy
+from conversation_memory.messages import validate
 from conversation_memory.registry import (
     ModelInfo,
     ModelRegistry,

@@ -1,11 +1,12 @@
-"""What one request may hold, and the rules every request obeys.
+"""What one request may hold, and how it is assembled and checked.
 
 A request is assembled in three steps. A strategy (``strategies.py``) reads a
 :class:`~conversation_memory.types.State` and returns a :class:`Selection`:
 the stored items to send, the summary to send, and what it left out.
 :func:`build` turns that into the exact message list, checks it with
-:func:`validate` and reports what each part costs. Everything here is pure:
-no I/O, no clock, and work linear in the number of messages read.
+:func:`~conversation_memory.messages.validate` (the message rules, which live
+there) and reports what each part costs. Everything here is pure: no I/O, no
+clock, and work linear in the number of messages read.
 
 The accounting is the one the server applies: the prompt is the sum of each
 sent message's stored token count (per-message overhead included), the
@@ -31,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from conversation_memory.errors import BudgetExceeded, ConfigurationError, InvalidPayload
+from conversation_memory.messages import check_message, validate
 from conversation_memory.registry import default_registry, get_model
 from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
 from conversation_memory.types import Budget, Item, Message, State, Summary
@@ -50,196 +52,10 @@ __all__ = [
     "fit",
     "group_units",
     "summary_message",
-    "validate",
 ]
 
 MAX_RESERVE = 4096
 """Default reply reserve: the model's output limit, but at most this much."""
-
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-_TEXT_ROLES = ROLES - {"tool"}
-_PARTS = {
-    "system": frozenset({"text"}),
-    "developer": frozenset({"text"}),
-    "tool": frozenset({"text"}),
-    "user": frozenset({"text", "image_url", "input_audio", "file"}),
-    "assistant": frozenset({"text", "refusal"}),
-}
-
-
-# --- the payload validator ------------------------------------------------------------
-
-
-def _bad(index: int, field: str, problem: str) -> InvalidPayload:
-    return InvalidPayload(f"message {index}: {field} {problem}", index=index, field=field)
-
-
-def _check_content(index: int, role: str, message: Mapping[str, Any]) -> None:
-    content = message.get("content")
-    if content is None:
-        if role == "assistant" and message.get("tool_calls"):
-            return
-        raise _bad(
-            index,
-            "content",
-            "is missing; only an assistant message with tool_calls may have no content",
-        )
-    if isinstance(content, str):
-        return
-    if not isinstance(content, list | tuple):
-        raise _bad(index, "content", f"is a {type(content).__name__}, not a string or parts")
-    if not content:
-        raise _bad(index, "content", "is an empty list of parts")
-    allowed = _PARTS[role]
-    for n, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind not in allowed:
-            raise _bad(
-                index,
-                f"content[{n}]",
-                f"has type {kind!r}; a {role} message allows {', '.join(sorted(allowed))}",
-            )
-        if kind in ("text", "refusal") and not isinstance(part.get(kind), str):
-            raise _bad(index, f"content[{n}].{kind}", "must be a string")
-
-
-def _check_calls(index: int, calls: Any) -> list[str]:
-    if not isinstance(calls, list | tuple) or not calls:
-        raise _bad(index, "tool_calls", "must be a non-empty list (leave the key out instead)")
-    ids: list[str] = []
-    seen: set[str] = set()
-    for n, call in enumerate(calls):
-        call_id = call.get("id") if isinstance(call, Mapping) else None
-        if not isinstance(call_id, str) or not call_id:
-            raise _bad(index, f"tool_calls[{n}].id", "must be a non-empty string")
-        if call_id in seen:
-            raise _bad(index, f"tool_calls[{n}].id", f"repeats {call_id!r} within one message")
-        function = call.get("function")
-        if call.get("type", "function") != "function" or not isinstance(function, Mapping):
-            raise _bad(index, f"tool_calls[{n}]", "must be a function call with a 'function'")
-        if not isinstance(function.get("name"), str) or not function["name"]:
-            raise _bad(index, f"tool_calls[{n}].function.name", "must be a non-empty string")
-        if not isinstance(function.get("arguments"), str):
-            raise _bad(index, f"tool_calls[{n}].function.arguments", "must be a string")
-        seen.add(call_id)
-        ids.append(call_id)
-    return ids
-
-
-def validate(messages: Sequence[Message], *, history: int | None = None) -> None:
-    """Raise :class:`InvalidPayload` unless the API would accept ``messages`` as they are.
-
-    Checks each message's role, content type and tool calls, and the order rule:
-    an assistant message with ``tool_calls`` is followed at once by tool messages
-    answering each of its calls exactly once (in any order), and every tool
-    message answers a call of the assistant message just before its run.
-
-    With ``history``, ``messages[history:]`` is a conversation's history (what
-    follows the system prompt, summaries and pinned messages), and it must not
-    start mid-turn: after any system messages it begins with a user message, as
-    the strict chat templates of local models require, and so no reply goes
-    without the question it answers. The one exception is a history with no
-    user message at all: the newest turn alone was larger than the budget, and
-    only its newest part is sent (see :func:`~conversation_memory.strategies.keep_newest`).
-    """
-    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
-        raise InvalidPayload(
-            f"messages must be a list of message dicts, got {type(messages).__name__}"
-        )
-    if not messages:
-        raise InvalidPayload("messages is empty; a request needs at least one message")
-    caller = -1  # index of the assistant message whose calls are being answered
-    pending: set[str] = set()
-    answered: set[str] = set()
-    for index, message in enumerate(messages):
-        # Most messages are a plain dict with text content and no name or tool fields;
-        # they pass every check below, so they are recognized at once (this runs for
-        # every message of every request).
-        if (
-            type(message) is dict
-            and not pending
-            and message.get("role") in _TEXT_ROLES
-            and type(message.get("content")) is str
-            and message.get("name") is None
-            and message.get("tool_calls") is None
-        ):
-            caller = -1
-            continue
-        if not isinstance(message, Mapping):
-            raise InvalidPayload(
-                f"message {index}: is a {type(message).__name__}, not a dict", index=index
-            )
-        role = message.get("role")
-        if role not in ROLES:
-            raise _bad(index, "role", f"is {role!r}; use one of {', '.join(sorted(ROLES))}")
-        if pending and role != "tool":
-            raise _bad(
-                index,
-                "role",
-                f"is {role!r}, but the tool calls {sorted(pending)} of message {caller} "
-                "are not answered; their tool messages must come first",
-            )
-        _check_content(index, role, message)
-        name = message.get("name")
-        if name is not None and not isinstance(name, str):
-            raise _bad(index, "name", "must be a string")
-        calls = message.get("tool_calls")
-        if role == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise _bad(index, "tool_call_id", "must name the call this tool message answers")
-            if caller < 0:
-                raise _bad(
-                    index,
-                    "tool_call_id",
-                    f"{call_id!r}: a tool message must follow the assistant message that "
-                    "made the call (or another answer to it)",
-                )
-            if call_id in answered:
-                raise _bad(
-                    index, "tool_call_id", f"{call_id!r} answers a call that is already answered"
-                )
-            if call_id not in pending:
-                raise _bad(
-                    index,
-                    "tool_call_id",
-                    f"{call_id!r} answers no call of the assistant message {caller}",
-                )
-            pending.discard(call_id)
-            answered.add(call_id)
-            continue
-        caller = -1
-        if calls is not None:
-            if role != "assistant":
-                raise _bad(index, "tool_calls", f"is not allowed on a {role} message")
-            pending = set(_check_calls(index, calls))
-            answered = set()
-            caller = index
-    if pending:
-        raise _bad(
-            caller,
-            "tool_calls",
-            f"{sorted(pending)} are not answered by tool messages before the end",
-        )
-    if history is not None:
-        _check_turn_start(messages, history)
-
-
-def _check_turn_start(messages: Sequence[Message], first: int) -> None:
-    """The history from ``first`` on begins with a user message, unless it holds none."""
-    while first < len(messages) and messages[first].get("role") in ("system", "developer"):
-        first += 1
-    if first == len(messages) or messages[first].get("role") == "user":
-        return
-    if any(message.get("role") == "user" for message in messages[first:]):
-        raise _bad(
-            first,
-            "role",
-            f"is {messages[first].get('role')!r}, but the history must start with a user "
-            "message: this reply would be sent without the question it answers. Keep whole "
-            "turns (a user message with everything that answers it).",
-        )
-
 
 # --- units and repair -----------------------------------------------------------------
 
@@ -825,7 +641,8 @@ def fit(
     reserve; a model missing from the registry then needs ``budget=``). ``counter``
     is a :class:`~conversation_memory.tokens.TokenCounter` (default: the model's).
     Raises :class:`BudgetExceeded` when the system messages and the newest turn alone
-    don't fit, and :class:`InvalidPayload` when a message breaks the API's rules.
+    don't fit, and :class:`~conversation_memory.errors.InvalidMessage` when a message
+    breaks the chat format (each is checked, sent or not).
     """
     from conversation_memory.strategies import TRUNCATE
 
@@ -847,12 +664,8 @@ def fit(
     items = []
     lead = 0
     for position, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidPayload(
-                f"message {position}: is a {type(message).__name__}, not a dict", index=position
-            )
-        is_system = message.get("role") in ("system", "developer")
-        if is_system and lead == position:
+        role = check_message(message, index=position)
+        if role in ("system", "developer") and lead == position:
             lead += 1
         tokens = counter.count_message(message)
         items.append(
