@@ -8,15 +8,7 @@ from typing import TYPE_CHECKING
 
 from conversation_memory._lazy import loader
 from conversation_memory._tiktoken_data import get_encoding
-from conversation_memory.budget import (
-    Context,
-    Report,
-    Selection,
-    build,
-    explain,
-    fit,
-    summary_message,
-)
+from conversation_memory.budget import Context, Report, explain, summary_message
 from conversation_memory.chat import Reply, TurnStream
 from conversation_memory.compaction import Outcome
 from conversation_memory.engine import (
@@ -56,6 +48,7 @@ from conversation_memory.errors import (
     UnknownModel,
     UserNotFound,
 )
+from conversation_memory.fitting import build, fit
 from conversation_memory.llm.retry import RetryPolicy
 from conversation_memory.messages import validate
 from conversation_memory.registry import (
@@ -91,6 +84,7 @@ from conversation_memory.tokens import (
     counter_for,
 )
 from conversation_memory.types import Budget, Correction, Item, State, Summary
+from conversation_memory.units import Selection
 
 if TYPE_CHECKING:
     from conversation_memory.aio import AsyncConversation, AsyncMemory, AsyncTurnStream

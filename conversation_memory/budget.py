@@ -1,161 +1,126 @@
-"""What one request may hold, and how it is assembled and checked.
+"""What one request may hold, and the request assembled from a strategy's choice.
 
-A request is assembled in three steps. A strategy (``strategies.py``) reads a
-:class:`~conversation_memory.types.State` and returns a :class:`Selection`:
-the stored items to send, the summary to send, and what it left out.
-:func:`build` turns that into the exact message list, checks it with
-:func:`~conversation_memory.messages.validate` (the message rules, which live
-there) and reports what each part costs. Everything here is pure: no I/O, no
-clock, and work linear in the number of messages read.
+The limits: a model's :class:`~conversation_memory.types.Budget`
+(:func:`budget_for`), the largest prompt that fits it (:func:`largest_fit`),
+and the error for a request whose must-send part alone is over it
+(:func:`too_big`). Strategies choose within them.
+
+The request: :func:`assemble` turns a strategy's
+:class:`~conversation_memory.units.Selection` into the exact message list (the
+summary messages, :func:`summary_message`, placed before the tail), checks it
+(the message rules and whole turns, :func:`~conversation_memory.messages.validate`,
+and the budget) and reports what each part costs (:class:`Report`, and
+:func:`explain` for people). Running the strategy that makes the selection is
+:func:`~conversation_memory.fitting.build`'s job, a floor up, so nothing here
+knows any strategy.
 
 The accounting is the one the server applies: the prompt is the sum of each
 sent message's stored token count (per-message overhead included), the
 summary message's count, and :data:`REPLY_PRIMING`; it must pass
-``budget.fits`` (which applies the calibration correction).
-
-Tool calls make some messages inseparable. An assistant message with
-``tool_calls`` and the run of tool messages right after it that answer those
-calls form a *unit*: it is sent whole or not at all. History is not always
-tidy (a crash between a call and its results, a user who typed before the
-results came), so units are *repaired* before they are sent: calls that were
-never answered are taken out of ``tool_calls`` (the key goes when none are
-left, and the whole message when it then says nothing). Tool messages that
-answer no call of their unit are *orphans* and are never sent. Repairs change
-only what is sent, never what is stored, and the report lists them.
+``budget.fits`` (which applies the calibration correction). Everything here is
+pure: no I/O, no clock, and work linear in the number of messages read.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from conversation_memory.errors import BudgetExceeded, ConfigurationError, InvalidPayload
-from conversation_memory.messages import check_message, validate
-from conversation_memory.registry import default_registry, get_model
-from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
-from conversation_memory.types import Budget, Item, Message, State, Summary
-
-if TYPE_CHECKING:
-    from conversation_memory.strategies import StrategyLike
+from conversation_memory.errors import BudgetExceeded, InvalidPayload
+from conversation_memory.messages import validate
+from conversation_memory.registry import get_model
+from conversation_memory.tokens import REPLY_PRIMING
+from conversation_memory.types import Budget, Item, State, Summary
+from conversation_memory.units import Selection
 
 __all__ = [
     "MAX_RESERVE",
     "Context",
     "Report",
-    "Selection",
-    "Unit",
+    "assemble",
     "budget_for",
-    "build",
     "explain",
-    "fit",
-    "group_units",
+    "largest_fit",
     "summary_message",
+    "too_big",
 ]
 
 MAX_RESERVE = 4096
 """Default reply reserve: the model's output limit, but at most this much."""
 
-# --- units and repair -----------------------------------------------------------------
+
+# --- limits ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """Stored messages that are sent together or not at all."""
-
-    source: tuple[Item, ...]
-    """The stored items, as read."""
-    items: tuple[Item, ...]
-    """What may be sent: ``source`` after repair; empty for an orphan."""
-    tokens: int
-    """Tokens of ``items`` (a repaired message keeps its stored count: an upper bound)."""
-    pinned: bool
-    """Some item of the unit is pinned, so the whole unit is kept."""
-    has_user: bool
-    """The unit is a user message: a turn starts here."""
-    repaired: tuple[int, ...] = ()
-    """Positions of assistant messages whose unanswered calls were taken out."""
+def budget_for(
+    model: str,
+    *,
+    reserve: int | None = None,
+    tools: int = 0,
+    margin: int = 0,
+    cap: int | None = None,
+) -> Budget:
+    """The budget for ``model`` from the registry (raises ``UnknownModel``); the reply
+    reserve defaults to the model's ``max_output``, at most :data:`MAX_RESERVE`."""
+    info = get_model(model)
+    if reserve is None:
+        reserve = min(info.max_output, MAX_RESERVE)
+    return Budget(window=info.window, reserve=reserve, tools=tools, margin=margin, cap=cap)
 
 
-def _unit(
-    source: tuple[Item, ...], items: tuple[Item, ...], repaired: tuple[int, ...] = ()
-) -> Unit:
-    return Unit(
-        source=source,
-        items=items,
-        tokens=sum(item.tokens for item in items),
-        pinned=any(item.pinned for item in source),
-        has_user=source[0].message.get("role") == "user",
-        repaired=repaired,
-    )
+def _limit_terms(budget: Budget) -> str:
+    terms = f"window {budget.window} - reserve {budget.reserve}"
+    if budget.tools:
+        terms += f" - tools {budget.tools}"
+    if budget.margin:
+        terms += f" - margin {budget.margin}"
+    if budget.cap is not None:
+        terms += f", capped at {budget.cap}"
+    return terms
 
 
-def _call_id(call: Any) -> Any:
-    return call.get("id") if isinstance(call, Mapping) else None
+def largest_fit(budget: Budget) -> int:
+    """The largest prompt, in our own tokens, that ``budget.fits`` (-1 if not even 0 does).
 
-
-def _tool_unit(caller: Item, run: Sequence[Item]) -> Unit:
-    """The unit of ``caller`` and the tool messages in ``run`` right after it."""
-    calls = caller.message.get("tool_calls") or ()
-    wanted = {_call_id(call) for call in calls}
-    answers: list[Item] = []
-    seen: set[Any] = set()
-    for item in run:
-        call_id = item.message.get("tool_call_id")
-        if isinstance(call_id, str) and call_id in wanted and call_id not in seen:
-            seen.add(call_id)
-            answers.append(item)
-    source = (caller, *run)
-    if calls and len(seen) == len(calls):  # each call answered once, ids distinct
-        return _unit(source, (caller, *answers))
-    kept_calls = []
-    for call in calls:
-        call_id = _call_id(call)
-        if call_id in seen:
-            seen.discard(call_id)  # a repeated id keeps only its first call
-            kept_calls.append(call)
-    message = dict(caller.message)
-    if kept_calls:
-        message["tool_calls"] = kept_calls
-    else:
-        del message["tool_calls"]
-    head: tuple[Item, ...] = ()
-    if kept_calls or message.get("content") not in (None, "", [], ()):
-        head = (replace(caller, message=message),)
-    return _unit(source, (*head, *answers), (caller.position,))
-
-
-def group_units(items: Sequence[Item]) -> list[Unit]:
-    """Split consecutive stored items into units, repairing broken tool-call units.
-
-    Every item lands in exactly one unit's ``source``, in order. Tool messages
-    that answer no call of their unit are in its ``source`` but not its ``items``;
-    a tool message with no assistant message before its run is a unit of its own
-    with nothing to send.
+    ``fits`` never turns false as the count grows (the factor is positive), so
+    ``count <= largest_fit(budget)`` is ``budget.fits(count)``: the selection loops
+    compare integers instead of applying the correction once per unit. The
+    estimate from the factor is checked with ``fits`` itself, so float rounding
+    can't move it.
     """
-    units: list[Unit] = []
-    n = len(items)
-    i = 0
-    while i < n:
-        item = items[i]
-        message = item.message
-        role = message.get("role")
-        if role == "assistant" and "tool_calls" in message:
-            j = i + 1
-            while j < n and items[j].message.get("role") == "tool":
-                j += 1
-            units.append(_tool_unit(item, items[i + 1 : j]))
-            i = j
-        elif role == "tool":
-            units.append(_unit((item,), ()))
-            i += 1
-        else:
-            # The common case, built directly: this runs for every message of every turn.
-            single = (item,)
-            units.append(Unit(single, single, item.tokens, item.pinned, role == "user"))
-            i += 1
-    return units
+    fits = budget.fits
+    # Within a token or two of the answer (the factor is at least MIN_FACTOR, so the
+    # quotient is an ordinary number); walk to the exact boundary with ``fits``.
+    found = max(
+        math.floor((budget.limit - budget.correction.margin) / budget.correction.factor), -1
+    )
+    while found >= 0 and not fits(found):
+        found -= 1
+    while fits(found + 1):
+        found += 1
+    return found
+
+
+def too_big(budget: Budget, *, system: int, pinned: int, newest: int) -> BudgetExceeded:
+    """The error for a request whose must-send part alone is over the limit."""
+    total = system + pinned + newest + REPLY_PRIMING
+    corrected = budget.correction.apply(total)
+    shown = f"{total}" if corrected == total else f"{total} ({corrected} after calibration)"
+    return BudgetExceeded(
+        f"the system prompt ({system} tokens), pinned messages ({pinned}), the newest message "
+        f"({newest}, with the tool results that answer it) and reply priming ({REPLY_PRIMING}) "
+        f"need {shown} prompt tokens, but the "
+        f"limit is {budget.limit} ({_limit_terms(budget)}). Give a bigger budget or a model "
+        "with a larger window, a smaller reply reserve, a shorter system prompt or newest "
+        "message, or unpin messages.",
+        needed=corrected,
+        limit=budget.limit,
+        system=system,
+        pinned=pinned,
+        newest=newest,
+    )
 
 
 # --- the summary message --------------------------------------------------------------
@@ -178,25 +143,7 @@ def summary_message(summary: Summary) -> dict[str, Any]:
     }
 
 
-# --- selections, reports, contexts ----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """What a strategy chose to send."""
-
-    items: tuple[Item, ...]
-    """Messages to send, in order: system, older pinned, then the kept tail (after repair)."""
-    summary: Summary | None
-    """Summary to send, placed after the system prompt and older pinned messages."""
-    dropped: tuple[Item, ...]
-    """Tail items left out to fit, oldest first (a prefix of the tail, pinned ones excepted)."""
-    summaries: tuple[Summary, ...] = ()
-    """Several summaries to send instead, oldest first, each its own message."""
-    fold_through: int | None = None
-    """A summarizing strategy's request: fold every message after the current
-    summary up to this position (inclusive) into a new summary. Compaction acts
-    on it; the messages to send are already chosen without it."""
+# --- the request ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,75 +220,13 @@ class Context:
     then one message per summary, then the rest of ``items``."""
 
 
-def _limit_terms(budget: Budget) -> str:
-    terms = f"window {budget.window} - reserve {budget.reserve}"
-    if budget.tools:
-        terms += f" - tools {budget.tools}"
-    if budget.margin:
-        terms += f" - margin {budget.margin}"
-    if budget.cap is not None:
-        terms += f", capped at {budget.cap}"
-    return terms
+def assemble(state: State, budget: Budget, selection: Selection, *, strategy: str) -> Context:
+    """The next request from ``selection`` (made by the strategy named ``strategy`` from
+    ``state``): its messages, checked, and the report of what each part costs.
 
-
-def largest_fit(budget: Budget) -> int:
-    """The largest prompt, in our own tokens, that ``budget.fits`` (-1 if not even 0 does).
-
-    ``fits`` never turns false as the count grows (the factor is positive), so
-    ``count <= largest_fit(budget)`` is ``budget.fits(count)``: the selection loops
-    compare integers instead of applying the correction once per unit. The
-    estimate from the factor is checked with ``fits`` itself, so float rounding
-    can't move it.
+    Raises :class:`InvalidPayload` when the selection breaks the order or the rules
+    between messages, and :class:`BudgetExceeded` when it is over the budget.
     """
-    fits = budget.fits
-    # Within a token or two of the answer (the factor is at least MIN_FACTOR, so the
-    # quotient is an ordinary number); walk to the exact boundary with ``fits``.
-    found = max(
-        math.floor((budget.limit - budget.correction.margin) / budget.correction.factor), -1
-    )
-    while found >= 0 and not fits(found):
-        found -= 1
-    while fits(found + 1):
-        found += 1
-    return found
-
-
-def too_big(budget: Budget, *, system: int, pinned: int, newest: int) -> BudgetExceeded:
-    """The error for a request whose must-send part alone is over the limit."""
-    total = system + pinned + newest + REPLY_PRIMING
-    corrected = budget.correction.apply(total)
-    shown = f"{total}" if corrected == total else f"{total} ({corrected} after calibration)"
-    return BudgetExceeded(
-        f"the system prompt ({system} tokens), pinned messages ({pinned}), the newest message "
-        f"({newest}, with the tool results that answer it) and reply priming ({REPLY_PRIMING}) "
-        f"need {shown} prompt tokens, but the "
-        f"limit is {budget.limit} ({_limit_terms(budget)}). Give a bigger budget or a model "
-        "with a larger window, a smaller reply reserve, a shorter system prompt or newest "
-        "message, or unpin messages.",
-        needed=corrected,
-        limit=budget.limit,
-        system=system,
-        pinned=pinned,
-        newest=newest,
-    )
-
-
-def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> Context:
-    """Run ``strategy`` on ``state`` and assemble, check and report the next request.
-
-    Raises :class:`BudgetExceeded` when the system prompt, pinned messages and
-    newest message cannot fit, and :class:`InvalidPayload` when the strategy's
-    choice breaks the API's rules.
-    """
-    from conversation_memory.strategies import as_strategy
-
-    chosen = as_strategy(strategy)
-    selection = chosen.select(state, budget)
-    if not isinstance(selection, Selection):
-        raise ConfigurationError(
-            f"strategy {chosen.name!r} returned {type(selection).__name__}, not a Selection",
-            strategy=chosen.name,
-        )
     items = selection.items
     summary = selection.summary
     sent_summaries = selection.summaries or ((summary,) if summary is not None else ())
@@ -353,7 +238,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
     for item in items:
         if previous is not None and item.position <= previous:
             raise InvalidPayload(
-                f"strategy {chosen.name!r} put position {item.position} after {previous}; "
+                f"strategy {strategy!r} put position {item.position} after {previous}; "
                 "messages must keep their order",
                 index=len(messages),
             )
@@ -373,7 +258,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
         messages.extend(summary_message(each) for each in sent_summaries)
     if state.system is not None and (not items or items[0] is not state.system):
         raise InvalidPayload(
-            f"strategy {chosen.name!r} left out the system prompt or did not put it first",
+            f"strategy {strategy!r} left out the system prompt or did not put it first",
             index=0,
         )
     validate(messages, history=_history_start(state, items, summary_index, len(sent_summaries)))
@@ -381,14 +266,14 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
     total += sum(each.tokens for each in sent_summaries)
     if not budget.fits(total):
         raise BudgetExceeded(
-            f"strategy {chosen.name!r} chose {total} prompt tokens, over the limit of "
+            f"strategy {strategy!r} chose {total} prompt tokens, over the limit of "
             f"{budget.limit} ({_limit_terms(budget)})",
             needed=total,
             limit=budget.limit,
-            strategy=chosen.name,
+            strategy=strategy,
         )
     report = _report(
-        state, budget, strategy=chosen.name, selection=selection, messages=messages, total=total
+        state, budget, strategy=strategy, selection=selection, messages=messages, total=total
     )
     return Context(
         messages=messages,
@@ -543,6 +428,9 @@ def _report(
     )
 
 
+# --- for people -----------------------------------------------------------------------
+
+
 def _messages(count: int) -> str:
     return f"{count} message" + ("" if count == 1 else "s")
 
@@ -605,76 +493,3 @@ def explain(context: Context) -> str:
             f"left out tool results without their call at positions {_positions(r.orphaned)}"
         )
     return "\n".join(lines)
-
-
-# --- plain lists ----------------------------------------------------------------------
-
-
-def budget_for(
-    model: str,
-    *,
-    reserve: int | None = None,
-    tools: int = 0,
-    margin: int = 0,
-    cap: int | None = None,
-) -> Budget:
-    """The budget for ``model`` from the registry (raises ``UnknownModel``); the reply
-    reserve defaults to the model's ``max_output``, at most :data:`MAX_RESERVE`."""
-    info = get_model(model)
-    if reserve is None:
-        reserve = min(info.max_output, MAX_RESERVE)
-    return Budget(window=info.window, reserve=reserve, tools=tools, margin=margin, cap=cap)
-
-
-def fit(
-    messages: Sequence[Message],
-    *,
-    model: str = "gpt-4o",
-    budget: int | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    counter: TokenCounter | None = None,
-) -> list[dict[str, Any]]:
-    """The newest part of ``messages`` that fits: leading system messages kept, oldest turns
-    dropped whole.
-
-    ``budget`` caps the prompt tokens (default: the model's window minus its reply
-    reserve; a model missing from the registry then needs ``budget=``). ``counter``
-    is a :class:`~conversation_memory.tokens.TokenCounter` (default: the model's).
-    Raises :class:`BudgetExceeded` when the system messages and the newest turn alone
-    don't fit, and :class:`~conversation_memory.errors.InvalidMessage` when a message
-    breaks the chat format (each is checked, sent or not).
-    """
-    from conversation_memory.strategies import TRUNCATE
-
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
-        raise ConfigurationError(
-            f"budget must be a number of prompt tokens, got {budget!r}", argument="budget"
-        )
-    if counter is None:
-        counter = counter_for(model)  # raises UnknownModel, which says to pass counter=
-    tool_tokens = counter.count_tools(tools) if tools else 0
-    if model in default_registry:
-        limits = budget_for(model, tools=tool_tokens, cap=budget)
-    elif budget is not None:
-        limits = Budget(window=budget + tool_tokens, tools=tool_tokens, cap=budget)
-    else:
-        limits = budget_for(model)  # raises UnknownModel, which says to pass budget=
-    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
-        raise InvalidPayload(f"messages must be a list of dicts, got {type(messages).__name__}")
-    items = []
-    lead = 0
-    for position, message in enumerate(messages):
-        role = check_message(message, index=position)
-        if role in ("system", "developer") and lead == position:
-            lead += 1
-        tokens = counter.count_message(message)
-        items.append(
-            Item(position=position, message=message, tokens=tokens, pinned=0 < position < lead)
-        )
-    state = State(
-        system=items[0] if lead else None,
-        pinned=items[1:lead],
-        summary=None,
-        tail=items[lead:],
-    )
-    return build(state, limits, TRUNCATE).messages

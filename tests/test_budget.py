@@ -8,15 +8,7 @@ from typing import Any
 
 import pytest
 
-from conversation_memory.budget import (
-    Context,
-    Selection,
-    build,
-    explain,
-    fit,
-    group_units,
-    summary_message,
-)
+from conversation_memory.budget import Context, explain, summary_message
 from conversation_memory.errors import (
     BudgetExceeded,
     ConfigurationError,
@@ -24,8 +16,10 @@ from conversation_memory.errors import (
     InvalidPayload,
     UnknownModel,
 )
+from conversation_memory.fitting import build, fit
 from conversation_memory.messages import normalize, validate
 from conversation_memory.types import Budget, Correction, Item, State, Summary
+from conversation_memory.units import Selection, group_units
 
 
 def call(call_id: str, name: str = "lookup") -> dict[str, Any]:

@@ -20,20 +20,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conversation_memory.budget import (
-    Context,
-    Selection,
-    build,
-    fit,
-    largest_fit,
-    summary_message,
-)
+from conversation_memory.budget import Context, largest_fit, summary_message
 from conversation_memory.errors import (
     BudgetExceeded,
     ConfigurationError,
     InvalidMessage,
     InvalidPayload,
 )
+from conversation_memory.fitting import build, fit
 from conversation_memory.messages import validate
 from conversation_memory.strategies import TRUNCATE, Hierarchical, Strategy, Summarize, Window
 from conversation_memory.tokens import REPLY_PRIMING
@@ -46,6 +40,7 @@ from conversation_memory.types import (
     State,
     Summary,
 )
+from conversation_memory.units import Selection
 
 T = TypeVar("T")
 
