@@ -18,7 +18,7 @@ from typing import Any
 
 import tiktoken
 
-from conversation_memory.tokens import count_tokens, counter_for, get_encoding
+from conversation_memory import count_tokens, counter_for, get_encoding
 
 MODELS = {"cl100k_base": "gpt-4", "o200k_base": "gpt-4o"}
 

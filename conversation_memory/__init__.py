@@ -8,17 +8,8 @@ from typing import TYPE_CHECKING
 
 from conversation_memory._config import default_model
 from conversation_memory._lazy import loader
-from conversation_memory.budget import (
-    Context,
-    Report,
-    Selection,
-    budget_for,
-    build,
-    explain,
-    fit,
-    summary_message,
-    validate,
-)
+from conversation_memory._tiktoken_data import get_encoding
+from conversation_memory.budget import Context, Report, budget_for, explain, summary_message
 from conversation_memory.chat import Reply, TurnStream
 from conversation_memory.compaction import Outcome
 from conversation_memory.engine import (
@@ -59,7 +50,9 @@ from conversation_memory.errors import (
     UserNotFound,
 )
 from conversation_memory.export import read_export
+from conversation_memory.fitting import build, fit
 from conversation_memory.llm.retry import RetryPolicy
+from conversation_memory.messages import validate
 from conversation_memory.registry import (
     ModelInfo,
     ModelRegistry,
@@ -92,9 +85,9 @@ from conversation_memory.tokens import (
     TokenCounter,
     count_tokens,
     counter_for,
-    get_encoding,
 )
 from conversation_memory.types import Budget, Correction, Item, State, Summary
+from conversation_memory.units import Selection
 
 if TYPE_CHECKING:
     from conversation_memory.aio import AsyncConversation, AsyncMemory, AsyncTurnStream

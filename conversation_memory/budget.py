@@ -1,345 +1,126 @@
-"""What one request may hold, and the rules every request obeys.
+"""What one request may hold, and the request assembled from a strategy's choice.
 
-A request is assembled in three steps. A strategy (``strategies.py``) reads a
-:class:`~conversation_memory.types.State` and returns a :class:`Selection`:
-the stored items to send, the summary to send, and what it left out.
-:func:`build` turns that into the exact message list, checks it with
-:func:`validate` and reports what each part costs. Everything here is pure:
-no I/O, no clock, and work linear in the number of messages read.
+The limits: a model's :class:`~conversation_memory.types.Budget`
+(:func:`budget_for`), the largest prompt that fits it (:func:`largest_fit`),
+and the error for a request whose must-send part alone is over it
+(:func:`too_big`). Strategies choose within them.
+
+The request: :func:`assemble` turns a strategy's
+:class:`~conversation_memory.units.Selection` into the exact message list (the
+summary messages, :func:`summary_message`, placed before the tail), checks it
+(the message rules and whole turns, :func:`~conversation_memory.messages.validate`,
+and the budget) and reports what each part costs (:class:`Report`, and
+:func:`explain` for people). Running the strategy that makes the selection is
+:func:`~conversation_memory.fitting.build`'s job, a floor up, so nothing here
+knows any strategy.
 
 The accounting is the one the server applies: the prompt is the sum of each
 sent message's stored token count (per-message overhead included), the
 summary message's count, and :data:`REPLY_PRIMING`; it must pass
-``budget.fits`` (which applies the calibration correction).
-
-Tool calls make some messages inseparable. An assistant message with
-``tool_calls`` and the run of tool messages right after it that answer those
-calls form a *unit*: it is sent whole or not at all. History is not always
-tidy (a crash between a call and its results, a user who typed before the
-results came), so units are *repaired* before they are sent: calls that were
-never answered are taken out of ``tool_calls`` (the key goes when none are
-left, and the whole message when it then says nothing). Tool messages that
-answer no call of their unit are *orphans* and are never sent. Repairs change
-only what is sent, never what is stored, and the report lists them.
+``budget.fits`` (which applies the calibration correction). Everything here is
+pure: no I/O, no clock, and work linear in the number of messages read.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from conversation_memory.errors import BudgetExceeded, ConfigurationError, InvalidPayload
-from conversation_memory.registry import default_registry, get_model
-from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
-from conversation_memory.types import Budget, Item, Message, State, Summary
-
-if TYPE_CHECKING:
-    from conversation_memory.strategies import StrategyLike
+from conversation_memory.errors import BudgetExceeded, InvalidPayload
+from conversation_memory.messages import validate
+from conversation_memory.registry import get_model
+from conversation_memory.tokens import REPLY_PRIMING
+from conversation_memory.types import Budget, Item, State, Summary
+from conversation_memory.units import Selection
 
 __all__ = [
     "MAX_RESERVE",
     "Context",
     "Report",
-    "Selection",
-    "Unit",
+    "assemble",
     "budget_for",
-    "build",
     "explain",
-    "fit",
-    "group_units",
+    "largest_fit",
     "summary_message",
-    "validate",
+    "too_big",
 ]
 
 MAX_RESERVE = 4096
 """Default reply reserve: the model's output limit, but at most this much."""
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-_TEXT_ROLES = ROLES - {"tool"}
-_PARTS = {
-    "system": frozenset({"text"}),
-    "developer": frozenset({"text"}),
-    "tool": frozenset({"text"}),
-    "user": frozenset({"text", "image_url", "input_audio", "file"}),
-    "assistant": frozenset({"text", "refusal"}),
-}
+
+# --- limits ---------------------------------------------------------------------------
 
 
-# --- the payload validator ------------------------------------------------------------
+def budget_for(
+    model: str,
+    *,
+    reserve: int | None = None,
+    tools: int = 0,
+    margin: int = 0,
+    cap: int | None = None,
+) -> Budget:
+    """The budget for ``model`` from the registry (raises ``UnknownModel``); the reply
+    reserve defaults to the model's ``max_output``, at most :data:`MAX_RESERVE`."""
+    info = get_model(model)
+    if reserve is None:
+        reserve = min(info.max_output, MAX_RESERVE)
+    return Budget(window=info.window, reserve=reserve, tools=tools, margin=margin, cap=cap)
 
 
-def _bad(index: int, field: str, problem: str) -> InvalidPayload:
-    return InvalidPayload(f"message {index}: {field} {problem}", index=index, field=field)
+def _limit_terms(budget: Budget) -> str:
+    terms = f"window {budget.window} - reserve {budget.reserve}"
+    if budget.tools:
+        terms += f" - tools {budget.tools}"
+    if budget.margin:
+        terms += f" - margin {budget.margin}"
+    if budget.cap is not None:
+        terms += f", capped at {budget.cap}"
+    return terms
 
 
-def _check_content(index: int, role: str, message: Mapping[str, Any]) -> None:
-    content = message.get("content")
-    if content is None:
-        if role == "assistant" and message.get("tool_calls"):
-            return
-        raise _bad(
-            index,
-            "content",
-            "is missing; only an assistant message with tool_calls may have no content",
-        )
-    if isinstance(content, str):
-        return
-    if not isinstance(content, list | tuple):
-        raise _bad(index, "content", f"is a {type(content).__name__}, not a string or parts")
-    if not content:
-        raise _bad(index, "content", "is an empty list of parts")
-    allowed = _PARTS[role]
-    for n, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind not in allowed:
-            raise _bad(
-                index,
-                f"content[{n}]",
-                f"has type {kind!r}; a {role} message allows {', '.join(sorted(allowed))}",
-            )
-        if kind in ("text", "refusal") and not isinstance(part.get(kind), str):
-            raise _bad(index, f"content[{n}].{kind}", "must be a string")
+def largest_fit(budget: Budget) -> int:
+    """The largest prompt, in our own tokens, that ``budget.fits`` (-1 if not even 0 does).
 
-
-def _check_calls(index: int, calls: Any) -> list[str]:
-    if not isinstance(calls, list | tuple) or not calls:
-        raise _bad(index, "tool_calls", "must be a non-empty list (leave the key out instead)")
-    ids: list[str] = []
-    seen: set[str] = set()
-    for n, call in enumerate(calls):
-        call_id = call.get("id") if isinstance(call, Mapping) else None
-        if not isinstance(call_id, str) or not call_id:
-            raise _bad(index, f"tool_calls[{n}].id", "must be a non-empty string")
-        if call_id in seen:
-            raise _bad(index, f"tool_calls[{n}].id", f"repeats {call_id!r} within one message")
-        function = call.get("function")
-        if call.get("type", "function") != "function" or not isinstance(function, Mapping):
-            raise _bad(index, f"tool_calls[{n}]", "must be a function call with a 'function'")
-        if not isinstance(function.get("name"), str) or not function["name"]:
-            raise _bad(index, f"tool_calls[{n}].function.name", "must be a non-empty string")
-        if not isinstance(function.get("arguments"), str):
-            raise _bad(index, f"tool_calls[{n}].function.arguments", "must be a string")
-        seen.add(call_id)
-        ids.append(call_id)
-    return ids
-
-
-def validate(messages: Sequence[Message], *, history: int | None = None) -> None:
-    """Raise :class:`InvalidPayload` unless the API would accept ``messages`` as they are.
-
-    Checks each message's role, content type and tool calls, and the order rule:
-    an assistant message with ``tool_calls`` is followed at once by tool messages
-    answering each of its calls exactly once (in any order), and every tool
-    message answers a call of the assistant message just before its run.
-
-    With ``history``, ``messages[history:]`` is a conversation's history (what
-    follows the system prompt, summaries and pinned messages), and it must not
-    start mid-turn: after any system messages it begins with a user message, as
-    the strict chat templates of local models require, and so no reply goes
-    without the question it answers. The one exception is a history with no
-    user message at all: the newest turn alone was larger than the budget, and
-    only its newest part is sent (see :func:`~conversation_memory.strategies.keep_newest`).
+    ``fits`` never turns false as the count grows (the factor is positive), so
+    ``count <= largest_fit(budget)`` is ``budget.fits(count)``: the selection loops
+    compare integers instead of applying the correction once per unit. The
+    estimate from the factor is checked with ``fits`` itself, so float rounding
+    can't move it.
     """
-    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
-        raise InvalidPayload(
-            f"messages must be a list of message dicts, got {type(messages).__name__}"
-        )
-    if not messages:
-        raise InvalidPayload("messages is empty; a request needs at least one message")
-    caller = -1  # index of the assistant message whose calls are being answered
-    pending: set[str] = set()
-    answered: set[str] = set()
-    for index, message in enumerate(messages):
-        # Most messages are a plain dict with text content and no name or tool fields;
-        # they pass every check below, so they are recognized at once (this runs for
-        # every message of every request).
-        if (
-            type(message) is dict
-            and not pending
-            and message.get("role") in _TEXT_ROLES
-            and type(message.get("content")) is str
-            and message.get("name") is None
-            and message.get("tool_calls") is None
-        ):
-            caller = -1
-            continue
-        if not isinstance(message, Mapping):
-            raise InvalidPayload(
-                f"message {index}: is a {type(message).__name__}, not a dict", index=index
-            )
-        role = message.get("role")
-        if role not in ROLES:
-            raise _bad(index, "role", f"is {role!r}; use one of {', '.join(sorted(ROLES))}")
-        if pending and role != "tool":
-            raise _bad(
-                index,
-                "role",
-                f"is {role!r}, but the tool calls {sorted(pending)} of message {caller} "
-                "are not answered; their tool messages must come first",
-            )
-        _check_content(index, role, message)
-        name = message.get("name")
-        if name is not None and not isinstance(name, str):
-            raise _bad(index, "name", "must be a string")
-        calls = message.get("tool_calls")
-        if role == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise _bad(index, "tool_call_id", "must name the call this tool message answers")
-            if caller < 0:
-                raise _bad(
-                    index,
-                    "tool_call_id",
-                    f"{call_id!r}: a tool message must follow the assistant message that "
-                    "made the call (or another answer to it)",
-                )
-            if call_id in answered:
-                raise _bad(
-                    index, "tool_call_id", f"{call_id!r} answers a call that is already answered"
-                )
-            if call_id not in pending:
-                raise _bad(
-                    index,
-                    "tool_call_id",
-                    f"{call_id!r} answers no call of the assistant message {caller}",
-                )
-            pending.discard(call_id)
-            answered.add(call_id)
-            continue
-        caller = -1
-        if calls is not None:
-            if role != "assistant":
-                raise _bad(index, "tool_calls", f"is not allowed on a {role} message")
-            pending = set(_check_calls(index, calls))
-            answered = set()
-            caller = index
-    if pending:
-        raise _bad(
-            caller,
-            "tool_calls",
-            f"{sorted(pending)} are not answered by tool messages before the end",
-        )
-    if history is not None:
-        _check_turn_start(messages, history)
-
-
-def _check_turn_start(messages: Sequence[Message], first: int) -> None:
-    """The history from ``first`` on begins with a user message, unless it holds none."""
-    while first < len(messages) and messages[first].get("role") in ("system", "developer"):
-        first += 1
-    if first == len(messages) or messages[first].get("role") == "user":
-        return
-    if any(message.get("role") == "user" for message in messages[first:]):
-        raise _bad(
-            first,
-            "role",
-            f"is {messages[first].get('role')!r}, but the history must start with a user "
-            "message: this reply would be sent without the question it answers. Keep whole "
-            "turns (a user message with everything that answers it).",
-        )
-
-
-# --- units and repair -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """Stored messages that are sent together or not at all."""
-
-    source: tuple[Item, ...]
-    """The stored items, as read."""
-    items: tuple[Item, ...]
-    """What may be sent: ``source`` after repair; empty for an orphan."""
-    tokens: int
-    """Tokens of ``items`` (a repaired message keeps its stored count: an upper bound)."""
-    pinned: bool
-    """Some item of the unit is pinned, so the whole unit is kept."""
-    has_user: bool
-    """The unit is a user message: a turn starts here."""
-    repaired: tuple[int, ...] = ()
-    """Positions of assistant messages whose unanswered calls were taken out."""
-
-
-def _unit(
-    source: tuple[Item, ...], items: tuple[Item, ...], repaired: tuple[int, ...] = ()
-) -> Unit:
-    return Unit(
-        source=source,
-        items=items,
-        tokens=sum(item.tokens for item in items),
-        pinned=any(item.pinned for item in source),
-        has_user=source[0].message.get("role") == "user",
-        repaired=repaired,
+    fits = budget.fits
+    # Within a token or two of the answer (the factor is at least MIN_FACTOR, so the
+    # quotient is an ordinary number); walk to the exact boundary with ``fits``.
+    found = max(
+        math.floor((budget.limit - budget.correction.margin) / budget.correction.factor), -1
     )
+    while found >= 0 and not fits(found):
+        found -= 1
+    while fits(found + 1):
+        found += 1
+    return found
 
 
-def _call_id(call: Any) -> Any:
-    return call.get("id") if isinstance(call, Mapping) else None
-
-
-def _tool_unit(caller: Item, run: Sequence[Item]) -> Unit:
-    """The unit of ``caller`` and the tool messages in ``run`` right after it."""
-    calls = caller.message.get("tool_calls") or ()
-    wanted = {_call_id(call) for call in calls}
-    answers: list[Item] = []
-    seen: set[Any] = set()
-    for item in run:
-        call_id = item.message.get("tool_call_id")
-        if isinstance(call_id, str) and call_id in wanted and call_id not in seen:
-            seen.add(call_id)
-            answers.append(item)
-    source = (caller, *run)
-    if calls and len(seen) == len(calls):  # each call answered once, ids distinct
-        return _unit(source, (caller, *answers))
-    kept_calls = []
-    for call in calls:
-        call_id = _call_id(call)
-        if call_id in seen:
-            seen.discard(call_id)  # a repeated id keeps only its first call
-            kept_calls.append(call)
-    message = dict(caller.message)
-    if kept_calls:
-        message["tool_calls"] = kept_calls
-    else:
-        del message["tool_calls"]
-    head: tuple[Item, ...] = ()
-    if kept_calls or message.get("content") not in (None, "", [], ()):
-        head = (replace(caller, message=message),)
-    return _unit(source, (*head, *answers), (caller.position,))
-
-
-def group_units(items: Sequence[Item]) -> list[Unit]:
-    """Split consecutive stored items into units, repairing broken tool-call units.
-
-    Every item lands in exactly one unit's ``source``, in order. Tool messages
-    that answer no call of their unit are in its ``source`` but not its ``items``;
-    a tool message with no assistant message before its run is a unit of its own
-    with nothing to send.
-    """
-    units: list[Unit] = []
-    n = len(items)
-    i = 0
-    while i < n:
-        item = items[i]
-        message = item.message
-        role = message.get("role")
-        if role == "assistant" and "tool_calls" in message:
-            j = i + 1
-            while j < n and items[j].message.get("role") == "tool":
-                j += 1
-            units.append(_tool_unit(item, items[i + 1 : j]))
-            i = j
-        elif role == "tool":
-            units.append(_unit((item,), ()))
-            i += 1
-        else:
-            # The common case, built directly: this runs for every message of every turn.
-            single = (item,)
-            units.append(Unit(single, single, item.tokens, item.pinned, role == "user"))
-            i += 1
-    return units
+def too_big(budget: Budget, *, system: int, pinned: int, newest: int) -> BudgetExceeded:
+    """The error for a request whose must-send part alone is over the limit."""
+    total = system + pinned + newest + REPLY_PRIMING
+    corrected = budget.correction.apply(total)
+    shown = f"{total}" if corrected == total else f"{total} ({corrected} after calibration)"
+    return BudgetExceeded(
+        f"the system prompt ({system} tokens), pinned messages ({pinned}), the newest message "
+        f"({newest}, with the tool results that answer it) and reply priming ({REPLY_PRIMING}) "
+        f"need {shown} prompt tokens, but the "
+        f"limit is {budget.limit} ({_limit_terms(budget)}). Give a bigger budget or a model "
+        "with a larger window, a smaller reply reserve, a shorter system prompt or newest "
+        "message, or unpin messages.",
+        needed=corrected,
+        limit=budget.limit,
+        system=system,
+        pinned=pinned,
+        newest=newest,
+    )
 
 
 # --- the summary message --------------------------------------------------------------
@@ -362,25 +143,7 @@ def summary_message(summary: Summary) -> dict[str, Any]:
     }
 
 
-# --- selections, reports, contexts ----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """What a strategy chose to send."""
-
-    items: tuple[Item, ...]
-    """Messages to send, in order: system, older pinned, then the kept tail (after repair)."""
-    summary: Summary | None
-    """Summary to send, placed after the system prompt and older pinned messages."""
-    dropped: tuple[Item, ...]
-    """Tail items left out to fit, oldest first (a prefix of the tail, pinned ones excepted)."""
-    summaries: tuple[Summary, ...] = ()
-    """Several summaries to send instead, oldest first, each its own message."""
-    fold_through: int | None = None
-    """A summarizing strategy's request: fold every message after the current
-    summary up to this position (inclusive) into a new summary. Compaction acts
-    on it; the messages to send are already chosen without it."""
+# --- the request ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,75 +220,13 @@ class Context:
     then one message per summary, then the rest of ``items``."""
 
 
-def _limit_terms(budget: Budget) -> str:
-    terms = f"window {budget.window} - reserve {budget.reserve}"
-    if budget.tools:
-        terms += f" - tools {budget.tools}"
-    if budget.margin:
-        terms += f" - margin {budget.margin}"
-    if budget.cap is not None:
-        terms += f", capped at {budget.cap}"
-    return terms
+def assemble(state: State, budget: Budget, selection: Selection, *, strategy: str) -> Context:
+    """The next request from ``selection`` (made by the strategy named ``strategy`` from
+    ``state``): its messages, checked, and the report of what each part costs.
 
-
-def largest_fit(budget: Budget) -> int:
-    """The largest prompt, in our own tokens, that ``budget.fits`` (-1 if not even 0 does).
-
-    ``fits`` never turns false as the count grows (the factor is positive), so
-    ``count <= largest_fit(budget)`` is ``budget.fits(count)``: the selection loops
-    compare integers instead of applying the correction once per unit. The
-    estimate from the factor is checked with ``fits`` itself, so float rounding
-    can't move it.
+    Raises :class:`InvalidPayload` when the selection breaks the order or the rules
+    between messages, and :class:`BudgetExceeded` when it is over the budget.
     """
-    fits = budget.fits
-    # Within a token or two of the answer (the factor is at least MIN_FACTOR, so the
-    # quotient is an ordinary number); walk to the exact boundary with ``fits``.
-    found = max(
-        math.floor((budget.limit - budget.correction.margin) / budget.correction.factor), -1
-    )
-    while found >= 0 and not fits(found):
-        found -= 1
-    while fits(found + 1):
-        found += 1
-    return found
-
-
-def too_big(budget: Budget, *, system: int, pinned: int, newest: int) -> BudgetExceeded:
-    """The error for a request whose must-send part alone is over the limit."""
-    total = system + pinned + newest + REPLY_PRIMING
-    corrected = budget.correction.apply(total)
-    shown = f"{total}" if corrected == total else f"{total} ({corrected} after calibration)"
-    return BudgetExceeded(
-        f"the system prompt ({system} tokens), pinned messages ({pinned}), the newest message "
-        f"({newest}, with the tool results that answer it) and reply priming ({REPLY_PRIMING}) "
-        f"need {shown} prompt tokens, but the "
-        f"limit is {budget.limit} ({_limit_terms(budget)}). Give a bigger budget or a model "
-        "with a larger window, a smaller reply reserve, a shorter system prompt or newest "
-        "message, or unpin messages.",
-        needed=corrected,
-        limit=budget.limit,
-        system=system,
-        pinned=pinned,
-        newest=newest,
-    )
-
-
-def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> Context:
-    """Run ``strategy`` on ``state`` and assemble, check and report the next request.
-
-    Raises :class:`BudgetExceeded` when the system prompt, pinned messages and
-    newest message cannot fit, and :class:`InvalidPayload` when the strategy's
-    choice breaks the API's rules.
-    """
-    from conversation_memory.strategies import as_strategy
-
-    chosen = as_strategy(strategy)
-    selection = chosen.select(state, budget)
-    if not isinstance(selection, Selection):
-        raise ConfigurationError(
-            f"strategy {chosen.name!r} returned {type(selection).__name__}, not a Selection",
-            strategy=chosen.name,
-        )
     items = selection.items
     summary = selection.summary
     sent_summaries = selection.summaries or ((summary,) if summary is not None else ())
@@ -537,7 +238,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
     for item in items:
         if previous is not None and item.position <= previous:
             raise InvalidPayload(
-                f"strategy {chosen.name!r} put position {item.position} after {previous}; "
+                f"strategy {strategy!r} put position {item.position} after {previous}; "
                 "messages must keep their order",
                 index=len(messages),
             )
@@ -557,7 +258,7 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
         messages.extend(summary_message(each) for each in sent_summaries)
     if state.system is not None and (not items or items[0] is not state.system):
         raise InvalidPayload(
-            f"strategy {chosen.name!r} left out the system prompt or did not put it first",
+            f"strategy {strategy!r} left out the system prompt or did not put it first",
             index=0,
         )
     validate(messages, history=_history_start(state, items, summary_index, len(sent_summaries)))
@@ -565,14 +266,14 @@ def build(state: State, budget: Budget, strategy: StrategyLike = "truncate") -> 
     total += sum(each.tokens for each in sent_summaries)
     if not budget.fits(total):
         raise BudgetExceeded(
-            f"strategy {chosen.name!r} chose {total} prompt tokens, over the limit of "
+            f"strategy {strategy!r} chose {total} prompt tokens, over the limit of "
             f"{budget.limit} ({_limit_terms(budget)})",
             needed=total,
             limit=budget.limit,
-            strategy=chosen.name,
+            strategy=strategy,
         )
     report = _report(
-        state, budget, strategy=chosen.name, selection=selection, messages=messages, total=total
+        state, budget, strategy=strategy, selection=selection, messages=messages, total=total
     )
     return Context(
         messages=messages,
@@ -727,6 +428,9 @@ def _report(
     )
 
 
+# --- for people -----------------------------------------------------------------------
+
+
 def _messages(count: int) -> str:
     return f"{count} message" + ("" if count == 1 else "s")
 
@@ -789,79 +493,3 @@ def explain(context: Context) -> str:
             f"left out tool results without their call at positions {_positions(r.orphaned)}"
         )
     return "\n".join(lines)
-
-
-# --- plain lists ----------------------------------------------------------------------
-
-
-def budget_for(
-    model: str,
-    *,
-    reserve: int | None = None,
-    tools: int = 0,
-    margin: int = 0,
-    cap: int | None = None,
-) -> Budget:
-    """The budget for ``model`` from the registry (raises ``UnknownModel``); the reply
-    reserve defaults to the model's ``max_output``, at most :data:`MAX_RESERVE`."""
-    info = get_model(model)
-    if reserve is None:
-        reserve = min(info.max_output, MAX_RESERVE)
-    return Budget(window=info.window, reserve=reserve, tools=tools, margin=margin, cap=cap)
-
-
-def fit(
-    messages: Sequence[Message],
-    *,
-    model: str = "gpt-4o",
-    budget: int | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    counter: TokenCounter | None = None,
-) -> list[dict[str, Any]]:
-    """The newest part of ``messages`` that fits: leading system messages kept, oldest turns
-    dropped whole.
-
-    ``budget`` caps the prompt tokens (default: the model's window minus its reply
-    reserve; a model missing from the registry then needs ``budget=``). ``counter``
-    is a :class:`~conversation_memory.tokens.TokenCounter` (default: the model's).
-    Raises :class:`BudgetExceeded` when the system messages and the newest turn alone
-    don't fit, and :class:`InvalidPayload` when a message breaks the API's rules.
-    """
-    from conversation_memory.strategies import TRUNCATE
-
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
-        raise ConfigurationError(
-            f"budget must be a number of prompt tokens, got {budget!r}", argument="budget"
-        )
-    if counter is None:
-        counter = counter_for(model)  # raises UnknownModel, which says to pass counter=
-    tool_tokens = counter.count_tools(tools) if tools else 0
-    if model in default_registry:
-        limits = budget_for(model, tools=tool_tokens, cap=budget)
-    elif budget is not None:
-        limits = Budget(window=budget + tool_tokens, tools=tool_tokens, cap=budget)
-    else:
-        limits = budget_for(model)  # raises UnknownModel, which says to pass budget=
-    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
-        raise InvalidPayload(f"messages must be a list of dicts, got {type(messages).__name__}")
-    items = []
-    lead = 0
-    for position, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidPayload(
-                f"message {position}: is a {type(message).__name__}, not a dict", index=position
-            )
-        is_system = message.get("role") in ("system", "developer")
-        if is_system and lead == position:
-            lead += 1
-        tokens = counter.count_message(message)
-        items.append(
-            Item(position=position, message=message, tokens=tokens, pinned=0 < position < lead)
-        )
-    state = State(
-        system=items[0] if lead else None,
-        pinned=items[1:lead],
-        summary=None,
-        tail=items[lead:],
-    )
-    return build(state, limits, TRUNCATE).messages

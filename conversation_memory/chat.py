@@ -28,8 +28,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from conversation_memory.budget import Context, build
+from conversation_memory.budget import Context
 from conversation_memory.errors import BudgetExceeded, ConfigurationError, ContextLengthExceeded
+from conversation_memory.fitting import build
 from conversation_memory.types import Correction
 
 if TYPE_CHECKING:

@@ -11,8 +11,8 @@ describes the same kind of failure, the error inherits it too, so
     │   ├── TokenizerDataError               tokenizer files missing or corrupt
     │   ├── LocalModelUnavailable            local model not installed (xllamacpp, GGUF file)
     │   └── AmbiguousReference               an id prefix several conversations start with
-    ├── InvalidMessage (ValueError)          a message the store refuses; nothing written
-    ├── InvalidPayload (ValueError)          a message list the API would reject
+    ├── InvalidMessage (ValueError)          a message we were given breaks the chat format
+    ├── InvalidPayload (ValueError)          a request built wrongly (tool-call pairs, order, turns)
     ├── BudgetExceeded (ValueError)          cannot fit inside the prompt budget
     ├── NotFound (LookupError)
     │   ├── ConversationNotFound             absent, or owned by another user
@@ -154,11 +154,21 @@ class AmbiguousReference(ConfigurationError):
 
 
 class InvalidMessage(ConversationMemoryError, ValueError):
-    """A message does not follow the OpenAI chat format (field named in the message)."""
+    """A message given to us breaks the chat format, or can't go where it was appended.
+
+    The rules of one message (role, content, tool calls, name), wherever the
+    message is checked: appended, recorded, imported, given to ``fit`` or
+    ``validate``. ``index`` and ``field`` say where; nothing is written.
+    """
 
 
 class InvalidPayload(ConversationMemoryError, ValueError):
-    """A message list breaks the API's rules (e.g. a tool result without its call)."""
+    """A request breaks the rules between its messages (tool-call pairs, order, whole turns).
+
+    Raised for a request that was built wrongly: by ``build`` when a strategy
+    (ours or your own) chose messages that can't be sent together, or by
+    ``validate`` for a list assembled by hand. ``index`` and ``field`` say where.
+    """
 
 
 class BudgetExceeded(ConversationMemoryError, ValueError):

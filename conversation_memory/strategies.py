@@ -1,7 +1,7 @@
 """Strategies: which stored messages the next request carries.
 
 A strategy is a plain object with a ``name`` and ``select(state, budget)``
-returning a :class:`~conversation_memory.budget.Selection`; a bare function
+returning a :class:`~conversation_memory.units.Selection`; a bare function
 ``(state, budget) -> Selection`` is accepted wherever a strategy is, and so is
 a built-in's name (``"truncate"``, ``"window:8"``). Strategies are pure: the
 same state and budget give the same selection.
@@ -36,10 +36,11 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import ClassVar, Protocol, TypeAlias, runtime_checkable
 
-from conversation_memory.budget import Selection, Unit, group_units, largest_fit, too_big
+from conversation_memory.budget import largest_fit, too_big
 from conversation_memory.errors import BudgetExceeded, ConfigurationError
 from conversation_memory.tokens import REPLY_PRIMING
 from conversation_memory.types import Budget, Item, State, Summary
+from conversation_memory.units import Selection, Unit, group_units
 
 __all__ = [
     "TRUNCATE",

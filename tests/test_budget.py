@@ -1,4 +1,4 @@
-"""The payload validator, unit repair, build/explain and the plain-list ``fit``."""
+"""The message rules in a request, unit repair, build/explain and the plain-list ``fit``."""
 
 from __future__ import annotations
 
@@ -8,23 +8,18 @@ from typing import Any
 
 import pytest
 
-from conversation_memory.budget import (
-    Context,
-    Selection,
-    build,
-    explain,
-    fit,
-    group_units,
-    summary_message,
-    validate,
-)
+from conversation_memory.budget import Context, explain, summary_message
 from conversation_memory.errors import (
     BudgetExceeded,
     ConfigurationError,
+    InvalidMessage,
     InvalidPayload,
     UnknownModel,
 )
+from conversation_memory.fitting import build, fit
+from conversation_memory.messages import normalize, validate
 from conversation_memory.types import Budget, Correction, Item, State, Summary
+from conversation_memory.units import Selection, group_units
 
 
 def call(call_id: str, name: str = "lookup") -> dict[str, Any]:
@@ -122,6 +117,23 @@ def test_valid_payloads_pass() -> None:
             "tool_calls[0]",
             "function",
         ),
+        ([user(), {"role": "tool", "content": "x"}], 1, "tool_call_id", "must name"),
+    ],
+)
+def test_each_rule_of_one_message_names_index_and_field(
+    messages: list[dict[str, Any]], index: int, field: str, words: str
+) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        validate(messages)
+    assert info.value.index == index
+    assert info.value.field == field
+    assert str(info.value).startswith(f"message {index}: {field} ")
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("messages", "index", "field", "words"),
+    [
         ([user(), result("a")], 1, "tool_call_id", "must follow"),
         ([result("a")], 0, "tool_call_id", "must follow"),
         ([user(), calls("a"), result("b")], 2, "tool_call_id", "answers no call"),
@@ -129,10 +141,9 @@ def test_valid_payloads_pass() -> None:
         ([user(), calls("a"), user(), result("a")], 2, "role", "not answered"),
         ([user(), calls("a", "b"), result("a")], 1, "tool_calls", "['b']"),
         ([user(), calls("a"), result("a"), result("a")], 3, "tool_call_id", "already"),
-        ([user(), {"role": "tool", "content": "x"}], 1, "tool_call_id", "must name"),
     ],
 )
-def test_each_rule_names_index_and_field(
+def test_each_rule_between_messages_names_index_and_field(
     messages: list[dict[str, Any]], index: int, field: str, words: str
 ) -> None:
     with pytest.raises(InvalidPayload) as info:
@@ -141,6 +152,26 @@ def test_each_rule_names_index_and_field(
     assert info.value.field == field
     assert str(info.value).startswith(f"message {index}: {field} ")
     assert words in str(info.value)
+
+
+def test_the_validator_and_the_normalizer_apply_the_same_rules_of_one_message() -> None:
+    """One set of rules: what the validator refuses in a request, the store refuses as
+    input, with the same error and the same words."""
+    for message in [
+        {"role": "bot", "content": "x"},
+        {"role": "user", "content": [{"type": "refusal", "refusal": "no"}]},
+        {"role": "user", "content": "x", "name": "has spaces"},
+        {"role": "tool", "content": "x", "tool_call_id": "a", "name": "lookup"},
+        {"role": "user", "content": "x", "tool_call_id": "a"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]},
+        {"role": "user", "content": [{"type": ["text"], "text": "x"}]},
+        "hello",
+    ]:
+        with pytest.raises(InvalidMessage) as refused:
+            normalize(message, index=0)
+        with pytest.raises(InvalidMessage) as invalid:
+            validate([message])
+        assert str(invalid.value) == str(refused.value)
 
 
 def test_a_history_that_starts_mid_turn_is_refused() -> None:
@@ -183,7 +214,7 @@ def test_empty_and_non_list_payloads_are_refused() -> None:
         validate([])
     with pytest.raises(InvalidPayload, match="list"):
         validate({"role": "user", "content": "x"})  # type: ignore[arg-type]
-    with pytest.raises(InvalidPayload, match="message 1: is a str"):
+    with pytest.raises(InvalidMessage, match="message 1: is a str"):
         validate([user(), "hello"])  # type: ignore[list-item]
 
 
@@ -454,8 +485,11 @@ def test_fit_repairs_and_validates() -> None:
     messages = [user("q"), calls("a", "b"), result("a"), user("well?")]
     kept = fit(messages, budget=1000, counter=CharCounter())
     assert kept[1]["tool_calls"] == [call("a")]
-    with pytest.raises(InvalidPayload, match="role"):
+    with pytest.raises(InvalidMessage, match="role"):
         fit([{"role": "robot", "content": "x"}], budget=1000, counter=CharCounter())
+    # Every message given is checked, also one too old to be sent.
+    with pytest.raises(InvalidMessage, match="message 0: role"):
+        fit([{"role": "robot", "content": "x" * 400}, user()], budget=20, counter=CharCounter())
 
 
 def test_fit_argument_errors() -> None:

@@ -51,10 +51,9 @@ from conversation_memory import (
     count_tokens,
     register_model,
 )
-from conversation_memory.budget import validate
 from conversation_memory.engine import Conversation
 from conversation_memory.llm import context_limits
-from conversation_memory.messages import normalize
+from conversation_memory.messages import normalize, validate
 from conversation_memory.testing import ChatServer, RecordingSummarizer, refusals, tokenizer
 
 pytestmark = pytest.mark.slow

@@ -20,16 +20,15 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conversation_memory.budget import (
-    Context,
-    Selection,
-    build,
-    fit,
-    largest_fit,
-    summary_message,
-    validate,
+from conversation_memory.budget import Context, largest_fit, summary_message
+from conversation_memory.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    InvalidMessage,
+    InvalidPayload,
 )
-from conversation_memory.errors import BudgetExceeded, ConfigurationError, InvalidPayload
+from conversation_memory.fitting import build, fit
+from conversation_memory.messages import validate
 from conversation_memory.strategies import TRUNCATE, Hierarchical, Strategy, Summarize, Window
 from conversation_memory.tokens import REPLY_PRIMING
 from conversation_memory.types import (
@@ -41,6 +40,7 @@ from conversation_memory.types import (
     State,
     Summary,
 )
+from conversation_memory.units import Selection
 
 T = TypeVar("T")
 
@@ -429,8 +429,8 @@ def test_validate_treats_plain_dicts_like_any_mapping(
     def verdict(messages: Sequence[Mapping[str, Any]]) -> str:
         try:
             validate(messages)
-        except InvalidPayload as exc:
-            return str(exc)
+        except (InvalidMessage, InvalidPayload) as exc:
+            return f"{type(exc).__name__}: {exc}"
         return "valid"
 
     assert verdict(payload) == verdict([MappingProxyType(m) for m in payload])

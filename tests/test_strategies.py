@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from conversation_memory.budget import Selection, build, explain
+from conversation_memory.budget import explain
 from conversation_memory.errors import BudgetExceeded, ConfigurationError
+from conversation_memory.fitting import build
 from conversation_memory.strategies import (
     TRUNCATE,
     FunctionStrategy,
@@ -18,6 +19,7 @@ from conversation_memory.strategies import (
     keep_newest,
 )
 from conversation_memory.types import Budget, Correction, Item, State, Summary
+from conversation_memory.units import Selection
 
 SYSTEM = {"role": "system", "content": "sys"}
 

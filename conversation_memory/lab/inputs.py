@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from conversation_memory import validate
-from conversation_memory.errors import ImportFormatError, InvalidPayload
+from conversation_memory.errors import ImportFormatError, InvalidMessage, InvalidPayload
 from conversation_memory.lab.transcript import Probe, Transcript
 
 __all__ = ["parse_transcripts", "read_transcripts"]
@@ -375,7 +375,7 @@ def _transcript(
         full = ([{"role": "system", "content": system}] if system else []) + messages
         try:
             validate(full)
-        except InvalidPayload as exc:
+        except (InvalidMessage, InvalidPayload) as exc:
             index = getattr(exc, "index", None)
             offset = 1 if system else 0
             position = (index - offset) if isinstance(index, int) else 0
