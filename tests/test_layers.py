@@ -15,6 +15,7 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "conversation_memory"
 
 FLOORS = [  # lowest first: each module may import only the ones before it
+    "_config",  # the one module that reads the environment
     "errors",
     "types",
     "registry",
