@@ -207,7 +207,7 @@ def _scatter(
 
 
 _AXES = {
-    "retention": "evidence retained (share of the probes' evidence messages)",
+    "retention": "evidence retained (share)",
     "recall": "recall (probes answered right)",
 }
 _TITLES = {
