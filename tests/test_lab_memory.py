@@ -186,6 +186,19 @@ def test_retention_is_counted_from_what_the_context_carried(hand_made):
     assert again.run("summary", 300).probes == tight.probes
 
 
+def test_live_mode_measures_only_the_messages_stored_as_written(hand_made):
+    """Live mode stores the model's replies instead of the transcript's: evidence in the
+    transcript's replies is not measured (neither kept nor lost); the user's is."""
+    results = lab.run(
+        hand_made, strategies=["truncate"], budgets=[20_000], mode="live", model=MODEL
+    )
+    newest = len(hand_made.messages) - 2
+    for run in results.runs:
+        assert [p.evidence for p in run.probes] == [(0,), (2,), (newest,), ()]
+        assert run.retention == 1.0
+        assert run.evidence == 3
+
+
 def test_retention_needs_no_model_answer(hand_made):
     """Recall needs the reader to answer; retention is the same whoever answers."""
     with (
