@@ -11,7 +11,18 @@ acknowledges it ("Noted."), never repeats it.
 Every ``probe_every`` turns a probe asks about one fact planted earlier,
 picked at random ("What is my sister's locker code?"); it is answered right
 when the answer contains the value. The probe records the fact's age in turns,
-so recall can be read against how long ago something was said.
+so recall can be read against how long ago something was said, and names its
+evidence: the message that states the fact.
+
+The conversation the lab's memory figures are meant for is longer and harder
+(``generate(sessions=10, paraphrase=True, final_probes=20)``, and
+:func:`generate_corpus` for many): it is held over dated sessions between two
+named speakers, each session opening with a header that carries its date;
+some facts become events of "yesterday", asked for by their date; and every
+probe is asked in other words than its fact
+(:mod:`~conversation_memory.lab.paraphrase`), after the last message, about
+the earlier sessions. Neither a reader nor a word search can then find the
+fact by its own words: only what the context still carries counts.
 
 Everything is drawn from one ``random.Random(seed)``: the same arguments give
 the same conversation, byte for byte, on any machine.
