@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         Row("  turns replayed per second (6 runs)", f"{replayed / strategies_only:.0f}"),
     ]
     for run in results.runs:
-        recall = "n/a" if run.recall is None else f"{run.recall:.0%}"
         rows.append(
             Row(
-                f"  {run.label}: seconds · mean tokens/turn · summarizer calls · recall",
+                f"  {run.label}: seconds · mean tokens/turn · summarizer calls · evidence "
+                "retained · recall",
                 f"{results.timing[run.label]:.1f} · {run.tokens_mean:,.0f} · "
-                f"{run.summary_calls} · {recall}",
+                f"{run.summary_calls} · {run.retention_shown} · {run.recall_shown}",
                 "no error" if run.error is None else "(error)",
                 run.error is None or None,
             )

@@ -372,11 +372,13 @@ def test_write_json_csv_and_valid_pngs(results, tmp_path):
         "timing.json",
         "tokens_per_turn.png",
         "cumulative_cost.png",
+        "retention_vs_tokens.png",
         "recall_vs_tokens.png",
     }
     import matplotlib.image
 
-    for name in ("tokens_per_turn.png", "cumulative_cost.png", "recall_vs_tokens.png"):
+    pictures = ("tokens_per_turn.png", "cumulative_cost.png", "retention_vs_tokens.png")
+    for name in (*pictures, "recall_vs_tokens.png"):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG)
         assert len(data) > 10_000
@@ -493,7 +495,10 @@ def invoke(*args: str):
 def test_cli_help_explains_itself():
     result = invoke("--help")
     assert result.exit_code == 0
-    for words in ("--strategy", "--budget", "--mode", "--backend", "--judge", "--out", "recall"):
+    for words in (
+        "--strategy", "--budget", "--mode", "--backend", "--judge", "--out", "recall",
+        "evidence retention", "--sessions", "--paraphrase",
+    ):  # fmt: skip
         assert words in result.output
 
 

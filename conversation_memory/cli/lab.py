@@ -85,6 +85,23 @@ def _sentences(value: str) -> tuple[int, int]:
     help="Generated conversation: sentences of small talk per message.",
 )  # fmt: skip
 @click.option(
+    "--sessions", type=Integer(min=1), default=1, show_default=True,
+    help="Generated conversation: dated sessions, days apart, between two named speakers "
+    "(facts of 'yesterday' are asked for by date).",
+)  # fmt: skip
+@click.option(
+    "--paraphrase",
+    is_flag=True,
+    help="Generated conversation: ask every probe in other words than its fact "
+    "(synonyms, indirect references, dates to work out), so that matching words finds "
+    "nothing.",
+)
+@click.option(
+    "--final-probes", type=Integer(min=0), default=0, show_default=True,
+    help="Generated conversation: probes asked after the last message, about facts of "
+    "earlier sessions.",
+)  # fmt: skip
+@click.option(
     "--strategy",
     "-s",
     "strategies",
@@ -156,6 +173,9 @@ def lab_command(
     fact_rate: float,
     probe_every: int,
     sentences: str,
+    sessions: int,
+    paraphrase: bool,
+    final_probes: int,
     strategies: tuple[str, ...],
     budgets: tuple[int, ...],
     mode: str,
@@ -176,15 +196,18 @@ def lab_command(
     Each strategy × budget replays every transcript in a conversation of its
     own. Per turn it measures the prompt tokens sent; per run, their mean,
     95th percentile and total, summarizer calls and tokens, estimated cost,
-    budget use, wall time, and recall: the share of probe questions answered
-    right from that strategy's context. A full-history baseline is measured
-    too.
+    budget use, wall time, evidence retention (the share of the messages that
+    answer the probes which the context still carried when they were asked:
+    raw or in a summary; no model needed) and recall (the share of probe
+    questions answered right from that strategy's context). A full-history
+    baseline is measured too.
 
     FILES are OpenAI-format JSONL (`convmem export` files, one message per
-    line, or {"messages": [...]} per line) or ShareGPT JSON; any conversation
-    may carry "probes": [{"question", "expect", "regex", "after"}]. Without
-    FILES a conversation is generated (--turns, --seed, --fact-rate,
-    --probe-every, --sentences), with facts planted in small talk and probes
+    line, {"messages": [...]} or {"sessions": [{"date", "messages"}]} per
+    line) or ShareGPT JSON; any conversation may carry "probes": [{"question",
+    "expect", "regex", "after", "evidence"}]. Without FILES a conversation is
+    generated (--turns, --seed, --fact-rate, --probe-every, --sentences,
+    --sessions, --paraphrase), with facts planted in small talk and probes
     asking for them later.
 
     The default backend answers deterministically and offline: a reader that
@@ -211,6 +234,9 @@ def lab_command(
                 fact_rate=fact_rate,
                 probe_every=probe_every,
                 sentences=_sentences(sentences),
+                sessions=sessions,
+                paraphrase=paraphrase,
+                final_probes=final_probes,
             )
         )
     chosen = backend or ("openai" if base_url or server_configured() else "test")
@@ -335,6 +361,7 @@ def results_table(results: Results) -> Table:
         "\np95",
         "\ntotal",
         "\nuse",
+        "evidence\nretained",
         "summaries\ncalls",
         "\ntokens",
         "est.\ncost",
@@ -351,7 +378,6 @@ def results_table(results: Results) -> Table:
 def _row(run: Any, timing: Any) -> Sequence[str]:
     m = run.metrics()
     wall = timing.get(run.label)
-    recall = "n/a" if run.recall is None else f"{run.recall:.0%} {run.correct}/{len(run.probes)}"
     over = f" ({run.over_window_turns} over)" if run.over_window_turns else ""
     return (
         escape(run.strategy) + (" ⚠" if run.error else ""),
@@ -360,12 +386,13 @@ def _row(run: Any, timing: Any) -> Sequence[str]:
         "n/a" if m["tokens_p95"] is None else f"{m['tokens_p95']:,}",
         f"{run.tokens_total:,}{over}",
         "n/a" if m["utilization"] is None else f"{m['utilization']:.0%}",
+        run.retention_shown,
         f"{run.summary_calls}"
         + (f" ({run.summary_failures} failed)" if run.summary_failures else ""),
         f"{run.summary_prompt_tokens + run.summary_completion_tokens:,}",
         "n/a"
         if run.cost is None
         else (f"${run.cost:.4f}" if run.cost < 1 else f"${run.cost:,.2f}"),
-        recall,
+        run.recall_shown,
         "" if wall is None else f"{wall:.1f}s",
     )

@@ -15,15 +15,21 @@
 Each strategy × budget replays every transcript in a conversation of its own
 (on a temporary SQLite file) through the public engine, and is measured per
 turn: prompt tokens sent (mean, p95, total), summarizer calls and tokens,
-estimated cost, budget use, and recall: the share of *probe* questions
-answered right from that strategy's context. A full-history baseline is
-measured beside them. :mod:`~conversation_memory.lab.runner` explains the
+estimated cost, budget use, and two memory figures for the *probe*
+questions: **evidence retention**, the share of the messages that hold their
+answers which the context still carried when they were asked
+(:mod:`~conversation_memory.lab.retention`; no model needed), and
+**recall**, the share answered right from that context. A full-history
+baseline is measured beside them. :mod:`~conversation_memory.lab.runner` explains the
 replay and live modes; :mod:`~conversation_memory.lab.results` what is saved
 and what determinism covers (everything but wall time, kept in ``timing``).
 
 Inputs (:func:`read_transcripts`): OpenAI-format JSONL (our own export
-included, or ``{"messages": [...]}`` lines) and ShareGPT JSON. With no data,
-:func:`generate` writes long conversations with planted facts and probes.
+included, ``{"messages": [...]}`` lines, or multi-session ``{"sessions":
+[...]}`` lines) and ShareGPT JSON; probes may name their evidence. With no
+data, :func:`generate` writes long conversations with planted facts and
+probes (over dated sessions, asked in other words, on request), and
+:func:`generate_corpus` many of them.
 
 The model. By default the lab starts ``conversation_memory.testing.ChatServer``
 in-process with :func:`~conversation_memory.lab.testmodel.reply` as its
@@ -37,9 +43,10 @@ real model instead; results record the model, backend, and the versions of
 the prompts and of the lab.
 """
 
-from conversation_memory.lab.generate import GENERATOR_VERSION, generate
+from conversation_memory.lab.generate import GENERATOR_VERSION, generate, generate_corpus
 from conversation_memory.lab.inputs import parse_transcripts, read_transcripts
 from conversation_memory.lab.results import BASELINE, ProbeResult, Results, RunResult
+from conversation_memory.lab.retention import WAYS
 from conversation_memory.lab.runner import (
     DEFAULT_BUDGETS,
     DEFAULT_STRATEGIES,
@@ -50,7 +57,7 @@ from conversation_memory.lab.runner import (
 from conversation_memory.lab.scoring import JUDGE_PROMPT, SCORING
 from conversation_memory.lab.specs import load_strategy
 from conversation_memory.lab.testmodel import lab_server
-from conversation_memory.lab.transcript import Probe, Transcript
+from conversation_memory.lab.transcript import Probe, Session, Transcript
 
 __all__ = [
     "BASELINE",
@@ -61,12 +68,15 @@ __all__ = [
     "LAB_VERSION",
     "MODES",
     "SCORING",
+    "WAYS",
     "Probe",
     "ProbeResult",
     "Results",
     "RunResult",
+    "Session",
     "Transcript",
     "generate",
+    "generate_corpus",
     "lab_server",
     "load_strategy",
     "parse_transcripts",

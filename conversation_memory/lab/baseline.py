@@ -3,7 +3,9 @@
 Its turn is the system prompt, every message so far and the reply priming,
 counted message by message with the model's counter (tool definitions
 added). A turn longer than the model's window minus the reply reserve is
-not counted, and its probes are not asked (``probes_skipped``). In live mode
+not counted, and its probes are not asked (``probes_skipped``). A probe that
+is asked has every message said so far in front of it, so all its evidence is
+retained, raw. In live mode
 the baseline is a replayed conversation instead (:mod:`.replay`, with
 ``truncate`` and no cap).
 """
@@ -16,6 +18,7 @@ from typing import Any
 from conversation_memory import REPLY_PRIMING, budget_for
 from conversation_memory.lab.measure import Lab, Tally, score
 from conversation_memory.lab.results import BASELINE, RunResult
+from conversation_memory.lab.retention import retained, whole_history
 from conversation_memory.lab.transcript import Probe, Transcript, request_points
 
 __all__ = ["run_baseline"]
@@ -57,6 +60,7 @@ def run_baseline(lab: Lab, transcripts: Sequence[Transcript]) -> RunResult:
                         transcript=transcript,
                         turn=turn,
                         tally=tally,
+                        said=index + 1,
                     )
         for probe in probes:
             _ask_full(
@@ -68,6 +72,7 @@ def run_baseline(lab: Lab, transcripts: Sequence[Transcript]) -> RunResult:
                 transcript=transcript,
                 turn=turn,
                 tally=tally,
+                said=len(transcript.messages),
             )
     return RunResult(
         strategy=BASELINE,
@@ -90,7 +95,9 @@ def _ask_full(
     transcript: Transcript,
     turn: int,
     tally: Tally,
+    said: int,
 ) -> None:
+    """Ask ``probe`` with the whole history, if it fits (``said``: transcript messages in it)."""
     question = {"role": "user", "content": probe.question}
     tokens = running + lab.counter.count_message(question)
     if tokens > limit:
@@ -104,4 +111,5 @@ def _ask_full(
         transcript=transcript,
         turn=turn,
         tally=tally,
+        evidence=retained(probe, whole_history(said), lambda index: index),
     )

@@ -11,7 +11,18 @@ acknowledges it ("Noted."), never repeats it.
 Every ``probe_every`` turns a probe asks about one fact planted earlier,
 picked at random ("What is my sister's locker code?"); it is answered right
 when the answer contains the value. The probe records the fact's age in turns,
-so recall can be read against how long ago something was said.
+so recall can be read against how long ago something was said, and names its
+evidence: the message that states the fact.
+
+The conversation the lab's memory figures are meant for is longer and harder
+(``generate(sessions=10, paraphrase=True, final_probes=20)``, and
+:func:`generate_corpus` for many): it is held over dated sessions between two
+named speakers, each session opening with a header that carries its date;
+some facts become events of "yesterday", asked for by their date; and every
+probe is asked in other words than its fact
+(:mod:`~conversation_memory.lab.paraphrase`), after the last message, about
+the earlier sessions. Neither a reader nor a word search can then find the
+fact by its own words: only what the context still carries counts.
 
 Everything is drawn from one ``random.Random(seed)``: the same arguments give
 the same conversation, byte for byte, on any machine.
@@ -19,18 +30,26 @@ the same conversation, byte for byte, on any machine.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from conversation_memory.errors import ConfigurationError
-from conversation_memory.lab.transcript import Probe, Transcript
+from conversation_memory.lab.paraphrase import ATTRIBUTE_QUESTIONS, EVENTS, OWNER_REFERENCES
+from conversation_memory.lab.transcript import MONTHS, Probe, Session, Transcript, session_header
 
-__all__ = ["GENERATOR_VERSION", "generate"]
+__all__ = ["GENERATOR_VERSION", "generate", "generate_corpus"]
 
-GENERATOR_VERSION = "facts-v1"
-"""Changes whenever the same arguments would generate a different conversation."""
+GENERATOR_VERSION = "facts-v2"
+"""Changes whenever the same arguments would generate a different transcript (v2: probes
+name their evidence; the conversations of v1 arguments are unchanged)."""
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
+START = dt.date(2024, 1, 8)
+"""The date of the first session of a multi-session conversation, by default."""
+_USER_NAMES = ("Maya", "Tomas", "Ines", "Kofi", "Lena", "Arjun", "Sofia", "Mateo", "Yuki", "Noor")
+_ASSISTANT_NAMES = ("Sage", "Robin", "Quinn", "Ari")
 
 _OWNERS = (
     "my sister",
@@ -68,10 +87,6 @@ _CARS = (
 _BOOKS = (
     "Middlemarch", "Dune", "Beloved", "Ulysses", "Rebecca", "Emma", "Solaris", "Persuasion",
     "Ivanhoe", "Walden", "Siddhartha", "Kindred", "Frankenstein", "Dracula", "Lolita", "Hamlet",
-)  # fmt: skip
-_MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
 )  # fmt: skip
 
 
@@ -138,6 +153,20 @@ _LEADS = ("By the way, ", "Oh, and ", "Before I forget, ", "Also, ", "")
 _ACKS = ("Noted.", "Got it, thanks.", "Thanks, noted.", "Understood.")
 
 
+@dataclass(frozen=True, slots=True)
+class _Fact:
+    """A fact planted in the conversation, and how a probe asks for it."""
+
+    turn: int
+    session: int
+    question: str
+    expect: tuple[str, ...]
+    regex: str | None
+    answer: str
+    kind: str
+    evidence: tuple[int, ...]
+
+
 def generate(
     turns: int = 200,
     *,
@@ -146,6 +175,10 @@ def generate(
     probe_every: int = 10,
     sentences: tuple[int, int] = (1, 4),
     system: str | None = SYSTEM,
+    sessions: int = 1,
+    paraphrase: bool = False,
+    final_probes: int = 0,
+    start: dt.date | str = START,
 ) -> Transcript:
     """A conversation of ``turns`` user/assistant exchanges, with facts and probes.
 
@@ -153,56 +186,255 @@ def generate(
     per turn, and at most one per person and attribute: 135 in all);
     ``probe_every`` puts a probe after every that many turns once a fact
     exists (0: no probes); ``sentences`` is the (min, max) number of sentences
-    of small talk per message.
+    of small talk per message. Every probe names its evidence: the message
+    that states the fact (and, for a date, the one that opens its session).
+
+    ``sessions`` > 1 holds the conversation over that many sessions of about
+    equal length, days apart from ``start`` (an ISO date), between two named
+    speakers; each session's first message opens with its header (date
+    included), and some facts become events of "yesterday" whose date a probe
+    asks for. ``paraphrase`` asks every probe in other words than its fact's
+    (:mod:`~conversation_memory.lab.paraphrase`). ``final_probes`` asks that
+    many more after the last message, about distinct facts of the sessions
+    before the last (of any turn with one session). With the defaults the
+    conversation is the one earlier versions generated, byte for byte.
     """
     _check(turns, fact_rate, probe_every, sentences)
+    _check_sessions(turns, sessions, final_probes)
+    first_day = _date(start)
     rng = random.Random(seed)
     pairs = [(owner, attribute) for owner in _OWNERS for attribute in _ATTRIBUTES]
     rng.shuffle(pairs)
+    # Everything multi-session is drawn only when asked for, so one session draws as before.
+    dated = sessions > 1
+    plan = _sessions(rng, turns, sessions, first_day) if dated else [(1, None)]
+    speakers = (rng.choice(_USER_NAMES), rng.choice(_ASSISTANT_NAMES)) if dated else None
+    events = [(owner, event) for owner in _OWNERS for event in EVENTS] if dated else []
+    if events:
+        rng.shuffle(events)
+    starts = {first: (number, date) for number, (first, date) in enumerate(plan, start=1)}
     used: list[str] = []
-    planted: list[tuple[int, str, str, str]] = []  # turn, question, value, statement
+    planted: list[_Fact] = []
     messages: list[dict[str, str]] = []
     probes: list[Probe] = []
+    found: list[Session] = []
     low, high = sentences
+    session, session_date, opened, event_told = 1, plan[0][1], 0, False
     for turn in range(1, turns + 1):
+        header = None
+        if dated and turn in starts:
+            session, session_date = starts[turn]
+            opened, event_told = len(messages), False
+            found.append(Session(start=opened, date=session_date, number=session))
+            header = session_header(session, session_date)
         lines = [_line(rng, _USER_LINES) for _ in range(rng.randint(low, high))]
         fact = pairs and rng.random() < fact_rate
         if fact:
-            owner, attribute = pairs.pop()
-            value = _value(rng, attribute.kind, used)
-            possessive = f"{owner}'s"
-            statement = attribute.statement.format(owner=possessive, value=value)
-            lead = rng.choice(_LEADS)
-            sentence = lead + statement if lead else statement[0].upper() + statement[1:]
+            sentence, evidence, how = _plant(
+                rng,
+                pairs,
+                [] if event_told else events,
+                used,
+                date=session_date,
+                opened=opened,
+                at=len(messages),
+                paraphrase=paraphrase,
+            )
+            event_told = event_told or how[-1] == "event"
             lines.insert(rng.randint(0, len(lines)), sentence)
-            question = attribute.question.format(owner=possessive)
-            planted.append((turn, question, value, sentence))
-        messages.append({"role": "user", "content": " ".join(lines)})
+            planted.append(_Fact(turn, session, *how, evidence=evidence))
+        text = " ".join(lines)
+        messages.append(_said("user", f"{header}\n{text}" if header else text, speakers))
         reply = [_line(rng, _ASSISTANT_LINES) for _ in range(rng.randint(low, high))]
         if fact:
             reply.insert(0, rng.choice(_ACKS))
-        messages.append({"role": "assistant", "content": " ".join(reply)})
+        messages.append(_said("assistant", " ".join(reply), speakers))
         if probe_every and turn % probe_every == 0 and planted:
-            when, question, value, sentence = planted[rng.randrange(len(planted))]
-            probes.append(
-                Probe(
-                    after=len(messages),
-                    question=question,
-                    expect=(value,),
-                    answer=sentence,
-                    meta={"planted_turn": when, "age": turn - when},
-                )
-            )
+            chosen = planted[rng.randrange(len(planted))]
+            probes.append(_probe(chosen, after=len(messages), turn=turn, extra=dated or paraphrase))
+    if final_probes:
+        earlier = [f for f in planted if f.session < session] if dated else planted
+        picked = sorted(rng.sample(earlier, min(final_probes, len(earlier))), key=_turn)
+        probes.extend(_probe(f, after=len(messages), turn=turns, extra=True) for f in picked)
+    options = {"sessions": sessions, "paraphrase": paraphrase, "final_probes": final_probes}
+    if dated:
+        options["start"] = str(plan[0][1])
     return Transcript(
-        name=f"generated-{turns}t-seed{seed}",
+        name=f"generated-{turns}t-seed{seed}" + (f"-{sessions}s" if dated else ""),
         messages=tuple(messages),
         system=system,
         probes=tuple(probes),
-        source=(
-            f"generate(turns={turns}, seed={seed}, fact_rate={fact_rate}, "
-            f"probe_every={probe_every}, sentences={tuple(sentences)}) [{GENERATOR_VERSION}]"
+        source=_source(
+            f"turns={turns}, seed={seed}, fact_rate={fact_rate}, probe_every={probe_every}, "
+            f"sentences={tuple(sentences)}",
+            options if dated or paraphrase or final_probes else {},
         ),
+        sessions=tuple(found),
     )
+
+
+def _source(settings: str, options: dict[str, Any]) -> str:
+    """How a conversation was generated (new options only when used, as before them)."""
+    more = "".join(f", {key}={value!r}" for key, value in options.items())
+    return f"generate({settings}{more}) [{GENERATOR_VERSION}]"
+
+
+def generate_corpus(
+    conversations: int = 20,
+    *,
+    turns: int = 300,
+    sessions: int = 10,
+    seed: int = 0,
+    fact_rate: float = 0.15,
+    final_probes: int = 20,
+    paraphrase: bool = True,
+    sentences: tuple[int, int] = (1, 4),
+) -> list[Transcript]:
+    """Long multi-session conversations with paraphrased probes at the end: the corpus
+    evidence retention is measured on (``bench/bench_recall.py``).
+
+    Conversation ``n`` is ``generate(turns, seed=seed * 1000 + n, sessions=sessions,
+    paraphrase=paraphrase, final_probes=final_probes, probe_every=0)``: each asks,
+    after its last message, about facts of its earlier sessions.
+    """
+    if isinstance(conversations, bool) or not isinstance(conversations, int) or conversations < 1:
+        raise ConfigurationError(
+            f"conversations must be a whole number >= 1, got {conversations!r}"
+        )
+    return [
+        generate(
+            turns,
+            seed=seed * 1000 + n,
+            fact_rate=fact_rate,
+            probe_every=0,
+            sentences=sentences,
+            sessions=sessions,
+            paraphrase=paraphrase,
+            final_probes=final_probes,
+        )
+        for n in range(conversations)
+    ]
+
+
+def _turn(fact: _Fact) -> int:
+    return fact.turn
+
+
+def _probe(fact: _Fact, *, after: int, turn: int, extra: bool) -> Probe:
+    meta: dict[str, Any] = {"planted_turn": fact.turn, "age": turn - fact.turn}
+    if extra:  # one-session, plain conversations keep the meta they always had
+        meta.update(session=fact.session, kind=fact.kind)
+    return Probe(
+        after=after,
+        question=fact.question,
+        expect=fact.expect,
+        regex=fact.regex,
+        answer=fact.answer,
+        meta=meta,
+        evidence=fact.evidence,
+    )
+
+
+def _said(role: str, content: str, speakers: tuple[str, str] | None) -> dict[str, str]:
+    message = {"role": role, "content": content}
+    if speakers is not None:
+        message["name"] = speakers[0] if role == "user" else speakers[1]
+    return message
+
+
+_How = tuple[str, tuple[str, ...], str | None, str, str]
+"""How a probe asks for a fact: question, expect, regex, answer, kind."""
+
+
+def _plant(
+    rng: random.Random,
+    pairs: list[tuple[str, _Attribute]],
+    events: list[tuple[str, tuple[str, str, str]]],
+    used: list[str],
+    *,
+    date: dt.date | None,
+    opened: int,
+    at: int,
+    paraphrase: bool,
+) -> tuple[str, tuple[int, ...], _How]:
+    """A fact for the user message about to be written at index ``at``: its sentence, its
+    evidence (with, for an event of yesterday, the message ``opened`` that dates the
+    session), and how to ask for it. Events are drawn only when ``events`` has some."""
+    if events and date is not None and rng.random() < 0.3:
+        owner, event = events.pop()
+        sentence, how = _event(rng, owner, event, date, paraphrase=paraphrase)
+        return sentence, tuple(sorted({opened, at})), how
+    sentence, how = _attribute(rng, pairs.pop(), used, paraphrase=paraphrase)
+    return sentence, (at,), how
+
+
+def _attribute(
+    rng: random.Random, pair: tuple[str, _Attribute], used: list[str], *, paraphrase: bool
+) -> tuple[str, _How]:
+    """The sentence stating ``pair``'s attribute of its owner, and how to ask for it."""
+    owner, attribute = pair
+    value = _value(rng, attribute.kind, used)
+    possessive = f"{owner}'s"
+    statement = attribute.statement.format(owner=possessive, value=value)
+    lead = rng.choice(_LEADS)
+    sentence = lead + statement if lead else statement[0].upper() + statement[1:]
+    question = (
+        ATTRIBUTE_QUESTIONS[attribute.kind].format(who=OWNER_REFERENCES[owner])
+        if paraphrase
+        else attribute.question.format(owner=possessive)
+    )
+    return sentence, (question, (value,), None, sentence, attribute.kind)
+
+
+def _event(
+    rng: random.Random, owner: str, event: tuple[str, str, str], date: dt.date, *, paraphrase: bool
+) -> tuple[str, _How]:
+    """The sentence telling that ``owner`` did ``event`` yesterday, and how to ask for it."""
+    said, direct, other = event
+    when = date - dt.timedelta(days=1)
+    if rng.random() < 0.5:
+        sentence = f"Yesterday {owner} {said}."
+    else:
+        sentence = f"{owner[0].upper()}{owner[1:]} {said} yesterday."
+    who = OWNER_REFERENCES[owner] if paraphrase else owner
+    question = f"On what date did {who} {other if paraphrase else direct}?"
+    month = MONTHS[when.month - 1]
+    suffix = r"(?:st|nd|rd|th)?"
+    regex = rf"\b(?:{when.day}{suffix}\s+(?:of\s+)?{month}|{month}\s+{when.day}{suffix})\b"
+    answer = f"{when.day} {month} {when.year}"
+    return sentence, (question, (), regex, answer, "event")
+
+
+def _sessions(
+    rng: random.Random, turns: int, count: int, start: dt.date
+) -> list[tuple[int, dt.date | None]]:
+    """(first turn, date) of each session: turns shared out evenly, 1 to 12 days apart."""
+    plan: list[tuple[int, dt.date | None]] = []
+    date = start
+    for n in range(count):
+        plan.append((1 + n * turns // count, date))
+        date += dt.timedelta(days=rng.randint(1, 12))
+    return plan
+
+
+def _date(value: dt.date | str) -> dt.date:
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"start must be a date or an ISO date such as '2024-01-08', got {value!r}"
+        ) from None
+
+
+def _check_sessions(turns: int, sessions: int, final_probes: int) -> None:
+    if isinstance(sessions, bool) or not isinstance(sessions, int) or not 1 <= sessions <= turns:
+        raise ConfigurationError(
+            f"sessions must be a whole number from 1 to the turns ({turns}), got {sessions!r}"
+        )
+    if isinstance(final_probes, bool) or not isinstance(final_probes, int) or final_probes < 0:
+        raise ConfigurationError(f"final_probes must be a whole number >= 0, got {final_probes!r}")
 
 
 def _check(turns: int, fact_rate: float, probe_every: int, sentences: tuple[int, int]) -> None:
@@ -239,7 +471,7 @@ def _value(rng: random.Random, kind: str, used: list[str]) -> str:
         elif kind == "flight":
             value = f"{rng.choice('BKLQSTUW')}{rng.choice('AFHJMRXZ')}{rng.randint(100, 9999)}"
         elif kind == "date":
-            value = f"{rng.randint(1, 28)} {rng.choice(_MONTHS)}"
+            value = f"{rng.randint(1, 28)} {rng.choice(MONTHS)}"
         else:
             pool = {
                 "city": _CITIES,

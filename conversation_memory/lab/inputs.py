@@ -12,9 +12,18 @@ Formats, told apart by their content (not their file name):
   ``human``/``user``, ``gpt``/``assistant`` (and other assistant names),
   ``system``, ``function_call`` (the value is the call's JSON, or a list of
   them) or ``observation``/``tool`` (a tool result for the open call).
+- **Sessions JSONL**: one conversation per line, held over several sessions:
+  ``{"sessions": [{"date": "2024-05-14", "messages": [...]}, ...]}``. The
+  sessions' messages make one list, each session's first message opening with
+  its :func:`~conversation_memory.lab.transcript.session_header`; ``date`` (ISO
+  ``YYYY-MM-DD``) is optional.
 
-Any conversation may carry ``"probes": [{"question", "expect", "regex",
-"answer", "after"}]`` (in our export, in the header). Every message is checked
+Any conversation may carry ``"speakers": {"user": "Maya", "assistant": "Sam"}``
+(the ``name`` of each message of that role that has none) and ``"probes":
+[{"question", "expect", "regex", "answer", "after", "evidence"}]`` (in our
+export, in the header). ``evidence`` lists the indexes of the messages that hold
+the answer, counted like ``after``: from 0, the system prompt not counted, across
+sessions; each must be said before the probe is asked. Every message is checked
 with :func:`conversation_memory.validate` (the API's own rules: roles, content,
 tool calls answered in order) and only the keys the API defines are kept
 (``weight`` and null fields are dropped). A problem raises
@@ -24,6 +33,7 @@ tool calls answered in order) and only the keys the API defines are kept
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import json
 import json.decoder
 import json.scanner
@@ -35,7 +45,7 @@ from typing import Any
 
 from conversation_memory import validate
 from conversation_memory.errors import ImportFormatError, InvalidMessage, InvalidPayload
-from conversation_memory.lab.transcript import Probe, Transcript
+from conversation_memory.lab.transcript import Probe, Session, Transcript, session_header
 
 __all__ = ["parse_transcripts", "read_transcripts"]
 
@@ -45,6 +55,8 @@ _DROPPED = frozenset({"weight", "refusal", "annotations", "audio", "function_cal
 _USER = frozenset({"human", "user"})
 _ASSISTANT = frozenset({"gpt", "assistant", "chatgpt", "bard", "bing", "model", "bot"})
 _TOOL = frozenset({"observation", "tool", "function_response"})
+_SHAPES = ("messages", "conversations", "sessions")
+"""The keys that make a JSON object one conversation."""
 
 
 def read_transcripts(
@@ -143,14 +155,14 @@ def _jsonl(lines: list[str], name: str) -> list[Transcript]:
             raise where.error(number, f"expected a JSON object, got {_kind(value)}")
         records.append((number, value))
     number, head = records[0]
-    if "messages" in head or "conversations" in head:
+    if any(key in head for key in _SHAPES):
         out = []
         for number, record in records:
-            if "messages" not in record and "conversations" not in record:
+            if not any(key in record for key in _SHAPES):
                 raise where.error(
                     number,
-                    'expected a conversation ({"messages": [...]} or {"conversations": '
-                    "[...]}) like the first line",
+                    'expected a conversation ({"messages": [...]}, {"conversations": '
+                    '[...]} or {"sessions": [...]}) like the first line',
                 )
             out.append(_record(record, where, number, f"{name}:{number}"))
         return out
@@ -172,7 +184,7 @@ def _jsonl(lines: list[str], name: str) -> list[Transcript]:
     messages: list[dict[str, Any]] = []
     numbers: list[int] = []
     for number, record in records[start:]:
-        if "messages" in record or "conversations" in record or "type" in record:
+        if any(key in record for key in _SHAPES) or "type" in record:
             raise where.error(number, "expected one message per line, like the lines before")
         messages.append(_message(record, where, number))
         numbers.append(number)
@@ -201,13 +213,11 @@ def _document(text: str, name: str) -> list[Transcript]:
     out = []
     for index, record in enumerate(items):
         line = where.line_of(record, 1)
-        if not isinstance(record, dict) or (
-            "messages" not in record and "conversations" not in record
-        ):
+        if not isinstance(record, dict) or not any(key in record for key in _SHAPES):
             raise where.error(
                 line,
-                f'conversation {index}: expected an object with "conversations" (ShareGPT) '
-                f'or "messages" (OpenAI), got {_kind(record)}',
+                f'conversation {index}: expected an object with "conversations" (ShareGPT), '
+                f'"messages" (OpenAI) or "sessions", got {_kind(record)}',
             )
         out.append(_record(record, where, line, f"{name}#{index}"))
     return out
@@ -236,7 +246,10 @@ def _record(record: dict[str, Any], where: _Where, line: int, source: str) -> Tr
         raise where.error(line, '"tools" must be a list of tool definitions')
     messages: list[dict[str, Any]] = []
     numbers: list[int] = []
-    if "messages" in record:
+    sessions: list[tuple[int, dt.date | None]] = []
+    if "sessions" in record:
+        messages, numbers, sessions = _sessions(record["sessions"], where, line)
+    elif "messages" in record:
         raw = record["messages"]
         if not isinstance(raw, list):
             raise where.error(line, f'"messages" must be a list, got {_kind(raw)}')
@@ -246,6 +259,7 @@ def _record(record: dict[str, Any], where: _Where, line: int, source: str) -> Tr
             numbers.append(at)
     else:
         messages, numbers = _sharegpt(record["conversations"], where, line)
+    _name_speakers(messages, record.get("speakers"), where, line)
     return _transcript(
         messages,
         numbers,
@@ -256,7 +270,62 @@ def _record(record: dict[str, Any], where: _Where, line: int, source: str) -> Tr
         probes=record.get("probes"),
         probes_line=where.line_of(record.get("probes"), line),
         tools=tools,
+        sessions=sessions,
     )
+
+
+def _sessions(
+    value: Any, where: _Where, line: int
+) -> tuple[list[dict[str, Any]], list[int], list[tuple[int, dt.date | None]]]:
+    """The messages of every session in one list, and where each session starts."""
+    if not isinstance(value, list) or not value:
+        raise where.error(line, f'"sessions" must be a non-empty list, got {_kind(value)}')
+    messages: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    starts: list[tuple[int, dt.date | None]] = []
+    for number, session in enumerate(value, start=1):
+        at = where.line_of(session, line)
+        if not isinstance(session, dict) or not isinstance(session.get("messages"), list):
+            raise where.error(
+                at,
+                f'session {number}: expected {{"date", "messages": [...]}}, got {_kind(session)}',
+            )
+        date = session.get("date")
+        if date is not None:
+            try:
+                date = dt.date.fromisoformat(date) if isinstance(date, str) else None
+            except ValueError:
+                date = None
+            if date is None:
+                raise where.error(
+                    at,
+                    f'session {number}: "date" must be an ISO date such as "2024-05-14", got '
+                    f"{session.get('date')!r}",
+                )
+        if not session["messages"]:
+            raise where.error(at, f"session {number} has no messages")
+        starts.append((len(messages), date))
+        for message in session["messages"]:
+            message_at = where.line_of(message, at)
+            messages.append(_message(message, where, message_at, index=len(messages)))
+            numbers.append(message_at)
+    return messages, numbers, starts
+
+
+def _name_speakers(messages: list[dict[str, Any]], speakers: Any, where: _Where, line: int) -> None:
+    """Give each message of a role in ``speakers`` that speaker's name, unless it has one."""
+    if speakers is None:
+        return
+    if not isinstance(speakers, dict) or not all(
+        isinstance(role, str) and isinstance(name, str) for role, name in speakers.items()
+    ):
+        raise where.error(
+            line, '"speakers" must map roles to names, e.g. {"user": "Maya", "assistant": "Sam"}'
+        )
+    for message in messages:
+        name = speakers.get(message.get("role"))
+        if name and "name" not in message and message.get("role") != "tool":
+            message["name"] = name
 
 
 def _optional_text(value: Any, where: _Where, line: int, key: str) -> str | None:
@@ -365,12 +434,21 @@ def _transcript(
     probes: Any,
     probes_line: int,
     tools: Sequence[Mapping[str, Any]] | None,
+    sessions: Sequence[tuple[int, dt.date | None]] = (),
 ) -> Transcript:
     if messages and messages[0].get("role") == "system" and system is None:
         content = messages[0].get("content")
         if isinstance(content, str):
             system = content
             messages, numbers = messages[1:], numbers[1:]
+            sessions = [(max(start - 1, 0), date) for start, date in sessions]
+    found = tuple(
+        Session(start=start, date=date, number=number)
+        for number, (start, date) in enumerate(sessions, start=1)
+        if start < len(messages)
+    )
+    for session in found:
+        messages[session.start] = _with_header(messages[session.start], session)
     if messages:
         full = ([{"role": "system", "content": system}] if system else []) + messages
         try:
@@ -391,7 +469,19 @@ def _transcript(
         probes=_probes(probes, len(messages), where, probes_line),
         tools=tuple(tools) if tools else None,
         source=source,
+        sessions=found,
     )
+
+
+def _with_header(message: dict[str, Any], session: Session) -> dict[str, Any]:
+    """``message`` opening with its session's header line (text content only)."""
+    header = session_header(session.number, session.date)
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": f"{header}\n{content}"}
+    if isinstance(content, list):
+        return {**message, "content": [{"type": "text", "text": header}, *content]}
+    return message
 
 
 def _probes(value: Any, count: int, where: _Where, line: int) -> tuple[Probe, ...]:
@@ -430,6 +520,24 @@ def _probes(value: Any, count: int, where: _Where, line: int) -> tuple[Probe, ..
             if not answer:
                 raise where.error(at, f'{bad} needs "expect", "regex" or "answer"')
             expect = (answer,)
+        evidence = item.get("evidence", ())
+        if not isinstance(evidence, list | tuple) or not all(
+            isinstance(e, int) and not isinstance(e, bool) for e in evidence
+        ):
+            raise where.error(at, f'{bad} "evidence" must be a list of message indexes')
+        for said in evidence:
+            if not 0 <= said < count:
+                raise where.error(
+                    at,
+                    f'{bad} "evidence" names message {said}, but the conversation has '
+                    f"{count} messages (0 to {count - 1}, the system prompt not counted)",
+                )
+            if said >= after:
+                raise where.error(
+                    at,
+                    f'{bad} "evidence" names message {said}, which is said after the probe '
+                    f"is asked (after {after} messages)",
+                )
         meta = item.get("meta") or {}
         probes.append(
             Probe(
@@ -439,6 +547,7 @@ def _probes(value: Any, count: int, where: _Where, line: int) -> tuple[Probe, ..
                 regex=regex,
                 answer=answer,
                 meta=dict(meta) if isinstance(meta, dict) else {},
+                evidence=tuple(sorted(set(evidence))),
             )
         )
     return tuple(probes)

@@ -5,7 +5,9 @@ A run is one strategy at one budget, replayed through the engine
 (:mod:`~conversation_memory.lab.baseline`). Both count prompt tokens with the
 model's counter, price them with the registry's list prices, and ask and
 score probes the same way: keywords/regex or an LLM judge
-(:mod:`~conversation_memory.lab.scoring`).
+(:mod:`~conversation_memory.lab.scoring`), and, for probes that name their
+evidence, which of it the context carried
+(:mod:`~conversation_memory.lab.retention`).
 """
 
 from __future__ import annotations
@@ -102,8 +104,11 @@ def score(
     transcript: Transcript,
     turn: int,
     tally: Tally,
+    evidence: tuple[tuple[int, ...], tuple[str | None, ...]] = ((), ()),
 ) -> None:
-    """Send ``sent`` (a probe's question in its context), score the answer, note it."""
+    """Send ``sent`` (a probe's question in its context), score the answer, note it with
+    ``evidence``: the probe's evidence indexes measured and how each was retained
+    (:func:`~conversation_memory.lab.retention.retained`)."""
     error = None
     try:
         answer = lab.llm.complete(
@@ -132,5 +137,7 @@ def score(
             tokens=tokens,
             meta=dict(probe.meta),
             error=error,
+            evidence=evidence[0],
+            retained=evidence[1],
         )
     )

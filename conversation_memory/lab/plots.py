@@ -4,8 +4,10 @@
   budget, a line per strategy (and the full-history baseline, dashed);
 - ``cumulative_cost.png``: estimated USD so far (turns and summaries), same
   layout; cumulative tokens (turns and summaries) when the model has no price;
-- ``recall_vs_tokens.png``: recall against mean tokens sent per turn, one point
-  per strategy × budget (only when there were probes).
+- ``retention_vs_tokens.png``: evidence retention against mean tokens sent per
+  turn, one point per strategy × budget (only when probes named evidence);
+- ``recall_vs_tokens.png``: recall against mean tokens sent per turn, the same
+  way (only when there were probes).
 
 matplotlib is an optional dependency (``pip install conversation-memory[plots]``).
 """
@@ -15,13 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from conversation_memory.errors import ConfigurationError
 from conversation_memory.lab.results import BASELINE, Results, RunResult
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
 
 __all__ = ["write_plots"]
 
@@ -90,8 +89,21 @@ def write_plots(results: Results, folder: str | Path) -> list[Path]:
             _cumulative_tokens,
             "Cumulative tokens: turns and summaries",
         )
+    if any(r.evidence for r in results.runs):
+        written.append(
+            _scatter(
+                plt,
+                results,
+                out / "retention_vs_tokens.png",
+                colours,
+                budgets,
+                figure="retention",
+            )
+        )
     if any(r.probes for r in results.runs):
-        written.append(_recall(plt, results, out / "recall_vs_tokens.png", colours, budgets))
+        written.append(
+            _scatter(plt, results, out / "recall_vs_tokens.png", colours, budgets, figure="recall")
+        )
     return written
 
 
@@ -142,30 +154,44 @@ def _cumulative_tokens(run: RunResult) -> tuple[list[int], list[float]]:
     return xs, total
 
 
-def _recall(
-    plt: Any, results: Results, path: Path, colours: dict[str, str], budgets: Sequence[Any]
+def _scatter(
+    plt: Any,
+    results: Results,
+    path: Path,
+    colours: dict[str, str],
+    budgets: Sequence[Any],
+    *,
+    figure: str,
 ) -> Path:
+    """``figure`` (``"retention"`` or ``"recall"``) against mean tokens sent per turn."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     markers = {budget: _MARKERS[n % len(_MARKERS)] for n, budget in enumerate(budgets)}
     for r in results.runs:
-        if r.recall is None or r.tokens_mean is None:
+        value = getattr(r, figure)
+        if value is None or r.tokens_mean is None:
             continue
         if r.baseline:
-            ax.scatter(r.tokens_mean, r.recall, marker="*", s=160, color="0.3", label=BASELINE)
+            ax.scatter(r.tokens_mean, value, marker="*", s=160, color="0.3", label=BASELINE)
         else:
             ax.scatter(
                 r.tokens_mean,
-                r.recall,
+                value,
                 marker=markers[r.budget],
                 s=60,
                 color=colours[r.strategy],
                 label=f"{r.strategy} @ {r.budget:,}",
             )
-        _label(ax, r)
+        ax.annotate(
+            f"{value:.1%}",
+            (r.tokens_mean, value),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=7,
+        )
     ax.set_xlabel("mean prompt tokens sent per turn")
-    ax.set_ylabel("recall (probes answered right)")
+    ax.set_ylabel(_AXES[figure])
     ax.set_ylim(-0.05, 1.05)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -173,18 +199,18 @@ def _recall(
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title(f"Recall against tokens\n{_title(results)}", fontsize=10)
+    ax.set_title(f"{_TITLES[figure]}\n{_title(results)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
     return path
 
 
-def _label(ax: Axes, run: RunResult) -> None:
-    ax.annotate(
-        f"{run.recall:.0%}",
-        (run.tokens_mean or 0, run.recall or 0),
-        textcoords="offset points",
-        xytext=(6, 4),
-        fontsize=7,
-    )
+_AXES = {
+    "retention": "evidence retained (share)",
+    "recall": "recall (probes answered right)",
+}
+_TITLES = {
+    "retention": "Evidence retention against tokens",
+    "recall": "Recall against tokens",
+}

@@ -5,7 +5,10 @@ turn ``Conversation.prepare`` gives the exact request the strategy would
 send, which is counted, and ``Conversation.record`` stores the reply (the
 transcript's own in replay mode, the model's in live mode); compaction runs
 after it whenever the request asked for a fold. Probes are asked with the
-context ``prepare(question)`` gives, and never stored. Summaries are made
+context ``prepare(question)`` gives, and never stored; what that context
+carries of the probe's evidence is read from ``Conversation.prepared``
+(:func:`~conversation_memory.lab.retention.sent_in`), with each transcript
+message found at the position the replay stored it. Summaries are made
 through a :class:`Meter`, which notes what each one cost.
 """
 
@@ -32,6 +35,7 @@ from conversation_memory import (
 )
 from conversation_memory.lab.measure import Lab, Message, Tally, score
 from conversation_memory.lab.results import BASELINE, RunResult
+from conversation_memory.lab.retention import retained, sent_in
 from conversation_memory.lab.transcript import Probe, Transcript
 
 __all__ = ["LAB_USER", "Meter", "run_strategy"]
@@ -146,12 +150,15 @@ def _replay(
     probes = sorted(transcript.probes, key=lambda p: p.after)
     tools = transcript.tools if lab.mode == "replay" else None
     pending: list[dict[str, Any]] = []
+    waiting: list[int] = []  # the transcript indexes of ``pending``
+    stored: dict[int, int] = {}  # transcript index -> position, for messages stored as written
     turn = tally.turn = 0
     for index, message in enumerate(transcript.messages):
         role = message.get("role")
         if role != "assistant":
             if lab.mode == "replay" or role != "tool":
                 pending.append(dict(message))
+                waiting.append(index)
             continue
         if index in requests:
             turn = tally.turn = turn + 1
@@ -163,15 +170,21 @@ def _replay(
             else:
                 reply, sent, tokens = _live_call(lab, conversation, pending, sent, tokens)
                 completion = lab.reply_tokens_of(reply["choices"][0]["message"])
-            conversation.record(reply)
-            pending = []
+            position = conversation.record(reply).position
+            if position is not None:
+                first = position - len(pending) - 1
+                stored.update((each, first + n) for n, each in enumerate(waiting, start=1))
+                if lab.mode == "replay":
+                    stored[index] = position
+            pending, waiting = [], []
             price = lab.cost(tokens, completion)
             summaries = meter.take_cost()
             tally.tokens.append(tokens)
             tally.costs.append(None if price is None or summaries is None else price + summaries)
             lab.tick(label)
         elif lab.mode == "replay":
-            conversation.append(dict(message))  # nothing new was said to it: no request
+            # Nothing new was said to it: no request.
+            stored[index] = conversation.append(dict(message)).position
         if lab.mode == "live" or not message.get("tool_calls"):
             while probes and probes[0].after <= index + 1:
                 _ask(
@@ -181,11 +194,21 @@ def _replay(
                     transcript=transcript,
                     turn=turn,
                     tally=tally,
+                    stored=stored,
                 )
     if pending:
-        conversation.extend(pending)
+        for each, message_stored in zip(waiting, conversation.extend(pending), strict=True):
+            stored[each] = message_stored.position
     for probe in probes:
-        _ask(lab, conversation, probe=probe, transcript=transcript, turn=turn, tally=tally)
+        _ask(
+            lab,
+            conversation,
+            probe=probe,
+            transcript=transcript,
+            turn=turn,
+            tally=tally,
+            stored=stored,
+        )
 
 
 def _prompt_tokens(conversation: Conversation) -> int:
@@ -241,9 +264,14 @@ def _ask(
     transcript: Transcript,
     turn: int,
     tally: Tally,
+    stored: dict[int, int],
 ) -> None:
-    """Ask one probe with the context ``prepare(question)`` gives; score and note it."""
+    """Ask one probe with the context ``prepare(question)`` gives; score and note it, with
+    what that context carried of its evidence."""
     sent = conversation.prepare(probe.question, max_tokens=lab.probe_tokens)
+    context = conversation.prepared
+    assert context is not None
+    evidence = retained(probe, sent_in(context), stored.get)
     score(
         lab,
         sent,
@@ -252,4 +280,5 @@ def _ask(
         transcript=transcript,
         turn=turn,
         tally=tally,
+        evidence=evidence,
     )

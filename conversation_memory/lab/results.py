@@ -10,6 +10,13 @@ for byte. Wall time lives apart: :attr:`Results.timing`, written to
 Token figures are counted with the model's tokenizer (tiktoken for OpenAI
 models), the count the budget itself uses; costs are estimates from the
 registry's list prices (None when the model has no price).
+
+The memory figures are **evidence retention** (the share of the probes'
+evidence messages that the context carried when they were asked, raw,
+retrieved or in a summary; :mod:`~conversation_memory.lab.retention`), which
+needs no model and is the headline, and **recall** (the share of probes the
+model answered right). Both are shown with one decimal and their counts
+("0.4% (6/1,532)"), so that close results stay apart.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from conversation_memory.errors import ConfigurationError
+from conversation_memory.lab.retention import WAYS, tally
 
 __all__ = ["BASELINE", "ProbeResult", "Results", "RunResult"]
 
@@ -40,6 +48,12 @@ METRICS = (
     "tokens_p95",
     "tokens_max",
     "utilization",
+    "evidence",
+    "evidence_retained",
+    "retention",
+    "retained_raw",
+    "retained_retrieved",
+    "retained_summary",
     "summary_calls",
     "summary_failures",
     "summary_prompt_tokens",
@@ -70,6 +84,11 @@ class ProbeResult:
     meta: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
     """Why no answer came (the call failed), if so."""
+    evidence: tuple[int, ...] = ()
+    """The probe's evidence messages (transcript indexes) that were measured."""
+    retained: tuple[str | None, ...] = ()
+    """For each of ``evidence``: how the context carried it (``"raw"``, ``"retrieved"``,
+    ``"summary"``), or None: lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +178,35 @@ class RunResult:
         """Share of the probes asked that were answered right (None: no probes)."""
         return round(self.correct / len(self.probes), 4) if self.probes else None
 
+    @property
+    def evidence(self) -> int:
+        """Evidence messages of the probes asked (each probe's own, counted per probe)."""
+        return sum(len(p.evidence) for p in self.probes)
+
+    @property
+    def retained_by(self) -> Mapping[str, int]:
+        """Evidence messages retained each way (:data:`~.retention.WAYS`) and ``"lost"``."""
+        return tally(way for p in self.probes for way in p.retained)
+
+    @property
+    def evidence_retained(self) -> int:
+        return sum(way is not None for p in self.probes for way in p.retained)
+
+    @property
+    def retention(self) -> float | None:
+        """Share of the evidence messages that the contexts carried (None: no evidence)."""
+        return round(self.evidence_retained / self.evidence, 4) if self.evidence else None
+
+    @property
+    def retention_shown(self) -> str:
+        """Retention as tables print it: ``"62.5% (10/16)"``, or ``"n/a"``."""
+        return percent(self.evidence_retained, self.evidence)
+
+    @property
+    def recall_shown(self) -> str:
+        """Recall as tables print it: ``"5.0% (1/20)"``, or ``"n/a"``."""
+        return percent(self.correct, len(self.probes))
+
     def metrics(self) -> dict[str, Any]:
         """The summary figures, keyed as in :data:`METRICS`."""
         return {
@@ -171,6 +219,10 @@ class RunResult:
             "tokens_p95": self.tokens_p95,
             "tokens_max": self.tokens_max,
             "utilization": self.utilization,
+            "evidence": self.evidence,
+            "evidence_retained": self.evidence_retained,
+            "retention": self.retention,
+            **{f"retained_{way}": count for way, count in self.retained_by.items() if way in WAYS},
             "summary_calls": self.summary_calls,
             "summary_failures": self.summary_failures,
             "summary_prompt_tokens": self.summary_prompt_tokens,
@@ -209,7 +261,7 @@ class RunResult:
             summary_prompt_tokens=data.get("summary_prompt_tokens", 0),
             summary_completion_tokens=data.get("summary_completion_tokens", 0),
             summary_errors=tuple(data.get("summary_errors") or ()),
-            probes=tuple(ProbeResult(**p) for p in data.get("probe_results") or ()),
+            probes=tuple(_probe(p) for p in data.get("probe_results") or ()),
             probes_skipped=data.get("probes_skipped", 0),
             error=data.get("error"),
         )
@@ -294,13 +346,12 @@ class Results:
     def to_markdown(self) -> str:
         """A Markdown table of the main figures (wall time left out: it is not reproducible)."""
         head = (
-            "| strategy | budget | tokens/turn (mean) | p95 | total tokens | summarizer calls "
-            "(tokens) | est. cost | recall |"
+            "| strategy | budget | tokens/turn (mean) | p95 | total tokens | evidence retained "
+            "| summarizer calls (tokens) | est. cost | recall |"
         )
-        lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in self.runs:
             m = r.metrics()
-            recall = "n/a" if r.recall is None else f"{r.recall:.0%} ({r.correct}/{len(r.probes)})"
             cost = "n/a" if r.cost is None else f"${r.cost:.4f}"
             budget = f"{r.budget:,}" if r.budget is not None else f"window ({r.limit:,})"
             summaries = (
@@ -310,8 +361,8 @@ class Results:
             p95 = "n/a" if m["tokens_p95"] is None else f"{m['tokens_p95']:,}"
             name = r.strategy + (" (stopped early)" if r.error else "")
             lines.append(
-                f"| {name} | {budget} | {mean} | {p95} | {r.tokens_total:,} | {summaries} "
-                f"| {cost} | {recall} |"
+                f"| {name} | {budget} | {mean} | {p95} | {r.tokens_total:,} | "
+                f"{r.retention_shown} | {summaries} | {cost} | {r.recall_shown} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -340,6 +391,20 @@ class Results:
 
             written.extend(write_plots(self, folder))
         return written
+
+
+def percent(part: int, whole: int) -> str:
+    """``part / whole`` with one decimal and the counts: ``"0.4% (6/1,532)"``."""
+    if not whole:
+        return "n/a"
+    return f"{100 * part / whole:.1f}% ({part:,}/{whole:,})"
+
+
+def _probe(data: Mapping[str, Any]) -> ProbeResult:
+    fields = dict(data)
+    fields["evidence"] = tuple(fields.get("evidence") or ())
+    fields["retained"] = tuple(fields.get("retained") or ())
+    return ProbeResult(**fields)
 
 
 def _dumps(value: Any, indent: str = "") -> str:

@@ -14,7 +14,9 @@ are not sent).
 
 At each probe point the probe's question is prepared the same way and sent
 to the model, but never stored. The answer is scored by keywords/regex or by
-an LLM judge (:mod:`conversation_memory.lab.scoring`).
+an LLM judge (:mod:`conversation_memory.lab.scoring`), and what the prepared
+context carried of the probe's evidence is noted with it, needing no model
+(:mod:`conversation_memory.lab.retention`).
 
 The **baseline** sends the whole history every turn. In replay mode it needs
 no database: its turn is the system prompt, every message so far and the
@@ -60,8 +62,9 @@ from conversation_memory.lab.transcript import Transcript, request_points
 
 __all__ = ["DEFAULT_BUDGETS", "DEFAULT_STRATEGIES", "LAB_VERSION", "MODES", "run"]
 
-LAB_VERSION = "1"
-"""Changes whenever the same inputs would be measured differently."""
+LAB_VERSION = "2"
+"""Changes whenever the same inputs would be measured differently (2: evidence retention;
+sentences split around abbreviations, decimals and URLs)."""
 MODES = ("replay", "live")
 DEFAULT_STRATEGIES = ("truncate", "summary", "hierarchical")
 DEFAULT_BUDGETS = (1000, 4000)
@@ -247,6 +250,7 @@ def _meta(
                 "messages": len(t.messages),
                 "turns": len(lab.requests(t.messages)),
                 "probes": len(t.probes),
+                "sessions": len(t.sessions),
                 "tokens": lab.count(history, t.tools) if history else 0,
             }
         )

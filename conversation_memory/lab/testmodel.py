@@ -7,11 +7,15 @@ generator's phrasing:
 
 - **Reader** (chat requests, e.g. a probe). It splits every message of the
   request except the last user message (the question) into sentences — the
-  system prompt, any summary, the turns kept — and answers with the sentence
-  that shares the most content words with the question (ties: the newest),
-  provided it shares at least half of them; otherwise "I don't know." So it
-  can only answer from what the strategy kept in the context: a right answer
-  means the context still held the fact.
+  system prompt, any summary, the turns kept; abbreviations, decimals and URLs
+  don't end one (:func:`~conversation_memory.lab.text.sentences`) — and
+  answers with the sentence that shares the most content words with the
+  question (ties: the newest), provided it shares at least half of them;
+  otherwise "I don't know." So it can only answer from what the strategy kept
+  in the context: a right answer means the context still held the fact. It
+  does not know synonyms: a question asked in other words than its fact
+  (``generate(paraphrase=True)``) finds nothing, which is why the lab's
+  headline memory figure is evidence retention, not recall.
 - **Summarizer** (requests carrying the summarizer prompt's transcript
   block). An extractive, size-capped summary that does what the summarizer
   prompt asks ("keep names, numbers, dates ...; drop small talk") as a rule
@@ -36,11 +40,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from conversation_memory.lab.scoring import JUDGE_PROMPT
+from conversation_memory.lab.text import content_words, sentences
 from conversation_memory.testing import ChatServer
 
 __all__ = ["VERSION", "answer", "extract_summary", "lab_server", "reply"]
 
-VERSION = "reader-v1+extract-summary-v1+judge-v1"
+VERSION = "reader-v2+extract-summary-v2+judge-v1"
 """Changes whenever any of the three parts would answer differently."""
 
 UNKNOWN = "I don't know."
@@ -50,19 +55,8 @@ _PREVIOUS = re.compile(r"^Previous summary:\n(.*?)\n\n", re.DOTALL)
 _SPEAKER = re.compile(
     r"^(?:(user|assistant|system|developer)(?: \([^)]*\))?|tool result for [^:]*): ", re.MULTILINE
 )
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-_WORD = re.compile(r"[^\W_]+")
 _NAME_WORD = re.compile(r"[^\W\d_][\w'\u2019-]*")
 _PRONOUNS = frozenset({"I", "I'm", "I've", "I'll", "I'd", "I\u2019m", "I\u2019ve", "I\u2019ll"})
-_STOP = frozenset((
-    "a", "about", "after", "all", "also", "am", "an", "and", "any", "are", "as", "at",
-    "be", "been", "but", "by", "can", "could", "did", "do", "does", "for", "from", "had",
-    "has", "have", "he", "her", "him", "his", "how", "i", "if", "in", "into", "is", "it",
-    "its", "just", "me", "my", "no", "not", "now", "of", "on", "or", "our", "she", "so",
-    "some", "than", "that", "the", "their", "them", "then", "there", "these", "they", "this",
-    "to", "was", "we", "were", "what", "when", "where", "which", "who", "why", "will",
-    "with", "would", "you", "your",
-))  # fmt: skip
 
 
 def _text_of(content: Any) -> str:
@@ -101,15 +95,15 @@ def answer(messages: Sequence[Mapping[str, Any]]) -> str:
     question_at = max((n for n, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if question_at is None:
         return UNKNOWN
-    wanted = _words(_text_of(messages[question_at].get("content")))
+    wanted = content_words(_text_of(messages[question_at].get("content")))
     if not wanted:
         return UNKNOWN
     best, best_score = None, 0
     for n, message in enumerate(messages):
         if n == question_at:
             continue
-        for sentence in _sentences(_text_of(message.get("content"))):
-            score = len(wanted & _words(sentence))
+        for sentence in sentences(_text_of(message.get("content"))):
+            score = len(wanted & content_words(sentence))
             if score and score >= best_score:
                 best, best_score = sentence, score
     if best is None or 2 * best_score < len(wanted):
@@ -119,21 +113,21 @@ def answer(messages: Sequence[Mapping[str, Any]]) -> str:
 
 def extract_summary(previous: str, transcript: str, max_tokens: int | None) -> str:
     """Previous summary + what each new message says with names or numbers, capped."""
-    sentences = _sentences(previous)
+    kept = sentences(previous)
     fallback: list[str] = []
     for speaker, text in _blocks(transcript):
-        found = _sentences(text)
+        found = sentences(text)
         if speaker == "system":
-            sentences.extend(found)
+            kept.extend(found)
         else:
-            sentences.extend(s for s in found if _informative(s))
-        if not sentences and found:
+            kept.extend(s for s in found if _informative(s))
+        if not kept and found:
             fallback = found[:1]
     limit = None if max_tokens is None else max(1, int(max_tokens * 0.8))
     if limit is not None:
-        while len(sentences) > 1 and ChatServer.count_text(" ".join(sentences)) > limit:
-            sentences.pop(0)
-    summary = " ".join(sentences or fallback) or "Nothing to note."
+        while len(kept) > 1 and ChatServer.count_text(" ".join(kept)) > limit:
+            kept.pop(0)
+    summary = " ".join(kept or fallback) or "Nothing to note."
     if limit is not None and ChatServer.count_text(summary) > limit:
         summary = summary.encode("utf-8")[: limit * 3].decode("utf-8", errors="ignore")
     return summary
@@ -147,8 +141,8 @@ def lab_server(**options: Any) -> ChatServer:
 
 def _judge(request: str) -> str:
     fields = dict(re.findall(r"^(Reference answer|Answer to grade): (.*)$", request, re.MULTILINE))
-    reference = _words(fields.get("Reference answer", ""))
-    given = _words(fields.get("Answer to grade", ""))
+    reference = content_words(fields.get("Reference answer", ""))
+    given = content_words(fields.get("Answer to grade", ""))
     return "CORRECT" if reference and reference <= given else "INCORRECT"
 
 
@@ -168,11 +162,3 @@ def _informative(sentence: str) -> bool:
         return True
     words = _NAME_WORD.findall(sentence)[1:]
     return any(w[0].isupper() and w not in _PRONOUNS for w in words)
-
-
-def _sentences(text: str) -> list[str]:
-    return [part.strip() for part in _SENTENCE_END.split(text) if part and part.strip()]
-
-
-def _words(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.casefold()) if len(w) > 1 and w not in _STOP}

@@ -1,13 +1,28 @@
-"""What the lab replays: a transcript (OpenAI-format messages) and its probe questions."""
+"""What the lab replays: a transcript (OpenAI-format messages), its sessions and its probes.
+
+A transcript is one conversation as a flat list of messages. A conversation
+held over several *sessions* (days apart, as people come back to a chat)
+stays one list: each session starts at a message index and has a date, and
+its first message opens with :func:`session_header` ("[Session 2 · Tuesday
+14 May 2024]"), so that the date reaches the model the way any other text
+does and a question such as "what did I do yesterday?" can be worked out.
+
+A probe may name its *evidence*: the indexes of the messages that hold its
+answer. That is what evidence retention (:mod:`~conversation_memory.lab.retention`)
+looks for in the context sent when the probe is asked.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Probe", "Transcript"]
+from conversation_memory.lab.text import contains
+
+__all__ = ["Probe", "Session", "Transcript", "session_header"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,13 +38,17 @@ class Probe:
     stored: at the first turn boundary at or after that point."""
     question: str
     expect: tuple[str, ...] = ()
-    """Keywords or phrases that must all appear in the answer (case-insensitive, whole words)."""
+    """Keywords or phrases that must all appear in the answer, as whole words, ignoring
+    case and punctuation (:func:`~conversation_memory.lab.text.contains`)."""
     regex: str | None = None
     """A regular expression the answer must match (case-insensitive), besides ``expect``."""
     answer: str | None = None
     """The reference answer, for the LLM judge (default: the keywords)."""
     meta: Mapping[str, Any] = field(default_factory=dict)
     """Free-form details kept with the results (the generator stores the fact's age)."""
+    evidence: tuple[int, ...] = ()
+    """Indexes (into the transcript's ``messages``) of the messages that hold the answer,
+    all said before the probe is asked; empty when unknown."""
 
     def reference(self) -> str:
         """The reference answer shown to a judge."""
@@ -39,10 +58,8 @@ class Probe:
 
     def matches(self, answer: str) -> bool:
         """Keyword/regex scoring: every keyword appears and the regex (if any) matches."""
-        for keyword in self.expect:
-            pattern = r"(?<!\w)" + re.escape(keyword.strip()) + r"(?!\w)"
-            if not re.search(pattern, answer, re.IGNORECASE):
-                return False
+        if not all(contains(answer, keyword) for keyword in self.expect):
+            return False
         return self.regex is None or re.search(self.regex, answer, re.IGNORECASE) is not None
 
 
@@ -63,11 +80,43 @@ class Transcript:
     """Tool definitions sent with every request (they count toward its tokens)."""
     source: str = ""
     """Where it was read from (``file.jsonl:3``), or how it was generated."""
+    sessions: tuple[Session, ...] = ()
+    """The sessions the messages were said in, in order (empty: one undated session)."""
 
     @property
     def turns(self) -> int:
         """Model requests a replay makes: assistant messages with something new before them."""
         return len(request_points(self.messages))
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """Where one session of a transcript starts, and when it was held."""
+
+    start: int
+    """Index of its first message in the transcript's ``messages``."""
+    date: dt.date | None = None
+    number: int = 1
+    """1 for the first session of the transcript."""
+
+
+def session_header(number: int, date: dt.date | None) -> str:
+    """The line a session's first message opens with: ``[Session 2 · Tuesday 14 May 2024]``."""
+    if date is None:
+        return f"[Session {number}]"
+    return f"[Session {number} · {day_and_date(date)}]"
+
+
+def day_and_date(date: dt.date) -> str:
+    """``Tuesday 14 May 2024``, in English whatever the locale."""
+    return f"{_DAYS[date.weekday()]} {date.day} {MONTHS[date.month - 1]} {date.year}"
+
+
+MONTHS = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December",
+)  # fmt: skip
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
 def request_points(messages: Sequence[Mapping[str, Any]], *, live: bool = False) -> list[int]:

@@ -1,0 +1,114 @@
+"""What reaches the model: evidence retention on long multi-session conversations.
+
+    python bench/bench_recall.py              # 20 conversations × 300 turns (a few minutes)
+    python bench/bench_recall.py --quick      # 4 conversations × 300 turns
+    python bench/bench_recall.py --out DIR    # also write the lab's results and plots
+
+The corpus is ``lab.generate_corpus(20, turns=300, sessions=10)``: conversations
+of about 21,000 tokens, each held over 10 dated sessions between two named
+speakers, with facts planted in small talk and, after the last message, 20
+probes about facts of the earlier sessions, asked in other words than the
+facts (synonyms, indirect references, dates to work out from "yesterday"), so
+that matching words wins nothing. Each probe names its evidence: the
+messages that hold its answer.
+
+Each strategy replays every conversation at a 4,000-token budget through the
+engine (``conversation_memory.lab.run``, replay mode, the lab's deterministic
+model on an in-process ``ChatServer``), beside the full history. For each it
+prints **evidence retention** (the share of the probes' evidence messages
+that the context sent at the probe still carried: raw, retrieved, or in a
+summary that kept the answer) and the tokens sent as a share of the full
+history's: over every turn of the replay, and at the probes.
+
+Issue 11's targets are for the recall strategies, which are added to
+``STRATEGIES`` when they exist: at the same budget, >= 3x the evidence that
+``truncate`` keeps, and >= 80% of the full history's retention while sending
+<= 15% of its tokens. They are printed for every strategy, as a reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from statistics import mean
+
+from _measure import Row, print_table
+
+from conversation_memory import lab
+
+STRATEGIES = ("truncate", "summary", "hierarchical")
+"""The strategies compared; the recall strategies join them when they exist."""
+BUDGET = 4000
+MODEL = "gpt-4o-mini"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 conversations instead of 20")
+    parser.add_argument("--conversations", type=int, default=None)
+    parser.add_argument("--turns", type=int, default=300)
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write results.json/.csv/.md and plots here")
+    args = parser.parse_args(argv)
+    count = args.conversations or (4 if args.quick else 20)
+    started = time.perf_counter()
+    corpus = lab.generate_corpus(count, turns=args.turns, sessions=args.sessions, seed=args.seed)
+    print(
+        f"{count} conversations × {args.turns} turns × {len(STRATEGIES)} strategies "
+        f"at {BUDGET:,} tokens, and the full history ...",
+        file=sys.stderr,
+    )
+    results = lab.run(corpus, strategies=STRATEGIES, budgets=[BUDGET], model=MODEL)
+    if args.out:
+        results.write(args.out)
+    full = results.baseline
+    assert full is not None
+    tokens = [t["tokens"] for t in results.meta["transcripts"]]
+    probes = sum(len(t.probes) for t in corpus)
+    rows = [
+        Row("conversations × turns (sessions each)", f"{count} × {args.turns} ({args.sessions})"),
+        Row(
+            "tokens per conversation (min / mean / max)",
+            f"{min(tokens):,} / {mean(tokens):,.0f} / {max(tokens):,}",
+        ),
+        Row("probes (evidence messages)", f"{probes:,} ({full.evidence:,})"),
+        Row(f"{lab.BASELINE}: evidence retained", full.retention_shown),
+        Row(f"{lab.BASELINE}: recall by the stand-in reader", full.recall_shown),
+    ]
+    truncate = results.run("truncate", BUDGET)
+    for name in STRATEGIES:
+        run = results.run(name, BUDGET)
+        by = run.retained_by
+        share = run.tokens_total / full.tokens_total
+        at_probes = mean(p.tokens for p in run.probes) / mean(p.tokens for p in full.probes)
+        of_full = (run.retention or 0) / full.retention if full.retention else 0.0
+        of_truncate = (run.retention or 0) / truncate.retention if truncate.retention else 0.0
+        rows += [
+            Row(f"{name}: evidence retained", run.retention_shown),
+            Row(
+                f"{name}:   raw / summary / retrieved",
+                f"{by['raw']} / {by['summary']} / {by['retrieved']}",
+            ),
+            Row(f"{name}:   retention vs truncate", f"{of_truncate:.2f}x", ">= 3x"),
+            Row(f"{name}:   retention vs full history", f"{of_full:.1%}", ">= 80%"),
+            Row(f"{name}: tokens sent / full history's (all turns)", f"{share:.1%}", "<= 15%"),
+            Row(f"{name}: tokens sent / full history's (at the probes)", f"{at_probes:.1%}"),
+            Row(f"{name}: recall by the stand-in reader", run.recall_shown),
+            Row(f"{name}: summarizer calls", f"{run.summary_calls:,}"),
+        ]
+        if run.error:
+            rows.append(Row(f"{name}: stopped early", run.error, "no error", False))
+    return print_table(
+        f"conversation_memory recall bench (generate_corpus({count}, turns={args.turns}, "
+        f"sessions={args.sessions}, seed={args.seed}), paraphrased probes; budget {BUDGET:,}; "
+        f"model {MODEL} counted with tiktoken, replay mode, test backend; "
+        f"Python {sys.version.split()[0]})",
+        rows,
+        seconds=time.perf_counter() - started,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
