@@ -19,13 +19,7 @@ from conversation_memory.budget import (
 )
 from conversation_memory.chat import Reply, TurnStream
 from conversation_memory.compaction import Outcome
-from conversation_memory.engine import (
-    Conversation,
-    ConversationInfo,
-    Memory,
-    StoredMessage,
-    UsageTotals,
-)
+from conversation_memory.engine import Conversation, Memory, UsageTotals
 from conversation_memory.errors import (
     AmbiguousReference,
     AuthenticationFailed,
@@ -64,7 +58,7 @@ from conversation_memory.registry import (
     load_models,
     register_model,
 )
-from conversation_memory.store.repository import Entry
+from conversation_memory.store.values import ConversationInfo, Entry, StoredMessage
 from conversation_memory.strategies import (
     TRUNCATE,
     Strategy,

@@ -64,10 +64,7 @@ from conversation_memory.chat import Reply
 from conversation_memory.compaction import Outcome
 from conversation_memory.engine import (
     Conversation,
-    ConversationInfo,
     Memory,
-    Pending,
-    StoredMessage,
     UsageTotals,
     check_modes,
     llm_options,
@@ -79,7 +76,8 @@ from conversation_memory.errors import (
     ModelError,
     SummarizationFailed,
 )
-from conversation_memory.store import repository
+from conversation_memory.store.values import ConversationInfo, Entry, StoredMessage
+from conversation_memory.store.values import NewMessage as Pending
 from conversation_memory.strategies import Strategy, Summarizing
 from conversation_memory.summarize import (
     DEFAULT_PROMPT,
@@ -640,7 +638,7 @@ class AsyncConversation:
         """Every stored message, oldest first, as OpenAI-format dicts."""
         return await self._run(self._conversation.history)
 
-    async def entries(self) -> list[repository.Entry]:
+    async def entries(self) -> list[Entry]:
         """Every stored message with its position, tokens, time, flags and metadata."""
         return await self._run(self._conversation.entries)
 

@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from conversation_memory.budget import Context, build
 from conversation_memory.errors import BudgetExceeded, ConfigurationError, ContextLengthExceeded
+from conversation_memory.store.values import NewMessage as Pending
+from conversation_memory.store.values import UsageRecord
 from conversation_memory.types import Correction
 
 if TYPE_CHECKING:
-    from conversation_memory.engine import Conversation, Pending
+    from conversation_memory.engine import Conversation
 
 INCOMPLETE_CHOICES = ("store", "drop")
 CUT_SHORT = frozenset({"length", "content_filter"})
@@ -220,19 +222,19 @@ def overflow_count(
     return requested if ceiling is None else min(requested, ceiling)
 
 
-def _usage_row(completion: Any, counted: int, *, error: str | None = None) -> dict[str, Any]:
+def _usage_row(completion: Any, counted: int, *, error: str | None = None) -> UsageRecord:
     usage = completion.usage
-    return {
-        "kind": "chat",
-        "model": completion.model,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "counted_prompt_tokens": counted,
-        "latency_ms": completion.latency_ms,
-        "finish_reason": completion.finish_reason,
-        "request_id": completion.request_id,
-        "error": error,
-    }
+    return UsageRecord(
+        kind="chat",
+        model=completion.model,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        counted_prompt_tokens=counted,
+        latency_ms=completion.latency_ms,
+        finish_reason=completion.finish_reason,
+        request_id=completion.request_id,
+        error=error,
+    )
 
 
 def finish_turn(

@@ -34,41 +34,26 @@ summary only if the one it was built on is still the newest.
 
 from __future__ import annotations
 
-import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
 from conversation_memory.budget import summary_message
 from conversation_memory.errors import (
     BudgetExceeded,
     ConfigurationError,
     ModelError,
-    StoreError,
     SummarizationFailed,
 )
 from conversation_memory.registry import get_model
-from conversation_memory.store import repository
-from conversation_memory.store.database import Database
-from conversation_memory.store.schema import compaction_leases, conversations, summaries, usage
-from conversation_memory.summarize import Summarizer, check_summary
+from conversation_memory.store.values import NewSummary, UsageRecord
+from conversation_memory.summarize import Summarizer, SummaryText, check_summary
 from conversation_memory.types import Summary
 
 if TYPE_CHECKING:
     from conversation_memory.engine import Conversation
 
-LEASE_SECONDS = 6.0
-"""How long a lease lasts unless its holder renews it (every third of this):
-how long a dead holder can block the compaction of its conversation."""
-IN_PROCESS_LEASE_SECONDS = 86_400.0
-"""The lease on an in-memory database, which dies with the process holding it:
-never renewed (all threads share its one connection), dropped when done."""
 DEFAULT_SUMMARY_CAP = 1024
 
 
@@ -83,102 +68,18 @@ class Outcome:
     """Why it stopped: the summarizer failed or its summary was refused."""
 
 
-def _lease_seconds(db: Database) -> float:
-    return IN_PROCESS_LEASE_SECONDS if db.in_process else LEASE_SECONDS
-
-
 @contextmanager
 def _leased(conversation: Conversation, level: int) -> Iterator[bool]:
-    """Hold the lease for the block, renewing it meanwhile; False if another holds it."""
-    holder = uuid.uuid4().hex
-    if not _take_lease(conversation, holder, level):
+    """Hold the lease for the block (renewed meanwhile); False if another holds it."""
+    log = conversation.log
+    lease = log.take_lease(level)
+    if lease is None:
         yield False
         return
-    stop = threading.Event()
-    renewer = None
-    if not conversation.database.in_process:
-        renewer = threading.Thread(
-            target=_renew_lease,
-            args=(conversation.database, conversation.id, holder, level, stop),
-            name=f"convmem-lease-{conversation.id[:8]}",
-            daemon=True,  # never keeps the interpreter alive; the lease then lapses
-        )
-        renewer.start()
     try:
         yield True
     finally:
-        stop.set()
-        if renewer is not None:
-            renewer.join()
-        _drop_lease(conversation, holder, level)
-
-
-def _renew_lease(
-    db: Database, conversation_id: str, holder: str, level: int, stop: threading.Event
-) -> None:
-    """Push the lease's expiry forward every third of ``LEASE_SECONDS`` until ``stop``."""
-    while not stop.wait(LEASE_SECONDS / 3):
-        try:
-            with db.write() as conn:
-                kept = conn.execute(
-                    update(compaction_leases)
-                    .where(
-                        compaction_leases.c.conversation_id == conversation_id,
-                        compaction_leases.c.level == level,
-                        compaction_leases.c.holder == holder,
-                    )
-                    .values(expires_at=repository.now() + timedelta(seconds=LEASE_SECONDS))
-                ).rowcount
-        except StoreError:
-            continue  # e.g. locked past busy_timeout: the next beat tries again
-        if not kept:
-            return  # it lapsed and was taken over; storing a summary stays safe (see above)
-
-
-def _take_lease(conversation: Conversation, holder: str, level: int) -> bool:
-    db = conversation.database
-    now = repository.now()
-    expires = now + timedelta(seconds=_lease_seconds(db))
-    try:
-        with db.write() as conn:
-            taken = conn.execute(
-                update(compaction_leases)
-                .where(
-                    compaction_leases.c.conversation_id == conversation.id,
-                    compaction_leases.c.level == level,
-                    compaction_leases.c.expires_at < now,
-                )
-                .values(holder=holder, expires_at=expires)
-            ).rowcount
-            if taken:
-                return True
-            current = conn.execute(
-                select(compaction_leases.c.holder).where(
-                    compaction_leases.c.conversation_id == conversation.id,
-                    compaction_leases.c.level == level,
-                )
-            ).first()
-            if current is not None:
-                return False
-            conn.execute(
-                insert(compaction_leases).values(
-                    conversation_id=conversation.id, level=level, holder=holder, expires_at=expires
-                )
-            )
-    except IntegrityError:
-        return False  # another process inserted the lease first
-    return True
-
-
-def _drop_lease(conversation: Conversation, holder: str, level: int) -> None:
-    with conversation.database.write() as conn:
-        conn.execute(
-            delete(compaction_leases).where(
-                compaction_leases.c.conversation_id == conversation.id,
-                compaction_leases.c.level == level,
-                compaction_leases.c.holder == holder,
-            )
-        )
+        log.drop_lease(lease)
 
 
 def _chunks(
@@ -189,7 +90,7 @@ def _chunks(
     current: list[dict[str, Any]] = []
     start = first
     tokens = 0
-    for entry in conversation.entries_between(first, last):
+    for entry in conversation.log.entries(first, last):
         if current and tokens + entry.tokens > chunk_tokens:
             pieces.append((start, entry.position - 1, current))
             current, tokens, start = [], 0, entry.position
@@ -209,78 +110,35 @@ def _store_summary(
     text: str,
     tokens: int,
     strategy: str,
-    result: Any,
-    segments: list[Any],
+    result: SummaryText,
     level: int = 0,
 ) -> Summary | None:
-    """Insert the summary if ``previous`` is still the newest; None if another won.
-
-    A merge (``level`` > 0) replaces no newest summary; the unique range rule
-    alone keeps concurrent merges of one range down to one row.
-    """
-    db = conversation.database
-    try:
-        with db.write() as conn:
-            # The conversation row's lock makes the check and the insert one step
-            # on PostgreSQL too (SQLite's BEGIN IMMEDIATE already serializes them).
-            conn.execute(
-                select(conversations.c.id)
-                .where(conversations.c.id == conversation.id)
-                .with_for_update()
-            )
-            if level == 0:
-                # The hot path's query, on this transaction's own connection.
-                newest = conversation.hot.newest_summary(conn.connection.cursor(), segments)
-                if (newest.id if newest else None) != (previous.id if previous else None):
-                    return None
-            new_id = conn.execute(
-                insert(summaries)
-                .values(
-                    conversation_id=conversation.id,
-                    start_position=start,
-                    end_position=end,
-                    level=level,
-                    text=text,
-                    tokens=tokens,
-                    strategy=strategy,
-                    model=result.model,
-                    prompt_version=result.prompt_version,
-                    based_on=previous.id if previous else None,
-                    created_at=repository.now(),
-                )
-                .returning(summaries.c.id)
-            ).scalar_one()
-            conn.execute(
-                insert(usage).values(
-                    conversation_id=conversation.id,
-                    kind="summary",
-                    model=result.model,
-                    position=end,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    latency_ms=result.latency_ms,
-                    request_id=result.request_id,
-                    created_at=repository.now(),
-                )
-            )
-    except IntegrityError:
-        return None  # the same range was stored by a concurrent compaction
-    return Summary(id=new_id, start=start, end=end, text=text, tokens=tokens, level=level)
+    """Insert the summary if ``previous`` is still the newest; None if another won."""
+    return conversation.log.store_summary(
+        NewSummary(
+            start=start,
+            end=end,
+            text=text,
+            tokens=tokens,
+            strategy=strategy,
+            model=result.model,
+            prompt_version=result.prompt_version,
+            level=level,
+            based_on=previous.id if previous else None,
+            usage=UsageRecord(
+                kind="summary",
+                model=result.model,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                latency_ms=result.latency_ms,
+                request_id=result.request_id,
+            ),
+        )
+    )
 
 
 def record_failure(conversation: Conversation, model: str, error: str) -> None:
-    if conversation._unsaved:
-        return  # no row to attach it to: a conversation not stored yet has nothing to fold
-    with conversation.database.write() as conn:
-        conn.execute(
-            insert(usage).values(
-                conversation_id=conversation.id,
-                kind="summary",
-                model=model,
-                error=error[:2000],
-                created_at=repository.now(),
-            )
-        )
+    conversation.log.record_usage(UsageRecord(kind="summary", model=model, error=error))
 
 
 def _merge(
@@ -289,8 +147,6 @@ def _merge(
     summarizer_model: str,
     cap: int,
     done: list[Summary],
-    *,
-    segments: list[Any],
 ) -> str | None:
     """Merge every run of ``fanout`` same-level summaries in the cover, bottom up."""
     fanout = conversation.strategy.fanout  # type: ignore[attr-defined]
@@ -322,7 +178,6 @@ def _merge(
             tokens=counter.count_message(rendered),
             strategy=conversation.strategy.name,
             result=result,
-            segments=segments,
             level=level,
         )
         if stored is None:
@@ -379,7 +234,7 @@ def compact(
     chunk_tokens: int | None = None,
 ) -> Outcome:
     """Fold what the strategy asks for into summaries; see the module docstring."""
-    if conversation._unsaved:
+    if not len(conversation):
         return Outcome(skipped="nothing to fold")  # not stored yet (the lease needs the row)
     strategy = conversation.strategy
     # The lease comes first: a compaction that read the state before another
@@ -399,7 +254,6 @@ def compact(
         if fold is None:
             return Outcome(skipped="nothing to fold")
         cap, chunk_tokens = _sizes(strategy, budget, summarizer_model, state.summary, chunk_tokens)
-        segments = conversation.segments()  # once per compaction, not once per summary
         previous = state.summary
         first = previous.end + 1 if previous is not None else 0
         start = previous.start if previous is not None else 0
@@ -429,16 +283,13 @@ def compact(
                 tokens=counter.count_message(rendered),
                 strategy=strategy.name,
                 result=result,
-                segments=segments,
             )
             if stored is None:
                 return Outcome(summaries=tuple(done), skipped="another compaction won")
             done.append(stored)
             previous = stored
             if hierarchical:
-                error = _merge(
-                    conversation, summarizer, summarizer_model, cap, done, segments=segments
-                )
+                error = _merge(conversation, summarizer, summarizer_model, cap, done)
                 if error is not None:
                     return Outcome(summaries=tuple(done), error=error)
     return Outcome(summaries=tuple(done))

@@ -22,48 +22,38 @@ import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from conversation_memory import _config, chat, compaction
+from conversation_memory import _config, calibration, chat, compaction
 from conversation_memory.budget import Context, budget_for
 from conversation_memory.errors import (
     AmbiguousReference,
     BudgetExceeded,
     ConfigurationError,
-    ConversationExists,
     ConversationMemoryError,
     ConversationNotFound,
-    InvalidMessage,
     UserNotFound,
 )
 from conversation_memory.export import Parsed, read_export, write_export
-from conversation_memory.messages import check_metadata, dumps, normalize, to_row
+from conversation_memory.messages import check_metadata, normalize, to_row
 from conversation_memory.registry import ModelInfo, get_model, load_models
-from conversation_memory.store import migrate, repository
-from conversation_memory.store.database import (
-    Database,
-    Snapshot,
-    create_sqlite_file,
-    inspect_sqlite_file,
-    make_engine,
-    missing_database,
-    parse_target,
+from conversation_memory.store.database import Database
+from conversation_memory.store.log import ConversationLog
+from conversation_memory.store.opening import Store, open_store
+from conversation_memory.store.values import (
+    ConversationInfo,
+    ConversationRow,
+    Entry,
+    NewMessage,
+    StoredMessage,
+    UsageRecord,
+    now,
 )
-from conversation_memory.store.schema import VERSION_TABLE
 from conversation_memory.strategies import Strategy, Summarizing, as_strategy
 from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
-from conversation_memory.types import (
-    MAX_FACTOR,
-    MIN_FACTOR,
-    Budget,
-    Correction,
-    Item,
-    State,
-    Summary,
-)
+from conversation_memory.types import Budget, Correction, Item, State, Summary
 
 DEFAULT_USER = "default"
 COMPACTION_CHOICES = ("after", "before", "manual")
@@ -96,61 +86,6 @@ def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> int:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class ConversationInfo:
-    """One line of ``Memory.conversations()``."""
-
-    id: str
-    user: str
-    title: str | None
-    model: str
-    message_count: int
-    tokens: int
-    created_at: datetime
-    updated_at: datetime
-    """Last activity."""
-    forked_from: str | None
-
-
-def _conversation_info(row: Any) -> ConversationInfo:
-    """A row of ``repository.LISTING_COLUMNS``."""
-    id_, user, title, model, count, tokens, created, updated, parent = row
-    return ConversationInfo(
-        id=id_,
-        user=user,
-        title=title,
-        model=model,
-        message_count=count,
-        tokens=tokens,
-        created_at=repository.aware(created),
-        updated_at=repository.aware(updated),
-        forked_from=parent,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """A checked, counted message waiting for its transaction."""
-
-    row: dict[str, Any]
-    message: dict[str, Any]
-    pinned: bool = False
-    complete: bool = True
-
-
-USAGE_DEFAULTS: dict[str, Any] = {
-    "kind": "chat",
-    "model": "",
-    "prompt_tokens": None,
-    "completion_tokens": None,
-    "counted_prompt_tokens": None,
-    "latency_ms": None,
-    "finish_reason": None,
-    "request_id": None,
-    "error": None,
-}
-
-
 def check_modes(*, compaction: Any, on_incomplete: Any) -> None:
     """Check the ``compaction`` and ``on_incomplete`` settings of a memory."""
     if compaction not in COMPACTION_CHOICES:
@@ -169,32 +104,6 @@ def llm_options(retry: Any, sleep: Any) -> dict[str, Any]:
     if sleep is not None:
         options["sleep"] = sleep
     return options
-
-
-SPREAD = 2.0
-"""How far apart the ratios (server's count to ours) of one conversation's prompts
-plausibly lie. A correction more than this above an exact count is not a memory of
-an earlier, denser prompt but stale or wrong, and the count replaces it."""
-
-
-def next_correction(factor: float | None, counted: int, reported: int) -> tuple[float, int]:
-    """The calibration after one observation: (factor, margin).
-
-    The factor follows the observed ratio (an exponential average that never
-    drops below the newest ratio, so one surprise is never averaged away); a
-    server that disagrees with us at all also gets a margin. A factor more than
-    :data:`SPREAD` times the observed ratio is replaced by it: one reply's exact
-    count is enough to undo a wrong correction.
-    """
-    ratio = min(max(reported / counted, MIN_FACTOR), MAX_FACTOR)
-    if factor is None or factor > SPREAD * ratio:
-        new = ratio
-    else:
-        new = max(ratio, 0.7 * factor + 0.3 * ratio)
-    exact = reported == counted and new == 1.0
-    # The ratio differs between the messages of one prompt, so the margin grows
-    # with the prompt: 16 tokens plus 2% of what the server counted.
-    return new, 0 if exact else 16 + reported // 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,33 +155,27 @@ class Call:
     """Estimated USD from the registry's list prices (None if the model has no price)."""
 
 
-def _call(row: Any) -> Call:
-    kind, model, position, prompt, completion, counted, ms, finish, error, when = row
-    prompt_tokens = prompt if prompt is not None else (counted or 0)
+def _call(record: UsageRecord) -> Call:
+    prompt = record.prompt_tokens
+    prompt_tokens = prompt if prompt is not None else (record.counted_prompt_tokens or 0)
+    completion = record.completion_tokens or 0
     try:
-        cost = get_model(model).cost(prompt_tokens, completion or 0)
+        cost = get_model(record.model).cost(prompt_tokens, completion)
     except ConfigurationError:
         cost = None
+    assert record.created_at is not None
     return Call(
-        kind=kind,
-        model=model,
-        position=position,
+        kind=record.kind,
+        model=record.model,
+        position=record.position,
         prompt_tokens=prompt_tokens,
-        completion_tokens=completion or 0,
-        latency_ms=ms,
-        finish_reason=finish,
-        error=error,
-        created_at=repository.aware(when),
+        completion_tokens=completion,
+        latency_ms=record.latency_ms,
+        finish_reason=record.finish_reason,
+        error=record.error,
+        created_at=record.created_at,
         cost=cost,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    """What ``append`` stored: where, and how many tokens it counts for."""
-
-    position: int
-    tokens: int
 
 
 class Memory:
@@ -304,6 +207,7 @@ class Memory:
         sleep: Any = None,
         upgrade: bool = False,
         create: bool = True,
+        durability: str = "full",
         busy_timeout_ms: int = 30_000,
         env: Mapping[str, str] | None = None,
         echo: bool = False,
@@ -311,30 +215,16 @@ class Memory:
         models = _config.models_file(env)
         if models is not None:
             load_models(models)  # before any file is created: a bad models file changes nothing
-        target = parse_target(_config.default_db_path(env) if db is None else db)
-        created = False
-        found: Snapshot | None = None
-        if target.path is not None:
-            found = inspect_sqlite_file(target.path, VERSION_TABLE)
-            created = found is None
-            if created and not create:
-                raise missing_database(target)
-        self._db = Database(target, make_engine(target, busy_timeout_ms=busy_timeout_ms, echo=echo))
-        try:
-            with self._db.errors():
-                if found is not None:
-                    # Refuse a file that isn't ours before a connection rewrites it.
-                    migrate.preflight(self._db, found, upgrade=upgrade)
-                elif target.path is not None:
-                    create_sqlite_file(target.path)
-                migrate.ensure_schema(self._db, upgrade=upgrade, found=found, create=create)
-        except BaseException:
-            self._db.dispose()
-            if created and target.path is not None:
-                # Only a file this call created is removed; never a caller's.
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{target.path}{suffix}").unlink(missing_ok=True)
-            raise
+        self._store: Store = open_store(
+            db,
+            create=create,
+            upgrade=upgrade,
+            durability=durability,
+            busy_timeout_ms=busy_timeout_ms,
+            env=env,
+            echo=echo,
+        )
+        self._db = self._store.database
         check_modes(compaction=compaction, on_incomplete=on_incomplete)
         self.client = client
         self.model = model or _config.default_model(env)
@@ -348,7 +238,6 @@ class Memory:
         self._retry = retry
         self._sleep = sleep
         self._llm: Any = None
-        self._hot = repository.HotPath(self._db.dialect)
 
     @property
     def database(self) -> Database:
@@ -423,8 +312,7 @@ class Memory:
                 raise ConfigurationError(
                     "lazy=True is for a new conversation; an existing one is resumed by id"
                 )
-            with self._db.read() as conn:
-                row = repository.get_conversation(conn, id, user_id)
+            row = self._store.catalogue.get(id, user_id)
             if row is None:
                 raise ConversationNotFound(
                     f"no conversation {id!r} for user {user_id!r}; list them with "
@@ -455,8 +343,8 @@ class Memory:
             settings["budget"] = budget
         if reserve is not None:
             settings["reserve"] = reserve
-        when = repository.now()
-        row = repository.ConversationRow(
+        when = now()
+        row = ConversationRow(
             id=uuid.uuid4().hex,
             user_id=user_id,
             title=title,
@@ -474,8 +362,7 @@ class Memory:
             total_tokens=0,
         )
         if not lazy:
-            with self._db.write() as conn:
-                repository.insert_conversation(conn, {**asdict(row), "settings": dumps(settings)})
+            self._store.catalogue.create(row)
         # Lazy: the first turn's own transaction inserts the row (Conversation._commit).
         conversation = Conversation(self, row, strategy=chosen, unsaved=lazy)
         conversation._override(strategy=None, budget=None, reserve=None)
@@ -488,15 +375,12 @@ class Memory:
         user_id = None if all_users else _check_user(user)
         if limit is not None:
             _check_positive("limit", limit)
-        with self._db.read() as conn:
-            rows = repository.list_conversations(conn, user_id, limit=limit)
-        return [_conversation_info(row) for row in rows]
+        return self._store.catalogue.list(user_id, limit=limit)
 
     def count(self, *, user: str | None = None, all_users: bool = False) -> int:
         """How many conversations this user (or everyone) has."""
         user_id = None if all_users else _check_user(user)
-        with self._db.read() as conn:
-            return repository.count_conversations(conn, user_id)
+        return self._store.catalogue.count(user_id)
 
     def find(self, ref: str, *, user: str | None = None) -> ConversationInfo:
         """The conversation ``ref`` names: an id, a title, or a unique id prefix.
@@ -510,10 +394,7 @@ class Memory:
         if not isinstance(ref, str) or not ref:
             raise ConfigurationError(f"a conversation id or title is needed, got {ref!r}")
         user_id = None if user is None else _check_user(user)
-        with self._db.read() as conn:
-            kind, rows = repository.find_conversations(
-                conn, ref, user_id, limit=AMBIGUOUS_LISTED + 1
-            )
+        kind, rows = self._store.catalogue.find(ref, user_id, limit=AMBIGUOUS_LISTED + 1)
         if not rows:
             whose = "" if user_id is None else f" of user {user_id!r}"
             raise ConversationNotFound(
@@ -523,7 +404,7 @@ class Memory:
                 user=user_id,
             )
         if kind == "prefix" and len(rows) > 1:
-            candidates = [_conversation_info(row) for row in rows[:AMBIGUOUS_LISTED]]
+            candidates = rows[:AMBIGUOUS_LISTED]
             width = 12  # what `convmem sessions` shows, longer only if that is not enough
             while len({c.id[:width] for c in candidates}) < len(candidates):
                 width += 1
@@ -538,13 +419,12 @@ class Memory:
                 user=user_id,
                 candidates=candidates,
             )
-        return _conversation_info(rows[0])
+        return rows[0]
 
     def erase_user(self, user: str) -> int:
         """Delete every conversation, message, summary and usage row of ``user``."""
         user_id = _check_user(user)
-        with self._db.write() as conn:
-            erased = repository.erase_user(conn, user_id)
+        erased = self._store.catalogue.erase_user(user_id)
         if not erased:
             raise UserNotFound(f"no data is stored for user {user_id!r}", user=user_id)
         return erased
@@ -575,7 +455,6 @@ class Memory:
         system = header.get("system")
         rows = [
             {
-                "conversation_id": conversation_id,
                 "position": position,
                 **to_row(line.message),
                 "tokens": counter.count_message(line.message),
@@ -586,39 +465,26 @@ class Memory:
             }
             for position, line in enumerate(parsed.lines)
         ]
-        settings = header.get("settings") or {}
-        with self._db.write() as conn:
-            if repository.conversation_exists(conn, conversation_id):
-                raise ConversationExists(
-                    f"conversation {conversation_id!r} already exists; delete it first, or "
-                    "import a copy with a fresh id (new_id=True; `convmem import --new-id`)",
-                    conversation_id=conversation_id,
-                )
-            repository.insert_conversation(
-                conn,
-                {
-                    "id": conversation_id,
-                    "user_id": user_id,
-                    "title": header.get("title"),
-                    "model": model_name,
-                    "system": system,
-                    "system_tokens": counter.count_message({"role": "system", "content": system})
-                    if system is not None
-                    else 0,
-                    "counter": counter.name,
-                    "settings": dumps(settings),
-                    "created_at": parsed.created_at,
-                    "updated_at": parsed.updated_at,
-                    "next_position": len(rows),
-                    "message_count": len(rows),
-                    "total_tokens": sum(row["tokens"] for row in rows),
-                },
-            )
-            if rows:
-                repository.insert_messages(conn, rows)
-            row = repository.get_conversation(conn, conversation_id, user_id)
-        assert row is not None
-        return Conversation(self, row)
+        row = ConversationRow(
+            id=conversation_id,
+            user_id=user_id,
+            title=header.get("title"),
+            model=model_name,
+            system=system,
+            system_tokens=counter.count_message({"role": "system", "content": system})
+            if system is not None
+            else 0,
+            counter=counter.name,
+            settings=header.get("settings") or {},
+            created_at=parsed.created_at,
+            updated_at=parsed.updated_at,
+            forked_from=None,
+            fork_position=None,
+            next_position=len(rows),
+            message_count=len(rows),
+            total_tokens=sum(row["tokens"] for row in rows),
+        )
+        return Conversation(self, self._store.catalogue.import_(row, rows))
 
 
 class Conversation:
@@ -627,13 +493,13 @@ class Conversation:
     def __init__(
         self,
         memory: Memory,
-        row: repository.ConversationRow,
+        row: ConversationRow,
         *,
         strategy: Strategy | None = None,
         unsaved: bool = False,
     ) -> None:
         self._memory = memory
-        self._db = memory.database
+        self._log: ConversationLog = memory._store.log(row, unsaved=unsaved)
         self._row = row
         self.id = row.id
         self.user = row.user_id
@@ -645,14 +511,9 @@ class Conversation:
         self._strategy: Strategy = strategy or self._stored_strategy(row.settings.get("strategy"))
         self._budget_cap: int | None = row.settings.get("budget")
         self._reserve: int | None = row.settings.get("reserve")
-        self._segments: tuple[tuple[str, int | None], list[repository.Segment]] | None = None
         self._plain_limit = self.budget().limit
         self._prepared: Any = None
         self._last_correction: Correction | None = None
-        self._unsaved = unsaved
-        """The row is still to be inserted, by the first write (see ``_commit``)."""
-        self._unsaved_calibration: dict[str, Any] | None = None
-        """A calibration learnt before the row existed; written with the first turn."""
 
     def _stored_strategy(self, name: str | None) -> Strategy:
         """The strategy saved at creation: a built-in by name, or the Memory's own."""
@@ -683,6 +544,7 @@ class Conversation:
                 model=model,
             )
         self.model, self._info, self._counter = model, info, counter
+        self._log.model = model
 
     def _override(self, *, strategy: Strategy | None, budget: int | None, reserve: int | None):
         if strategy is not None:
@@ -747,7 +609,7 @@ class Conversation:
         metadata: Mapping[str, Any] | None = None,
         complete: bool = True,
         check: bool = True,
-    ) -> Pending:
+    ) -> NewMessage:
         """Check and count a message before any transaction starts.
 
         ``check=False`` skips the size check: a model's reply is stored
@@ -767,113 +629,24 @@ class Conversation:
                 limit=limit,
             )
         row = {**to_row(normalized), "tokens": tokens, "meta": meta}
-        return Pending(row=row, message=normalized, pinned=pinned, complete=complete)
+        return NewMessage(message=normalized, row=row, pinned=pinned, complete=complete)
 
     def _commit(
         self,
-        batch: Sequence[Pending],
+        batch: Sequence[NewMessage],
         *,
-        usage: Mapping[str, Any] | None = None,
+        usage: UsageRecord | None = None,
         observed: tuple[int, int] | None = None,
     ) -> list[StoredMessage]:
         """Store ``batch``, its usage row and any calibration change in one transaction.
 
-        ``observed`` is (our count, the server's count) of the turn's prompt. A new
-        conversation's row is inserted here too, so it exists only with its first turn.
+        ``observed`` is (our count, the server's count) of the turn's prompt.
         """
-        if self._unsaved and not batch:
-            return []  # nothing to store, so no row either
-        calibration = self._calibration_change(*observed) if observed else None
-        if calibration is None and self._unsaved:
-            calibration = self._unsaved_calibration
-        when = repository.now()
-        hot = self._memory._hot
-        stamp = hot.stamp(when)
-        stored: list[StoredMessage] = []
-        with self._db.cursor(write=True) as cur:
-            if self._unsaved:
-                row = self._row
-                hot.create(
-                    cur,
-                    {
-                        "id": row.id,
-                        "user_id": row.user_id,
-                        "title": row.title,
-                        "model": row.model,
-                        "system": row.system,
-                        "system_tokens": row.system_tokens,
-                        "counter": row.counter,
-                        "settings": dumps(row.settings),
-                        "now": stamp,
-                    },
-                )
-            segments: list[repository.Segment] | None = None
-            total = sum(pending.row["tokens"] for pending in batch)
-            first = hot.claim(cur, self.id, self.user, total, stamp, count=len(batch))
-            if first is None:
-                raise ConversationNotFound(
-                    f"conversation {self.id!r} no longer exists (deleted?)",
-                    conversation_id=self.id,
-                )
-            for position, pending in enumerate(batch, start=first):
-                tokens = pending.row["tokens"]
-                if pending.message["role"] == "tool":
-                    if segments is None:
-                        head = hot.head(cur, self.id, self.user, self.model)
-                        assert head is not None
-                        segments = self._segments_of(head, cur)
-                    self._check_answer(hot.pending_calls(cur, segments, position), pending)
-                row = dict(pending.row)
-                row.update(
-                    conversation_id=self.id,
-                    position=position,
-                    created_at=stamp,
-                    pinned=pending.pinned,
-                    complete=pending.complete,
-                )
-                hot.insert(cur, row)
-                stored.append(StoredMessage(position=position, tokens=tokens))
-            if usage is not None:
-                hot.insert_usage(
-                    cur,
-                    {
-                        **USAGE_DEFAULTS,
-                        **usage,
-                        "conversation_id": self.id,
-                        "position": stored[-1].position if stored else None,
-                        "created_at": stamp,
-                    },
-                )
-            if calibration is not None:
-                hot.upsert_calibration(
-                    cur,
-                    {
-                        **calibration,
-                        "conversation_id": self.id,
-                        "model": self.model,
-                        "updated_at": stamp,
-                    },
-                )
-        self._unsaved, self._unsaved_calibration = False, None
-        if calibration is not None:
-            self._last_correction = Correction(calibration["factor"], calibration["margin"])
-        return stored
-
-    def _check_answer(self, open_calls: set[str] | None, pending: Pending) -> None:
-        call_id = pending.message["tool_call_id"]
-        if open_calls is not None and call_id in open_calls:
-            return
-        raise InvalidMessage(
-            f"tool message answers call {call_id!r}, but "
-            + (
-                "the messages before it have no tool call waiting for an answer"
-                if not open_calls
-                else f"the open calls are {sorted(open_calls)}"
-            )
-            + "; append the assistant message with that tool_call first",
-            field="tool_call_id",
-            conversation_id=self.id,
-        )
+        learn = calibration.from_reply(self._info.correction, *observed) if observed else None
+        committed = self._log.commit(batch, usage=usage, learn=learn)
+        if committed.calibration is not None:
+            self._last_correction = committed.calibration.correction
+        return committed.stored
 
     def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[StoredMessage]:
         """Append several messages in one transaction: all of them or none."""
@@ -881,58 +654,11 @@ class Conversation:
 
     # -- reading ---------------------------------------------------------------
 
-    def _segments_of(self, head: repository.Head, cur: Any) -> list[repository.Segment]:
-        """This conversation's lineage, cached until its fork pointer changes."""
-        if head.forked_from is None:
-            return [(self.id, None)]
-        key = (head.forked_from, head.fork_position)
-        if self._segments is None or self._segments[0] != key:
-            self._segments = (key, self._memory._hot.lineage(cur, self.id, head))
-        return self._segments[1]
-
-    def _lineage(self, conn: Any) -> list[repository.Segment]:
-        """The lineage for the Core (non hot-path) reads of :meth:`_fresh_row`'s row."""
-        return repository.lineage(conn, self._row)
-
-    def _head(self, cur: Any) -> repository.Head:
-        """The hot path's view of the row (an empty one while it is still unsaved)."""
-        head = self._memory._hot.head(cur, self.id, self.user, self.model)
-        if head is not None:
-            return head
-        if not self._unsaved:
-            raise ConversationNotFound(
-                f"conversation {self.id!r} no longer exists (deleted?)",
-                conversation_id=self.id,
-            )
-        learnt = self._unsaved_calibration or {}
-        return repository.Head(
-            system=self._row.system,
-            system_tokens=self._row.system_tokens,
-            forked_from=None,
-            fork_position=None,
-            next_position=0,
-            message_count=0,
-            total_tokens=0,
-            factor=learnt.get("factor"),
-            margin=learnt.get("margin"),
-        )
-
-    def _fresh_row(self, conn: Any) -> repository.ConversationRow:
-        row = repository.get_conversation(conn, self.id, self.user)
-        if row is None and self._unsaved:
-            return self._row  # reads as an empty conversation until its first write
-        if row is None:
-            raise ConversationNotFound(
-                f"conversation {self.id!r} no longer exists (deleted?)", conversation_id=self.id
-            )
-        self._row = row
-        return row
-
     def _read_state(
         self,
         *,
         tools: int = 0,
-        extra: Sequence[Pending] = (),
+        extra: Sequence[NewMessage] = (),
         reserve: int | None = None,
         correction: Correction | None = None,
     ) -> tuple[State, Budget]:
@@ -942,49 +668,36 @@ class Conversation:
         join the tail at the positions they would get. ``correction`` budgets this
         request instead of the stored one (which is still what a reply calibrates).
         """
-        hot = self._memory._hot
-        with self._db.cursor(write=False) as cur:
-            head = self._head(cur)
-            self._last_correction = (
-                Correction(factor=head.factor, margin=head.margin or 0)
-                if head.factor is not None
-                # Nothing learnt yet: the registry's expected gap for this model (identity
-                # for OpenAI models; e.g. 1.25 for the local model's own tokenizer).
-                else self._info.correction
-            )
-            correction = correction or self._last_correction
-            budget = self.budget(tools=tools, correction=correction, reserve=reserve)
-            segments = self._segments_of(head, cur)
-            cover: list[Summary] = []
-            if getattr(self._strategy, "hierarchical", False):
-                cover = hot.summary_cover(cur, segments)
-                summary = cover[-1] if cover else None
-            else:
-                summary = hot.newest_summary(cur, segments)
-            after = summary.end if summary is not None else -1
-            # Read until the tail alone would overflow: anything older can't fit.
-            # A strategy that re-sends covered turns beside the summary reads past it.
-            need = int(budget.limit / max(correction.factor, 1e-9)) + 1
-            read_after = -1 if getattr(self._strategy, "overlap", False) else after
-            tail, has_older = hot.tail(
-                cur, segments, tokens=need, after=read_after, first_page=head.page_for(need)
-            )
-            has_older = has_older and (not tail or tail[0].position > after + 1)
-            if extra:
-                tail = [
-                    *tail,
-                    *(
-                        Item(
-                            position=head.next_position + n,
-                            message=pending.message,
-                            tokens=pending.row["tokens"],
-                            pinned=pending.pinned,
-                        )
-                        for n, pending in enumerate(extra)
-                    ),
-                ]
-            start = tail[0].position if tail else head.next_position
-            pinned = hot.pinned_before(cur, segments, start)
+        plan: dict[str, Any] = {}
+
+        def tokens(head: Any) -> int:
+            known = calibration.known(head.correction, self._info.correction)
+            chosen = correction or known
+            budget = self.budget(tools=tools, correction=chosen, reserve=reserve)
+            plan.update(known=known, budget=budget)
+            return int(budget.limit / max(chosen.factor, 1e-9)) + 1
+
+        hierarchical = bool(getattr(self._strategy, "hierarchical", False))
+        overlap = bool(getattr(self._strategy, "overlap", False))
+        snap = self._log.read(tokens, cover=hierarchical, overlap=overlap)
+        self._last_correction = plan["known"]
+        budget = plan["budget"]
+        head, summary, tail, pinned = snap.head, snap.summary, snap.tail, snap.pinned
+        after = summary.end if summary is not None else -1
+        start = tail[0].position if tail else head.next_position
+        if extra:
+            tail = [
+                *tail,
+                *(
+                    Item(
+                        position=head.next_position + n,
+                        message=pending.message,
+                        tokens=pending.tokens,
+                        pinned=pending.pinned,
+                    )
+                    for n, pending in enumerate(extra)
+                ),
+            ]
         system = None
         if head.system is not None:
             system = Item(
@@ -1002,10 +715,10 @@ class Conversation:
             pinned=pinned,
             summary=summary,
             tail=tail,
-            has_older=has_older,
+            has_older=snap.has_older,
             older=max(0, start - (after + 1) - len(gap_pinned)),
             older_from=older_from,
-            summaries=tuple(cover),
+            summaries=tuple(snap.cover),
         )
         return state, budget
 
@@ -1018,31 +731,12 @@ class Conversation:
         return self._read_state()
 
     @property
-    def database(self) -> Database:
-        return self._db
-
-    @property
-    def hot(self) -> repository.HotPath:
-        return self._memory._hot
-
-    def segments(self) -> list[repository.Segment]:
-        """This conversation's lineage: itself, then the conversations it was forked from."""
-        with self._db.read() as conn:
-            self._fresh_row(conn)
-            return self._lineage(conn)
+    def log(self) -> ConversationLog:
+        return self._log
 
     def summary_cover(self) -> list[Summary]:
         """The stored summaries that together cover the summarized range, oldest first."""
-        hot = self._memory._hot
-        with self._db.cursor(write=False) as cur:
-            head = self._head(cur)
-            return hot.summary_cover(cur, self._segments_of(head, cur))
-
-    def entries_between(self, first: int, last: int) -> list[repository.Entry]:
-        """Stored messages at positions ``first..last``, oldest first."""
-        with self._db.read() as conn:
-            self._fresh_row(conn)
-            return list(repository.entries(conn, self._lineage(conn), first=first, last=last))
+        return self._log.summary_cover()
 
     def context(self, *, tools: Sequence[Mapping[str, Any]] | None = None) -> Context:
         """The exact messages the next request would send, with a token report."""
@@ -1119,30 +813,7 @@ class Conversation:
         except ConversationMemoryError as exc:  # e.g. no client to summarize with
             with suppress(ConversationMemoryError):
                 model = self._memory.summary_model or self.model
-                compaction.record_failure(self, model, str(exc))
-
-    def _calibration_change(self, counted: int, reported: int) -> dict[str, Any] | None:
-        """The calibration row to write for one observation, or None if nothing moves.
-
-        Written in the turn's own transaction, and only when the correction
-        moves by more than 2% or its margin changes: an extra write per turn
-        would cost an extra fsync per turn.
-        """
-        if counted <= 0 or reported <= 0:
-            return None
-        known = self._known()
-        if known == Correction() and reported == counted:
-            return None  # agrees with us and nothing learnt yet: nothing to write
-        factor, margin = self._learn(counted, reported)
-        moved = known == Correction() or abs(factor - known.factor) > 0.02 * known.factor
-        if not moved and margin == known.margin:
-            return None
-        return {
-            "factor": factor,
-            "margin": margin,
-            "last_counted": counted,
-            "last_reported": reported,
-        }
+                self._log.record_usage(UsageRecord(kind="summary", model=model, error=str(exc)))
 
     def _known(self) -> Correction:
         """The stored calibration as last read, else the registry's initial correction
@@ -1150,9 +821,9 @@ class Conversation:
         return self._last_correction or self._info.correction
 
     def _learn(self, counted: int, reported: int) -> tuple[float, int]:
-        """:func:`next_correction` from :meth:`_known`, without storing anything."""
-        known = self._known()
-        return next_correction(known.factor if known != Correction() else None, counted, reported)
+        """What one observation would make of :meth:`_known`, without storing anything."""
+        new = calibration.learnt(self._known(), counted, reported)
+        return new.factor, new.margin
 
     def usage(self) -> UsageTotals:
         """Tokens, calls, latency and estimated cost of every model call of this conversation."""
@@ -1160,23 +831,18 @@ class Conversation:
 
     def calls(self) -> list[Call]:
         """Every model call of this conversation (turns and summaries), oldest first."""
-        with self._db.read() as conn:
-            self._fresh_row(conn)
-            return [_call(row) for row in repository.usage_calls(conn, self.id)]
+        return [_call(record) for record in self._log.calls()]
 
     def history(self) -> list[dict[str, Any]]:
         """Every stored message, oldest first, as OpenAI-format dicts."""
-        return [entry.message for entry in self.entries()]
+        return self._log.history()
 
-    def entries(self) -> list[repository.Entry]:
+    def entries(self) -> list[Entry]:
         """Every stored message with its position, tokens, time, flags and metadata."""
-        with self._db.read() as conn:
-            self._fresh_row(conn)
-            return list(repository.entries(conn, self._lineage(conn)))
+        return self._log.entries()
 
     def __len__(self) -> int:
-        with self._db.read() as conn:
-            return self._fresh_row(conn).next_position
+        return self._log.length()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.history())
@@ -1186,59 +852,19 @@ class Conversation:
     def correction(self) -> Correction:
         """The calibrated correction for this conversation's model (the registry's
         initial one, identity for OpenAI models, until the server has reported counts)."""
-        if self._unsaved and self._unsaved_calibration is not None:
-            learnt = self._unsaved_calibration
-            return Correction(factor=learnt["factor"], margin=learnt["margin"])
-        with self._db.read() as conn:
-            found = repository.get_calibration(conn, self.id, self.model)
-        if found is None:
-            return self._info.correction
-        return Correction(factor=found.factor, margin=found.margin)
+        return calibration.known(self._log.correction(), self._info.correction)
 
     def calibrate(self, *, counted: int, reported: int) -> Correction:
         """Record what the server reported for a prompt we counted; return the new correction.
 
-        See :func:`next_correction` for the rule.
+        See :func:`~conversation_memory.calibration.next_correction` for the rule.
         """
         _check_positive("counted", counted)
         _check_positive("reported", reported)
-        # The same prior a turn uses: what was learnt, else the registry's initial guess.
-        initial = self._info.correction
-        guess = initial.factor if initial != Correction() else None
-        if self._unsaved:
-            # No row to hang a calibration on yet: kept here, written with the first turn.
-            learnt = self._unsaved_calibration
-            factor, margin = next_correction(
-                learnt["factor"] if learnt else guess, counted, reported
-            )
-            self._unsaved_calibration = {
-                "factor": factor,
-                "margin": margin,
-                "last_counted": counted,
-                "last_reported": reported,
-            }
-            self._last_correction = Correction(factor=factor, margin=margin)
-            return self._last_correction
-        with self._db.write() as conn:
-            found = repository.get_calibration(conn, self.id, self.model)
-            prior = found.factor if found is not None else guess
-            factor, margin = next_correction(prior, counted, reported)
-            samples = found.samples + 1 if found is not None else 1
-            repository.put_calibration(
-                conn,
-                {
-                    "conversation_id": self.id,
-                    "model": self.model,
-                    "factor": factor,
-                    "margin": margin,
-                    "samples": samples,
-                    "last_counted": counted,
-                    "last_reported": reported,
-                    "updated_at": repository.now(),
-                },
-                exists=found is not None,
-            )
-        self._last_correction = Correction(factor=factor, margin=margin)
+        learn = calibration.told(self._info.correction, counted, reported)
+        learnt = self._log.commit([], learn=learn).calibration
+        assert learnt is not None
+        self._last_correction = learnt.correction
         return self._last_correction
 
     # -- fork, delete, export ----------------------------------------------------
@@ -1249,53 +875,12 @@ class Conversation:
         The shared messages are not copied; the fork points at this
         conversation and numbers its own messages from ``at + 1``.
         """
-        with self._db.write() as conn:
-            row = self._fresh_row(conn)
-            last = row.next_position - 1
-            if at is None:
-                at = last
-            if isinstance(at, bool) or not isinstance(at, int) or not -1 <= at <= last:
-                raise ConfigurationError(
-                    f"at must be a position from -1 to {last} (the last message), got {at!r}",
-                    conversation_id=self.id,
-                )
-            segments: list[repository.Segment] = [
-                (cid, at if upto is None else min(upto, at)) for cid, upto in self._lineage(conn)
-            ]
-            count, tokens = repository.prefix_totals(conn, segments) if at >= 0 else (0, 0)
-            when = repository.now()
-            new_id = uuid.uuid4().hex
-            repository.insert_conversation(
-                conn,
-                {
-                    "id": new_id,
-                    "user_id": row.user_id,
-                    "title": title if title is not None else row.title,
-                    "model": row.model,
-                    "system": row.system,
-                    "system_tokens": row.system_tokens,
-                    "counter": row.counter,
-                    "settings": dumps(row.settings),
-                    "created_at": when,
-                    "updated_at": when,
-                    "forked_from": self.id if at >= 0 else None,
-                    "fork_position": at if at >= 0 else None,
-                    "next_position": at + 1,
-                    "message_count": count,
-                    "total_tokens": tokens,
-                },
-            )
-            child = repository.get_conversation(conn, new_id, row.user_id)
-        assert child is not None
+        child = self._log.fork(at, title=title)
         return Conversation(self._memory, child)
 
     def delete(self) -> None:
         """Delete this conversation with its summaries and usage; forks keep their messages."""
-        with self._db.write() as conn:
-            row = self._fresh_row(conn)
-            repository.detach_forks(conn, row)
-            repository.delete_conversation(conn, row.id)
-        self._unsaved = False  # a new one deleted before its first turn stays deleted
+        self._log.delete()
 
     def export(self) -> str:
         """JSONL: a header line with the conversation's metadata, then one message per line.
@@ -1305,7 +890,4 @@ class Conversation:
         ``Memory.import_conversation`` reads it back; exporting again gives the
         same bytes. A fork is exported whole (shared messages included).
         """
-        with self._db.read() as conn:
-            row = self._fresh_row(conn)
-            entries = list(repository.entries(conn, self._lineage(conn)))
-        return write_export(row, entries)
+        return write_export(*self._log.export())

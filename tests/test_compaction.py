@@ -47,8 +47,9 @@ import sqlalchemy as sa
 from conversation_memory import Memory, register_model
 from conversation_memory import compaction as compaction_module
 from conversation_memory.llm import RetryPolicy
-from conversation_memory.store import repository
+from conversation_memory.store import leases
 from conversation_memory.store.schema import compaction_leases
+from conversation_memory.store.values import aware, now
 from conversation_memory.strategies import Summarize
 from conversation_memory.summarize import SummaryText
 from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer
@@ -183,7 +184,7 @@ def _expire_lease(memory: Memory, conversation_id: str) -> None:
         conn.execute(
             sa.update(compaction_leases)
             .where(compaction_leases.c.conversation_id == conversation_id)
-            .values(expires_at=repository.now() - timedelta(seconds=1))
+            .values(expires_at=now() - timedelta(seconds=1))
         )
 
 
@@ -232,7 +233,7 @@ def _compactor(
     errors = Path(f"{db}.child-error")
     try:
         if lease is not None:
-            compaction_module.LEASE_SECONDS = lease  # this child's leases only
+            leases.LEASE_SECONDS = lease  # this child's leases only
         rng = random.Random(seed)
         slow = SlowSummarizer(lambda: rng.uniform(0.005, 0.06) if lease is None else 30.0)
         with Memory(
@@ -300,8 +301,8 @@ def _a_dead_holders_lease_expires_by_the_clock(
         lease = _lease(str(db), conversation_id)
         assert lease is not None, "the killed child held the lease"
         assert conversation.compact().skipped is not None
-        expires = repository.aware(lease.expires_at)
-        time.sleep(max(0.0, (expires - repository.now()).total_seconds()) + 0.05)
+        expires = aware(lease.expires_at)
+        time.sleep(max(0.0, (expires - now()).total_seconds()) + 0.05)
         outcome = conversation.compact()
         assert outcome.summaries
         assert outcome.error is None
@@ -353,7 +354,7 @@ def test_sigkill_during_compaction_leaves_no_partial_summary(tmp_path: Path) -> 
         _check_summaries(str(db), conversation_id, len(before.splitlines()) - 1)
         lease = _lease(str(db), conversation_id)
         # Gone, or the expired one that no compaction needed to take over.
-        assert lease is None or repository.aware(lease.expires_at) < repository.now()
+        assert lease is None or aware(lease.expires_at) < now()
 
     _a_dead_holders_lease_expires_by_the_clock(db, conversation_id, fast)
 
@@ -638,7 +639,6 @@ def test_two_summaries_built_on_the_same_one_cannot_both_be_stored(db_url: str) 
     with Memory(db_url, model=MODEL, strategy="summary", compaction="manual") as memory:
         conversation = memory.conversation(user=USER)
         _fill(conversation, 30)
-        segments = conversation.segments()
         result = SummaryText(text="a summary", model="m", prompt_version="v")
         barrier = threading.Barrier(WORKERS)
 
@@ -653,7 +653,6 @@ def test_two_summaries_built_on_the_same_one_cannot_both_be_stored(db_url: str) 
                 tokens=10,
                 strategy="summary",
                 result=result,
-                segments=segments,
             )
 
         stored = [each for each in _run_threads(store, WORKERS) if each is not None]

@@ -23,6 +23,11 @@ All database hygiene lives here:
   statement; a read-only transaction never fails to serialize). SQLite's
   ``BEGIN`` (deferred) in WAL mode already keeps the snapshot of its first
   read until the transaction ends.
+* Durability: ``synchronous=FULL`` (the default) syncs the WAL on every
+  commit, so a stored turn survives a power cut; ``durability="normal"``
+  (``synchronous=NORMAL``) syncs only at checkpoints, so a stored turn
+  survives a crash of the process but the last ones may be lost to a power
+  cut. PostgreSQL keeps its own settings.
 * PostgreSQL URLs without a driver get psycopg (version 3).
 """
 
@@ -47,6 +52,8 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 PG_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 """The first statement of a PostgreSQL read transaction (see the module docstring)."""
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
+DURABILITY = {"full": "FULL", "normal": "NORMAL"}
+"""``durability=`` settings and the SQLite ``synchronous`` mode each means."""
 
 
 @dataclass(frozen=True)
@@ -125,14 +132,14 @@ def missing_database(target: Target) -> StoreError:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class Found:
     """What a database holds before we touch it: table names and our schema revision."""
 
     tables: frozenset[str]
     revision: str | None
 
 
-def inspect_sqlite_file(path: Path, version_table: str) -> Snapshot | None:
+def inspect_sqlite_file(path: Path, version_table: str) -> Found | None:
     """Read an existing file's tables without changing a byte; None if it doesn't exist.
 
     This runs before any connection with our pragmas is made (switching to
@@ -193,7 +200,7 @@ def inspect_sqlite_file(path: Path, version_table: str) -> Snapshot | None:
             "untouched. Choose another path.",
             path=str(path),
         )
-    return Snapshot(tables, revision)
+    return Found(tables, revision)
 
 
 def _read_sqlite_file(
@@ -235,7 +242,7 @@ def create_sqlite_file(path: Path) -> None:
     os.close(fd)
 
 
-def _sqlite_pragmas(busy_timeout_ms: int):
+def _sqlite_pragmas(busy_timeout_ms: int, synchronous: str):
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Transactions are ours to begin (see module docstring).
         dbapi_connection.isolation_level = None
@@ -246,7 +253,8 @@ def _sqlite_pragmas(busy_timeout_ms: int):
             cursor.execute("PRAGMA foreign_keys = ON")
             # FULL (SQLite's default) syncs the WAL on every commit: a stored
             # turn survives power loss, not only a crash of the process.
-            cursor.execute("PRAGMA synchronous = FULL")
+            # NORMAL syncs at checkpoints only (see the module docstring).
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
         finally:
             cursor.close()
 
@@ -262,6 +270,7 @@ def make_engine(
     target: Target,
     *,
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    durability: str = "full",
     echo: bool = False,
 ) -> Engine:
     if target.is_sqlite:
@@ -277,7 +286,7 @@ def make_engine(
             )
         else:
             engine = create_engine(target.url, echo=echo, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms, DURABILITY[durability]))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     try:
@@ -429,6 +438,14 @@ class Database:
                 ) from exc
             raise
 
+    def is_conflict(self, error: BaseException) -> bool:
+        """Whether ``error`` is a constraint violation (a unique row another writer
+        stored first), from the DBAPI cursor or from SQLAlchemy."""
+        orig = error.orig if isinstance(error, DBAPIError) else error
+        dbapi = getattr(self.engine.dialect, "loaded_dbapi", None)
+        integrity = getattr(dbapi, "IntegrityError", sqlite3.IntegrityError)
+        return isinstance(orig, sqlite3.IntegrityError | integrity)
+
     def _is_driver_error(self, error: BaseException | None) -> bool:
         dbapi = getattr(self.engine.dialect, "loaded_dbapi", None)
         base = getattr(dbapi, "Error", None)
@@ -455,8 +472,9 @@ class Database:
 
 
 __all__ = [
+    "DURABILITY",
     "Database",
-    "Snapshot",
+    "Found",
     "Target",
     "create_sqlite_file",
     "inspect_sqlite_file",
