@@ -17,9 +17,8 @@ from conversation_memory.budget import (
     summary_message,
     validate,
 )
-from conversation_memory.chat import Reply, TurnStream
 from conversation_memory.compaction import Outcome
-from conversation_memory.engine import Conversation, Memory, UsageTotals
+from conversation_memory.engine import Conversation, Memory
 from conversation_memory.errors import (
     AmbiguousReference,
     AuthenticationFailed,
@@ -68,6 +67,7 @@ from conversation_memory.strategies import (
     as_strategy,
     keep_newest,
 )
+from conversation_memory.streams import AsyncTurnStream, TurnStream
 from conversation_memory.summarize import (
     DEFAULT_PROMPT,
     ModelSummarizer,
@@ -84,10 +84,12 @@ from conversation_memory.tokens import (
     counter_for,
     get_encoding,
 )
+from conversation_memory.turns import Reply
 from conversation_memory.types import Budget, Correction, Item, State, Summary
+from conversation_memory.usage import UsageTotals
 
 if TYPE_CHECKING:
-    from conversation_memory.aio import AsyncConversation, AsyncMemory, AsyncTurnStream
+    from conversation_memory.aio import AsyncConversation, AsyncMemory
     from conversation_memory.llm import Completion, Usage
 
 __getattr__ = loader(
@@ -95,7 +97,6 @@ __getattr__ = loader(
     {
         "AsyncConversation": "conversation_memory.aio",
         "AsyncMemory": "conversation_memory.aio",
-        "AsyncTurnStream": "conversation_memory.aio",
         "Completion": "conversation_memory.llm.assembly",
         "Usage": "conversation_memory.llm.assembly",
     },

@@ -47,9 +47,10 @@ import sqlalchemy as sa
 from conversation_memory import Memory, register_model
 from conversation_memory import compaction as compaction_module
 from conversation_memory.llm import RetryPolicy
+from conversation_memory.state import read_state
 from conversation_memory.store import leases
 from conversation_memory.store.schema import compaction_leases
-from conversation_memory.store.values import aware, now
+from conversation_memory.store.values import NewSummary, aware, now
 from conversation_memory.strategies import Summarize
 from conversation_memory.summarize import SummaryText
 from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer
@@ -102,8 +103,8 @@ def _fill(conversation: Any, count: int) -> None:
 
 def _folds(conversation: Any) -> int | None:
     """Where the strategy would fold now (None: nothing to fold)."""
-    state, budget = conversation.read_state()
-    return conversation.strategy.select(state, budget).fold_through
+    reading = conversation._run(read_state(conversation._setup))
+    return conversation.strategy.select(reading.state, reading.budget).fold_through
 
 
 def _sa_url(db: str) -> str:
@@ -242,9 +243,8 @@ def _compactor(
             conversation = memory.conversation(id=conversation_id, user=USER)
             ready.set()
             if chunked:
-                compaction_module.compact(
-                    conversation, slow, summarizer_model=slow.model, chunk_tokens=CHUNK_TOKENS
-                )
+                setup = conversation._setup
+                conversation._run(compaction_module.compact(setup, chunk_tokens=CHUNK_TOKENS))
             else:
                 conversation.compact()
             time.sleep(60)  # finished before the kill: wait for it
@@ -639,20 +639,21 @@ def test_two_summaries_built_on_the_same_one_cannot_both_be_stored(db_url: str) 
     with Memory(db_url, model=MODEL, strategy="summary", compaction="manual") as memory:
         conversation = memory.conversation(user=USER)
         _fill(conversation, 30)
-        result = SummaryText(text="a summary", model="m", prompt_version="v")
         barrier = threading.Barrier(WORKERS)
 
         def store(n: int) -> Any:
             barrier.wait(30)
-            return compaction_module._store_summary(
-                conversation,
-                previous=None,
-                start=0,
-                end=10 + n,  # each race entrant folded a different range
-                text=f"summary {n}",
-                tokens=10,
-                strategy="summary",
-                result=result,
+            return conversation._log.store_summary(
+                NewSummary(
+                    start=0,
+                    end=10 + n,  # each race entrant folded a different range
+                    text=f"summary {n}",
+                    tokens=10,
+                    strategy="summary",
+                    model="m",
+                    prompt_version="v",
+                    based_on=None,  # each was built on there being no summary yet
+                )
             )
 
         stored = [each for each in _run_threads(store, WORKERS) if each is not None]

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from conversation_memory.errors import StoreError
+from conversation_memory.store.statements import Statements
 
 LEASE_SECONDS = 6.0
 """How long a lease lasts unless its holder renews it (every third of this):
@@ -76,4 +78,29 @@ class Lease:
             self._renewer = None
 
 
-__all__ = ["IN_PROCESS_LEASE_SECONDS", "LEASE_SECONDS", "Lease"]
+def take(
+    cur: Any,
+    sql: Statements,
+    conversation_id: str,
+    level: int,
+    holder: str,
+    *,
+    expires: Any,
+    now: Any,
+) -> bool:
+    """Take the lease for ``holder`` if it is free or has lapsed; False if another holds it.
+
+    Two processes inserting a free lease at once: the second's insert fails
+    (the caller treats that as held by another).
+    """
+    cur.execute(sql.take_expired_lease, (holder, expires, conversation_id, level, now))
+    if cur.rowcount:
+        return True
+    cur.execute(sql.lease_holder, (conversation_id, level))
+    if cur.fetchone() is not None:
+        return False
+    cur.execute(sql.insert_lease, (conversation_id, level, holder, expires))
+    return True
+
+
+__all__ = ["IN_PROCESS_LEASE_SECONDS", "LEASE_SECONDS", "Lease", "take"]

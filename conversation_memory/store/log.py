@@ -35,9 +35,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conversation_memory.errors import ConfigurationError, ConversationNotFound, InvalidMessage
+from conversation_memory.errors import ConfigurationError, ConversationNotFound
 from conversation_memory.messages import dumps, from_row
-from conversation_memory.store import leases
+from conversation_memory.store import leases, queries
 from conversation_memory.store.database import Database
 from conversation_memory.store.statements import Statements
 from conversation_memory.store.values import (
@@ -55,49 +55,11 @@ from conversation_memory.store.values import (
     aware,
     now,
 )
-from conversation_memory.types import Correction, Item, Summary
+from conversation_memory.types import Correction, Summary
 
-_NO_LIMIT = 2**62
 Learn = Callable[[Correction | None], Calibration | None]
 """What a commit learns from a reply: given the stored correction (None: nothing
 stored yet), the calibration to write, or None to leave it."""
-
-
-def item_of(row: Sequence[Any]) -> Item:
-    position, role, content, parts, name, calls, call_id, tokens, pinned, complete = row
-    # Positional: this runs for every message read on every turn.
-    return Item(
-        position,
-        from_row(role, content, parts, name, calls, call_id),
-        tokens,
-        bool(pinned),
-        bool(complete),
-    )
-
-
-def summary_of(row: Sequence[Any]) -> Summary:
-    return Summary(id=row[0], start=row[1], end=row[2], text=row[3], tokens=row[4], level=row[5])
-
-
-def walk_lineage(
-    conversation_id: str,
-    forked_from: str | None,
-    fork_position: int | None,
-    parent_of: Callable[[str], tuple[str | None, int | None] | None],
-) -> list[Segment]:
-    """Segments from a conversation back to the root of its forks."""
-    segments: list[Segment] = [(conversation_id, None)]
-    parent, upto = forked_from, fork_position
-    limit: int | None = None
-    while parent is not None:
-        # A fork of a fork sees its grandparent only up to the nearer fork point.
-        limit = upto if limit is None or upto is None else min(limit, upto)
-        segments.append((parent, limit))
-        found = parent_of(parent)
-        if found is None:
-            break
-        parent, upto = found
-    return segments
 
 
 class ConversationLog:
@@ -124,6 +86,11 @@ class ConversationLog:
         """The row is still to be inserted, by the first commit."""
         self._unsaved_calibration: Calibration | None = None
         self._lineage: tuple[tuple[str, int | None], list[Segment]] | None = None
+
+    @property
+    def stored(self) -> bool:
+        """Whether the row exists yet (False for a lazy one before its first commit)."""
+        return not self._unsaved
 
     # -- values of this backend ------------------------------------------------------
 
@@ -179,7 +146,9 @@ class ConversationLog:
                 found = cur.fetchone()
                 return None if found is None else (found[0], found[1])
 
-            segments = walk_lineage(self.id, head.forked_from, head.fork_position, parent_of)
+            segments = queries.walk_lineage(
+                self.id, head.forked_from, head.fork_position, parent_of
+            )
             self._lineage = (key, segments)
         return self._lineage[1]
 
@@ -224,14 +193,15 @@ class ConversationLog:
             segments = self._segments(cur, head)
             summaries: list[Summary] = []
             if cover:
-                summaries = self._cover(cur, segments)
+                summaries = queries.cover(cur, self._sql, segments)
                 summary = summaries[-1] if summaries else None
             else:
-                summary = self._newest_summary(cur, segments)
+                summary = queries.newest_summary(cur, self._sql, segments)
             after = summary.end if summary is not None else -1
             # Read until the tail alone would overflow: anything older can't fit.
-            tail, has_older = self._tail(
+            tail, has_older = queries.tail(
                 cur,
+                self._sql,
                 segments,
                 tokens=need,
                 after=-1 if overlap else after,
@@ -239,99 +209,13 @@ class ConversationLog:
             )
             has_older = has_older and (not tail or tail[0].position > after + 1)
             start = tail[0].position if tail else head.next_position
-            pinned = self._pinned_before(cur, segments, start)
+            pinned = queries.pinned_before(cur, self._sql, segments, start)
         return Snapshot(head, summary, summaries, tail, has_older, pinned)
-
-    def _tail(
-        self,
-        cur: Any,
-        segments: Sequence[Segment],
-        *,
-        tokens: int,
-        after: int = -1,
-        first_page: int = 32,
-    ) -> tuple[list[Item], bool]:
-        """The newest messages, oldest first, until they hold more than ``tokens``.
-
-        Stops at position ``after`` (exclusive; e.g. the end of a summary).
-        Returns the items and whether older messages (past ``after``) remain.
-        """
-        collected: list[Item] = []
-        total = 0
-        page = first_page
-        upto: int | None = None
-        sql = self._sql.tail
-        for conversation_id, segment_upto in segments:
-            if segment_upto is not None:
-                upto = segment_upto if upto is None else min(upto, segment_upto)
-            while True:
-                limit = _NO_LIMIT if upto is None else upto
-                cur.execute(sql, (conversation_id, limit, after, page))
-                rows = cur.fetchall()
-                for row in rows:
-                    item = item_of(row)
-                    collected.append(item)
-                    total += item.tokens
-                    if total > tokens:
-                        collected.reverse()
-                        return collected, collected[0].position > after + 1
-                if rows:
-                    upto = rows[-1][0] - 1
-                if len(rows) < page:
-                    break
-                page = min(page * 4, 4096)
-        collected.reverse()
-        return collected, False
-
-    def _pinned_before(self, cur: Any, segments: Sequence[Segment], position: int) -> list[Item]:
-        found: list[Item] = []
-        for conversation_id, upto in segments:
-            limit = position - 1 if upto is None else min(upto, position - 1)
-            cur.execute(self._sql.pinned, (conversation_id, limit))
-            found.extend(item_of(row) for row in cur.fetchall())
-        found.sort(key=lambda item: item.position)
-        return found
-
-    def _newest_summary(self, cur: Any, segments: Sequence[Segment]) -> Summary | None:
-        """The summary reaching furthest (highest level first among equals)."""
-        best: Summary | None = None
-        for conversation_id, upto in segments:
-            cur.execute(
-                self._sql.newest_summary, (conversation_id, _NO_LIMIT if upto is None else upto)
-            )
-            row = cur.fetchone()
-            if row is not None and (best is None or row[2] > best.end):
-                best = summary_of(row)
-        return best
-
-    def _cover(self, cur: Any, segments: Sequence[Segment]) -> list[Summary]:
-        """Summaries covering positions 0..n back to back, each reaching as far as any.
-
-        For hierarchical summaries this picks the merged (higher-level)
-        summaries for old periods and the fine ones after them; for a rolling
-        summary it is just the newest one. One indexed lookup per element.
-        """
-        cover: list[Summary] = []
-        start = 0
-        while True:
-            best = None
-            for conversation_id, upto in segments:
-                cur.execute(
-                    self._sql.cover_step,
-                    (conversation_id, start, _NO_LIMIT if upto is None else upto),
-                )
-                row = cur.fetchone()
-                if row is not None and (best is None or (row[2], row[5]) > (best[2], best[5])):
-                    best = row
-            if best is None:
-                return cover
-            cover.append(summary_of(best))
-            start = best[2] + 1
 
     def summary_cover(self) -> list[Summary]:
         """The stored summaries that together cover the summarized range, oldest first."""
         with self._db.cursor(write=False) as cur:
-            return self._cover(cur, self._segments(cur, self._head(cur)))
+            return queries.cover(cur, self._sql, self._segments(cur, self._head(cur)))
 
     # -- the turn commit ----------------------------------------------------------------
 
@@ -445,7 +329,9 @@ class ConversationLog:
             if row["role"] == "tool":
                 if segments is None:
                     segments = self._segments(cur, self._head(cur))
-                _check_answer(self._open_calls(cur, segments, position), row, self.id)
+                queries.check_answer(
+                    queries.open_calls(cur, self._sql, segments, position), row, self.id
+                )
             cur.execute(
                 insert,
                 (
@@ -465,33 +351,6 @@ class ConversationLog:
                 ),
             )
             stored.append(StoredMessage(position=position, tokens=row["tokens"]))
-
-    def _open_calls(self, cur: Any, segments: Sequence[Segment], before: int) -> set[str] | None:
-        """Unanswered call ids of the tool-calling assistant message just before ``before``.
-
-        Walks back over the run of tool messages; None when no tool-calling
-        assistant message precedes that run (a tool message there would be
-        orphaned).
-        """
-        answered: set[str] = set()
-        upto = before - 1
-        for conversation_id, segment_upto in segments:
-            if segment_upto is not None:
-                upto = min(upto, segment_upto)
-            while True:
-                cur.execute(self._sql.recent, (conversation_id, upto, 16))
-                rows = cur.fetchall()
-                for position, role, calls, call_id in rows:
-                    if role == "tool":
-                        answered.add(call_id)
-                        upto = position - 1
-                        continue
-                    if role == "assistant" and calls is not None:
-                        return {call["id"] for call in json.loads(calls)} - answered
-                    return None
-                if len(rows) < 16:
-                    break
-        return None
 
     def _insert_usage(self, cur: Any, usage: UsageRecord, position: int | None, stamp: Any) -> None:
         """The one writer of usage rows."""
@@ -532,32 +391,10 @@ class ConversationLog:
     def entries(self, first: int = 0, last: int | None = None) -> list[Entry]:
         """Stored messages oldest first, optionally only positions ``first..last``."""
         with self._db.cursor(write=False) as cur:
-            return self._entries(cur, self._segments(cur, self._head(cur)), first, last)
-
-    def _entries(
-        self, cur: Any, segments: Sequence[Segment], first: int, last: int | None
-    ) -> list[Entry]:
-        found: list[Entry] = []
-        for conversation_id, upto in reversed(segments):
-            limit = _NO_LIMIT if upto is None else upto
-            if last is not None:
-                limit = min(limit, last)
-            cur.execute(self._sql.entries, (conversation_id, limit, first))
-            for row in cur.fetchall():
-                item = item_of(row[:10])
-                meta = row[11]
-                found.append(
-                    Entry(
-                        position=item.position,
-                        message=item.message,  # type: ignore[arg-type]  # a fresh dict
-                        tokens=item.tokens,
-                        created_at=self._time(row[10]),
-                        pinned=item.pinned,
-                        complete=item.complete,
-                        metadata=json.loads(meta) if meta is not None else None,
-                    )
-                )
-        return found
+            segments = self._segments(cur, self._head(cur))
+            return queries.entries(
+                cur, self._sql, segments, first=first, last=last, time=self._time
+            )
 
     def history(self) -> list[dict[str, Any]]:
         """Every stored message, oldest first, as OpenAI-format dicts."""
@@ -565,7 +402,7 @@ class ConversationLog:
             segments = self._segments(cur, self._head(cur))
             found: list[dict[str, Any]] = []
             for conversation_id, upto in reversed(segments):
-                limit = _NO_LIMIT if upto is None else upto
+                limit = queries.NO_LIMIT if upto is None else upto
                 cur.execute(self._sql.history, (conversation_id, limit))
                 found.extend([from_row(*row) for row in cur.fetchall()])
         return found
@@ -574,7 +411,8 @@ class ConversationLog:
         """The row and every entry, in one snapshot."""
         with self._db.cursor(write=False) as cur:
             row = self._fresh_row(cur)
-            return row, self._entries(cur, self._segments(cur, self._head(cur)), 0, None)
+            segments = self._segments(cur, self._head(cur))
+            return row, queries.entries(cur, self._sql, segments, time=self._time)
 
     def calls(self) -> list[UsageRecord]:
         """Every usage row, oldest first."""
@@ -604,7 +442,7 @@ class ConversationLog:
                     cur.execute(sql.lock_row, (self.id,))
                 if new.level == 0:
                     segments = self._segments(cur, self._head(cur))
-                    newest = self._newest_summary(cur, segments)
+                    newest = queries.newest_summary(cur, self._sql, segments)
                     if (newest.id if newest else None) != new.based_on:
                         return None
                 cur.execute(
@@ -648,21 +486,17 @@ class ConversationLog:
         when = now()
         seconds = leases.IN_PROCESS_LEASE_SECONDS if self._db.in_process else leases.LEASE_SECONDS
         expires = self._stamp(when + timedelta(seconds=seconds))
-        sql = self._sql
         try:
             with self._db.cursor(write=True) as cur:
-                cur.execute(
-                    sql.take_expired_lease, (holder, expires, self.id, level, self._stamp(when))
+                taken = leases.take(
+                    cur, self._sql, self.id, level, holder, expires=expires, now=self._stamp(when)
                 )
-                if not cur.rowcount:
-                    cur.execute(sql.lease_holder, (self.id, level))
-                    if cur.fetchone() is not None:
-                        return None
-                    cur.execute(sql.insert_lease, (self.id, level, holder, expires))
         except Exception as exc:
             if self._db.is_conflict(exc):
                 return None  # another process inserted the lease first
             raise
+        if not taken:
+            return None
         # An in-memory database dies with this process: nothing to renew.
         renew = None if self._db.in_process else self._renew
         return leases.Lease(self.id, level, holder, renew=renew)
@@ -693,12 +527,9 @@ class ConversationLog:
                     f"at must be a position from -1 to {last} (the last message), got {at!r}",
                     conversation_id=self.id,
                 )
-            count = tokens = 0
-            if at >= 0:
-                for cid, upto in self._segments(cur, self._head(cur)):
-                    cur.execute(sql.prefix_totals, (cid, at if upto is None else min(upto, at)))
-                    found = cur.fetchone()
-                    count, tokens = count + found[0], tokens + int(found[1])
+            count, tokens = queries.prefix_totals(
+                cur, sql, self._segments(cur, self._head(cur)), at
+            )
             when = now()
             child = ConversationRow(
                 id=uuid.uuid4().hex,
@@ -717,7 +548,7 @@ class ConversationLog:
                 message_count=count,
                 total_tokens=tokens,
             )
-            insert_row(cur, sql, child, self._stamp)
+            queries.insert_row(cur, sql, child, self._stamp)
         return child
 
     def delete(self) -> None:
@@ -728,42 +559,8 @@ class ConversationLog:
         """
         sql = self._sql
         with self._db.cursor(write=True) as cur:
-            row = self._fresh_row(cur)
-            cur.execute(sql.forks_of, (row.id,))
-            for child_id, upto in cur.fetchall():
-                cur.execute(sql.copy_messages, (child_id, row.id, upto))
-                cur.execute(sql.copy_summaries, (child_id, row.id, upto))
-                position = None if row.fork_position is None else min(upto, row.fork_position)
-                cur.execute(sql.repoint_fork, (row.forked_from, position, child_id))
-            for statement in sql.delete:
-                cur.execute(statement, (row.id,))
+            queries.delete(cur, sql, self._fresh_row(cur))
         self._unsaved = False  # a new one deleted before its first turn stays deleted
-
-
-def insert_row(
-    cur: Any, sql: Statements, row: ConversationRow, stamp: Callable[[datetime], Any]
-) -> None:
-    """Insert a conversation's row."""
-    cur.execute(
-        sql.insert_row,
-        (
-            row.id,
-            row.user_id,
-            row.title,
-            row.model,
-            row.system,
-            row.system_tokens,
-            row.counter,
-            dumps(row.settings),
-            stamp(row.created_at),
-            stamp(row.updated_at),
-            row.forked_from,
-            row.fork_position,
-            row.next_position,
-            row.message_count,
-            row.total_tokens,
-        ),
-    )
 
 
 def _added(learnt: Calibration | None, earlier: Calibration | None) -> Calibration | None:
@@ -781,21 +578,4 @@ def _added(learnt: Calibration | None, earlier: Calibration | None) -> Calibrati
     )
 
 
-def _check_answer(open_calls: set[str] | None, row: dict[str, Any], conversation_id: str) -> None:
-    call_id = row["tool_call_id"]
-    if open_calls is not None and call_id in open_calls:
-        return
-    raise InvalidMessage(
-        f"tool message answers call {call_id!r}, but "
-        + (
-            "the messages before it have no tool call waiting for an answer"
-            if not open_calls
-            else f"the open calls are {sorted(open_calls)}"
-        )
-        + "; append the assistant message with that tool_call first",
-        field="tool_call_id",
-        conversation_id=conversation_id,
-    )
-
-
-__all__ = ["ConversationLog", "Learn", "insert_row", "walk_lineage"]
+__all__ = ["ConversationLog", "Learn"]
