@@ -65,7 +65,7 @@ from conversation_memory.usage import Call, UsageTotals, call_of
 if TYPE_CHECKING:
     import openai
 
-    from conversation_memory.llm import AsyncLLM, RetryPolicy
+    from conversation_memory.llm import AsyncLLM, AsyncReplyStream, Completion, RetryPolicy
     from conversation_memory.store.log import ConversationLog
 
 __all__ = ["AsyncConversation", "AsyncMemory"]
@@ -129,7 +129,7 @@ class AsyncMemory(BaseMemory):
         }
         self._store: Store | None = None
         self._llm: AsyncLLM | None = None
-        self._own_client: Any = None
+        self._own_client: openai.AsyncOpenAI | None = None
         self._closed = False
 
     @classmethod
@@ -208,7 +208,7 @@ class AsyncMemory(BaseMemory):
 
     # -- the steps of a flow that are not the log's -----------------------------------
 
-    async def _call(self, step: CallModel) -> Any:
+    async def _call(self, step: CallModel) -> Completion | AsyncReplyStream:
         if step.stream:
             inner = self.llm.stream(
                 model=step.model, messages=step.messages, tools=step.tools, **step.params
@@ -220,7 +220,7 @@ class AsyncMemory(BaseMemory):
         )
 
     async def _summarize(self, setup: Setup, step: Summarize) -> SummaryText:
-        summarizer: Any = self.summarizer
+        summarizer: Summarizer | AsyncSummarizer | None = self.summarizer
         if summarizer is None:
             from conversation_memory.summarize import AsyncModelSummarizer
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +32,14 @@ from conversation_memory.state import COMPACTION_CHOICES, Setup
 from conversation_memory.store.opening import check_durability
 from conversation_memory.store.values import ConversationInfo, ConversationRow, now
 from conversation_memory.strategies import Strategy, StrategyLike, as_strategy
+from conversation_memory.summarize import AsyncSummarizer, Summarizer
 from conversation_memory.tokens import TokenCounter, counter_for
 from conversation_memory.turns import Prepared, incomplete_mode
 from conversation_memory.types import Budget, Correction
 
 if TYPE_CHECKING:
+    import openai
+
     from conversation_memory.llm import RetryPolicy
     from conversation_memory.store.log import ConversationLog
 
@@ -87,15 +90,15 @@ class BaseMemory:
     def __init__(
         self,
         *,
-        client: Any,
+        client: openai.OpenAI | openai.AsyncOpenAI | None,
         model: str | None,
         strategy: StrategyLike,
-        summarizer: Any,
+        summarizer: Summarizer | AsyncSummarizer | None,
         summary_model: str | None,
         compaction: str,
         on_incomplete: str,
         retry: RetryPolicy | None,
-        sleep: Any,
+        sleep: Callable[[float], Any] | None,
         durability: str,
         env: Mapping[str, str] | None,
     ) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from conversation_memory import calibration, compaction, turns
@@ -42,7 +42,7 @@ from conversation_memory.store.opening import Store, open_store
 from conversation_memory.store.values import ConversationInfo, ConversationRow, Entry, StoredMessage
 from conversation_memory.strategies import StrategyLike
 from conversation_memory.streams import TurnStream
-from conversation_memory.summarize import Summarizer
+from conversation_memory.summarize import Summarizer, SummaryText
 from conversation_memory.turns import Reply
 from conversation_memory.types import Correction, State, Summary
 from conversation_memory.usage import Call, UsageTotals, call_of
@@ -50,7 +50,7 @@ from conversation_memory.usage import Call, UsageTotals, call_of
 if TYPE_CHECKING:
     import openai
 
-    from conversation_memory.llm import LLM, RetryPolicy
+    from conversation_memory.llm import LLM, Completion, ReplyStream, RetryPolicy
     from conversation_memory.store.log import ConversationLog
 
 T = TypeVar("T")
@@ -84,7 +84,7 @@ class Memory(BaseMemory):
         compaction: str = "after",
         on_incomplete: str = "store",
         retry: RetryPolicy | None = None,
-        sleep: Any = None,
+        sleep: Callable[[float], None] | None = None,
         upgrade: bool = False,
         create: bool = True,
         durability: str = "full",
@@ -144,7 +144,7 @@ class Memory(BaseMemory):
 
     # -- the steps of a flow that are not the log's -----------------------------------
 
-    def _call(self, step: CallModel) -> Any:
+    def _call(self, step: CallModel) -> Completion | ReplyStream:
         if step.stream:
             inner = self.llm.stream(
                 model=step.model, messages=step.messages, tools=step.tools, **step.params
@@ -155,7 +155,7 @@ class Memory(BaseMemory):
             model=step.model, messages=step.messages, tools=step.tools, **step.params
         )
 
-    def _summarize(self, setup: Setup, step: Summarize) -> Any:
+    def _summarize(self, setup: Setup, step: Summarize) -> SummaryText:
         summarizer = self.summarizer
         if summarizer is None:
             from conversation_memory.summarize import ModelSummarizer
