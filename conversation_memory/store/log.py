@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from conversation_memory.errors import ConfigurationError, ConversationNotFound
@@ -95,9 +95,9 @@ class ConversationLog:
     # -- values of this backend ------------------------------------------------------
 
     def _stamp(self, when: datetime) -> Any:
-        """A timestamp as SQLAlchemy's DateTime stores it on this backend."""
+        """A timestamp as SQLAlchemy's DateTime stores it on this backend (``when`` is UTC)."""
         if self._sql.sqlite:
-            return when.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+            return when.replace(tzinfo=None).isoformat(" ", "microseconds")
         return when
 
     @staticmethod
@@ -239,63 +239,34 @@ class ConversationLog:
             learnt = learn(self._known_unsaved()) if learn is not None else None
             if learnt is not None:
                 previous = self._unsaved_calibration
-                self._unsaved_calibration = _added(learnt, previous)
+                self._unsaved_calibration = learnt.following(previous)
             return Committed([], learnt)
         stamp = self._stamp(now())
-        sql = self._sql
         stored: list[StoredMessage] = []
         with self._db.cursor(write=True) as cur:
             creating = self._unsaved
             if creating:
-                row = self._row
-                cur.execute(
-                    sql.create,
-                    (
-                        row.id,
-                        row.user_id,
-                        row.title,
-                        row.model,
-                        row.system,
-                        row.system_tokens,
-                        row.counter,
-                        dumps(row.settings),
-                        stamp,
-                        stamp,
-                    ),
-                )
+                self._create(cur, stamp)
             prior: Correction | None = None
             if batch:
-                total = sum(pending.tokens for pending in batch)
-                count = len(batch)
-                if learn is None:
-                    cur.execute(sql.claim, (count, count, total, stamp, self.id, self.user))
-                else:
-                    cur.execute(
-                        sql.claim_learning,
-                        (count, count, total, stamp, self.id, self.user, self.model, self.model),
-                    )
-                found = cur.fetchone()
-                if found is None:
-                    raise self._gone()
-                first = found[0] - count
-                if learn is not None and found[1] is not None:
-                    prior = Correction(factor=found[1], margin=found[2] or 0)
+                first, prior = self._claim(cur, batch, stamp, learning=learn is not None)
                 self._insert(cur, batch, first, stamp, stored)
             elif learn is not None:
-                cur.execute(sql.calibration, (self.id, self.model))
+                cur.execute(self._sql.calibration, (self.id, self.model))
                 found = cur.fetchone()
                 if found is not None:
                     prior = Correction(factor=found[0], margin=found[1])
             if creating and self._unsaved_calibration is not None:
                 prior = self._unsaved_calibration.correction
             learnt = learn(prior) if learn is not None else None
-            if creating:
-                learnt = _added(learnt, self._unsaved_calibration)
+            if creating and self._unsaved_calibration is not None:
+                earlier = self._unsaved_calibration
+                learnt = learnt.following(earlier) if learnt is not None else earlier
             if usage is not None:
                 self._insert_usage(cur, usage, stored[-1].position if stored else None, stamp)
             if learnt is not None:
                 cur.execute(
-                    sql.calibrate,
+                    self._sql.calibrate,
                     (
                         self.id,
                         self.model,
@@ -309,6 +280,56 @@ class ConversationLog:
                 )
         self._unsaved, self._unsaved_calibration = False, None
         return Committed(stored, learnt)
+
+    def _create(self, cur: Any, stamp: Any) -> None:
+        """Insert a lazy conversation's row (with its first commit)."""
+        row = self._row
+        cur.execute(
+            self._sql.create,
+            (
+                row.id,
+                row.user_id,
+                row.title,
+                row.model,
+                row.system,
+                row.system_tokens,
+                row.counter,
+                dumps(row.settings),
+                stamp,
+                stamp,
+            ),
+        )
+
+    def _claim(
+        self, cur: Any, batch: Sequence[NewMessage], stamp: Any, *, learning: bool
+    ) -> tuple[int, Correction | None]:
+        """Reserve positions for ``batch``: the first one, and the stored calibration
+        when a reply is learnt from (``learning``)."""
+        sql = self._sql
+        total = 0
+        for pending in batch:
+            total += pending.row["tokens"]
+        count = len(batch)
+        claim = (count, count, total, stamp, self.id, self.user)
+        if sql.sqlite:  # see statements.CLAIM
+            cur.execute(sql.claim_update, claim)
+            if not cur.rowcount:
+                raise self._gone()
+            if learning:
+                cur.execute(sql.claimed_learning, (self.model, self.model, self.id))
+            else:
+                cur.execute(sql.claimed, (self.id,))
+        elif learning:
+            cur.execute(sql.claim_learning, (*claim, self.model, self.model))
+        else:
+            cur.execute(sql.claim, claim)
+        found = cur.fetchone()
+        if found is None:
+            raise self._gone()
+        prior = None
+        if learning and found[1] is not None:
+            prior = Correction(factor=found[1], margin=found[2] or 0)
+        return found[0] - count, prior
 
     def _known_unsaved(self) -> Correction | None:
         learnt = self._unsaved_calibration
@@ -561,21 +582,6 @@ class ConversationLog:
         with self._db.cursor(write=True) as cur:
             queries.delete(cur, sql, self._fresh_row(cur))
         self._unsaved = False  # a new one deleted before its first turn stays deleted
-
-
-def _added(learnt: Calibration | None, earlier: Calibration | None) -> Calibration | None:
-    """``learnt`` counting the observations of ``earlier`` (kept before the row existed)."""
-    if earlier is None:
-        return learnt
-    if learnt is None:
-        return earlier
-    return Calibration(
-        factor=learnt.factor,
-        margin=learnt.margin,
-        last_counted=learnt.last_counted,
-        last_reported=learnt.last_reported,
-        samples=learnt.samples + earlier.samples,
-    )
 
 
 __all__ = ["ConversationLog", "Learn"]

@@ -11,7 +11,7 @@ strategy code reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -172,6 +172,13 @@ class Calibration:
     @property
     def correction(self) -> Correction:
         return Correction(factor=self.factor, margin=self.margin)
+
+    def following(self, earlier: Calibration | None) -> Calibration:
+        """This calibration, counting the observations of ``earlier`` too (one kept
+        before the conversation's row existed)."""
+        if earlier is None:
+            return self
+        return replace(self, samples=self.samples + earlier.samples)
 
 
 @dataclass(frozen=True, slots=True)
