@@ -10,15 +10,8 @@ from conversation_memory._config import default_model
 from conversation_memory._lazy import loader
 from conversation_memory._tiktoken_data import get_encoding
 from conversation_memory.budget import Context, Report, budget_for, explain, summary_message
-from conversation_memory.chat import Reply, TurnStream
 from conversation_memory.compaction import Outcome
-from conversation_memory.engine import (
-    Conversation,
-    ConversationInfo,
-    Memory,
-    StoredMessage,
-    UsageTotals,
-)
+from conversation_memory.engine import Conversation, Memory
 from conversation_memory.errors import (
     AmbiguousReference,
     AuthenticationFailed,
@@ -61,7 +54,7 @@ from conversation_memory.registry import (
     load_models_from_env,
     register_model,
 )
-from conversation_memory.store.repository import Entry
+from conversation_memory.store.values import ConversationInfo, Entry, StoredMessage
 from conversation_memory.strategies import (
     TRUNCATE,
     Strategy,
@@ -71,6 +64,7 @@ from conversation_memory.strategies import (
     as_strategy,
     keep_newest,
 )
+from conversation_memory.streams import AsyncTurnStream, TurnStream
 from conversation_memory.summarize import (
     DEFAULT_PROMPT,
     ModelSummarizer,
@@ -86,11 +80,13 @@ from conversation_memory.tokens import (
     count_tokens,
     counter_for,
 )
+from conversation_memory.turns import Reply
 from conversation_memory.types import Budget, Correction, Item, State, Summary
 from conversation_memory.units import Selection
+from conversation_memory.usage import UsageTotals
 
 if TYPE_CHECKING:
-    from conversation_memory.aio import AsyncConversation, AsyncMemory, AsyncTurnStream
+    from conversation_memory.aio import AsyncConversation, AsyncMemory
     from conversation_memory.llm import Completion, Usage
 
 __getattr__ = loader(
@@ -98,7 +94,6 @@ __getattr__ = loader(
     {
         "AsyncConversation": "conversation_memory.aio",
         "AsyncMemory": "conversation_memory.aio",
-        "AsyncTurnStream": "conversation_memory.aio",
         "Completion": "conversation_memory.llm.assembly",
         "Usage": "conversation_memory.llm.assembly",
     },

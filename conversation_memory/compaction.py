@@ -1,75 +1,55 @@
-"""Compaction: folding old messages into a new summary row, safely under concurrency.
+"""Compaction: folding old messages into new summary rows, written once as steps.
 
-The strategy says how far to fold (``Selection.fold_through``); this module
-does it:
+The strategy says how far to fold (``Selection.fold_through``); :func:`compact`
+does it, as a flow of the conversation log, the strategy, the token counter
+and the summarizer (see ``steps``; the drivers are ``Conversation`` and
+``AsyncConversation``):
 
 1. take the conversation's compaction lease (one compaction per conversation
-   at a time; see "Leases" below);
-2. read the messages after the current summary up to the fold point, in
-   chunks that fit the summarizer's input;
-3. for each chunk, call the summarizer with the previous summary and the
-   chunk, outside any transaction, check the text, and store it as a new
-   summary row in one transaction, which also records its usage and only
-   succeeds if the summary it was built on is still the newest one;
-4. drop the lease.
+   at a time; ``store.leases`` says how a short lease, renewed while the
+   summarizer works, survives holders that die);
+2. read the state and the strategy's fold point, then the messages after the
+   current summary up to it, in chunks that fit the summarizer's input;
+3. for each chunk, ask the summarizer (a :class:`~steps.Summarize` step, run
+   outside any transaction) with the previous summary and the chunk, check
+   the text (``summarize.check_summary``), and store it as a new summary row
+   with its usage row in one transaction that succeeds only if the summary it
+   was built on is still the newest one;
+4. for hierarchical summaries, merge every run of ``fanout`` summaries of one
+   level into one a level up, the same way;
+5. drop the lease.
 
 Messages are never touched. A failure stores nothing but a usage row with the
 error; the next turn tries again.
-
-Leases. A lease is a row that lasts ``LEASE_SECONDS`` (a few seconds), and
-its holder renews it from a background thread every third of that for as
-long as it compacts, through the long summarizer call included. A holder
-that dies (kill -9, a power cut, a lost host) stops renewing, so its lease
-lapses within seconds and the next compaction takes over; with a lease sized
-for the slowest summarizer call, a crash loop would never get a summary made.
-We chose a short renewed lease over checking whether the holder's pid is
-alive: a pid means nothing on another host, or in another container, and
-PostgreSQL serves many of both; the lease needs only the database and clocks
-that agree to within a second or two. The lease only saves work. Should it
-lapse under a live holder (a renewal stalled past ``LEASE_SECONDS``, a skewed
-clock), two compactions may call the summarizer for one range, but only one
-summary is stored: step 3 takes the conversation row's lock and stores a
-summary only if the one it was built on is still the newest.
 """
 
 from __future__ import annotations
 
-import threading
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
 from conversation_memory.budget import summary_message
 from conversation_memory.errors import (
     BudgetExceeded,
     ConfigurationError,
     ModelError,
-    StoreError,
     SummarizationFailed,
 )
 from conversation_memory.registry import get_model
-from conversation_memory.store import repository
-from conversation_memory.store.database import Database
-from conversation_memory.store.schema import compaction_leases, conversations, summaries, usage
-from conversation_memory.summarize import Summarizer, check_summary
-from conversation_memory.types import Summary
+from conversation_memory.state import Setup, read_state
+from conversation_memory.steps import Flow, Summarize, SummaryLog, UseLog
+from conversation_memory.store.values import Entry, NewSummary, UsageRecord
+from conversation_memory.summarize import SummaryText, check_summary
+from conversation_memory.types import Budget, Message, Summary
 
 if TYPE_CHECKING:
-    from conversation_memory.engine import Conversation
+    from conversation_memory.store.leases import Lease
 
-LEASE_SECONDS = 6.0
-"""How long a lease lasts unless its holder renews it (every third of this):
-how long a dead holder can block the compaction of its conversation."""
-IN_PROCESS_LEASE_SECONDS = 86_400.0
-"""The lease on an in-memory database, which dies with the process holding it:
-never renewed (all threads share its one connection), dropped when done."""
 DEFAULT_SUMMARY_CAP = 1024
+PROMPT_ALLOWANCE = 400
+"""Tokens kept for the summarizer's instructions and framing around the transcript."""
+RUNNING = "another compaction of this conversation is running"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,251 +63,149 @@ class Outcome:
     """Why it stopped: the summarizer failed or its summary was refused."""
 
 
-def _lease_seconds(db: Database) -> float:
-    return IN_PROCESS_LEASE_SECONDS if db.in_process else LEASE_SECONDS
+def compact(setup: Setup, *, chunk_tokens: int | None = None) -> Flow[Outcome]:
+    """Fold what the strategy asks for into summaries; see the module docstring.
 
-
-@contextmanager
-def _leased(conversation: Conversation, level: int) -> Iterator[bool]:
-    """Hold the lease for the block, renewing it meanwhile; False if another holds it."""
-    holder = uuid.uuid4().hex
-    if not _take_lease(conversation, holder, level):
-        yield False
-        return
-    stop = threading.Event()
-    renewer = None
-    if not conversation.database.in_process:
-        renewer = threading.Thread(
-            target=_renew_lease,
-            args=(conversation.database, conversation.id, holder, level, stop),
-            name=f"convmem-lease-{conversation.id[:8]}",
-            daemon=True,  # never keeps the interpreter alive; the lease then lapses
-        )
-        renewer.start()
-    try:
-        yield True
-    finally:
-        stop.set()
-        if renewer is not None:
-            renewer.join()
-        _drop_lease(conversation, holder, level)
-
-
-def _renew_lease(
-    db: Database, conversation_id: str, holder: str, level: int, stop: threading.Event
-) -> None:
-    """Push the lease's expiry forward every third of ``LEASE_SECONDS`` until ``stop``."""
-    while not stop.wait(LEASE_SECONDS / 3):
-        try:
-            with db.write() as conn:
-                kept = conn.execute(
-                    update(compaction_leases)
-                    .where(
-                        compaction_leases.c.conversation_id == conversation_id,
-                        compaction_leases.c.level == level,
-                        compaction_leases.c.holder == holder,
-                    )
-                    .values(expires_at=repository.now() + timedelta(seconds=LEASE_SECONDS))
-                ).rowcount
-        except StoreError:
-            continue  # e.g. locked past busy_timeout: the next beat tries again
-        if not kept:
-            return  # it lapsed and was taken over; storing a summary stays safe (see above)
-
-
-def _take_lease(conversation: Conversation, holder: str, level: int) -> bool:
-    db = conversation.database
-    now = repository.now()
-    expires = now + timedelta(seconds=_lease_seconds(db))
-    try:
-        with db.write() as conn:
-            taken = conn.execute(
-                update(compaction_leases)
-                .where(
-                    compaction_leases.c.conversation_id == conversation.id,
-                    compaction_leases.c.level == level,
-                    compaction_leases.c.expires_at < now,
-                )
-                .values(holder=holder, expires_at=expires)
-            ).rowcount
-            if taken:
-                return True
-            current = conn.execute(
-                select(compaction_leases.c.holder).where(
-                    compaction_leases.c.conversation_id == conversation.id,
-                    compaction_leases.c.level == level,
-                )
-            ).first()
-            if current is not None:
-                return False
-            conn.execute(
-                insert(compaction_leases).values(
-                    conversation_id=conversation.id, level=level, holder=holder, expires_at=expires
-                )
-            )
-    except IntegrityError:
-        return False  # another process inserted the lease first
-    return True
-
-
-def _drop_lease(conversation: Conversation, holder: str, level: int) -> None:
-    with conversation.database.write() as conn:
-        conn.execute(
-            delete(compaction_leases).where(
-                compaction_leases.c.conversation_id == conversation.id,
-                compaction_leases.c.level == level,
-                compaction_leases.c.holder == holder,
-            )
-        )
-
-
-def _chunks(
-    conversation: Conversation, first: int, last: int, *, chunk_tokens: int
-) -> list[tuple[int, int, list[dict[str, Any]]]]:
-    """(first, last, messages) pieces of positions ``first..last``, each under ``chunk_tokens``."""
-    pieces: list[tuple[int, int, list[dict[str, Any]]]] = []
-    current: list[dict[str, Any]] = []
-    start = first
-    tokens = 0
-    for entry in conversation.entries_between(first, last):
-        if current and tokens + entry.tokens > chunk_tokens:
-            pieces.append((start, entry.position - 1, current))
-            current, tokens, start = [], 0, entry.position
-        current.append(entry.message)
-        tokens += entry.tokens
-    if current:
-        pieces.append((start, last, current))
-    return pieces
-
-
-def _store_summary(
-    conversation: Conversation,
-    *,
-    previous: Summary | None,
-    start: int,
-    end: int,
-    text: str,
-    tokens: int,
-    strategy: str,
-    result: Any,
-    segments: list[Any],
-    level: int = 0,
-) -> Summary | None:
-    """Insert the summary if ``previous`` is still the newest; None if another won.
-
-    A merge (``level`` > 0) replaces no newest summary; the unique range rule
-    alone keeps concurrent merges of one range down to one row.
+    ``chunk_tokens`` caps the transcript of one summarizer call below what
+    fits the summarizer's window.
     """
-    db = conversation.database
+
+    def take(log: SummaryLog) -> Lease | str:
+        if not log.stored:
+            return "nothing to fold"  # not stored yet: no row to fold, nor to lease
+        return log.take_lease(0) or RUNNING
+
+    # The lease comes first: a compaction that read the state before another
+    # finished would otherwise summarize the same range again.
+    lease = yield UseLog(take)
+    if isinstance(lease, str):
+        return Outcome(skipped=lease)
     try:
-        with db.write() as conn:
-            # The conversation row's lock makes the check and the insert one step
-            # on PostgreSQL too (SQLite's BEGIN IMMEDIATE already serializes them).
-            conn.execute(
-                select(conversations.c.id)
-                .where(conversations.c.id == conversation.id)
-                .with_for_update()
-            )
-            if level == 0:
-                # The hot path's query, on this transaction's own connection.
-                newest = conversation.hot.newest_summary(conn.connection.cursor(), segments)
-                if (newest.id if newest else None) != (previous.id if previous else None):
-                    return None
-            new_id = conn.execute(
-                insert(summaries)
-                .values(
-                    conversation_id=conversation.id,
-                    start_position=start,
-                    end_position=end,
-                    level=level,
-                    text=text,
-                    tokens=tokens,
-                    strategy=strategy,
-                    model=result.model,
-                    prompt_version=result.prompt_version,
-                    based_on=previous.id if previous else None,
-                    created_at=repository.now(),
-                )
-                .returning(summaries.c.id)
-            ).scalar_one()
-            conn.execute(
-                insert(usage).values(
-                    conversation_id=conversation.id,
-                    kind="summary",
-                    model=result.model,
-                    position=end,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    latency_ms=result.latency_ms,
-                    request_id=result.request_id,
-                    created_at=repository.now(),
-                )
-            )
-    except IntegrityError:
-        return None  # the same range was stored by a concurrent compaction
-    return Summary(id=new_id, start=start, end=end, text=text, tokens=tokens, level=level)
+        outcome = yield from _fold(setup, chunk_tokens)
+    except GeneratorExit:
+        lease.stop()  # abandoned by its driver: no more I/O, the lease lapses by itself
+        raise
+    except BaseException:
+        yield _drop(lease)
+        raise
+    yield _drop(lease)
+    return outcome
 
 
-def record_failure(conversation: Conversation, model: str, error: str) -> None:
-    if conversation._unsaved:
-        return  # no row to attach it to: a conversation not stored yet has nothing to fold
-    with conversation.database.write() as conn:
-        conn.execute(
-            insert(usage).values(
-                conversation_id=conversation.id,
-                kind="summary",
-                model=model,
-                error=error[:2000],
-                created_at=repository.now(),
-            )
-        )
+def _drop(lease: Lease) -> UseLog[SummaryLog, None]:
+    return UseLog(lambda log: log.drop_lease(lease))
 
 
-def _merge(
-    conversation: Conversation,
-    summarizer: Summarizer,
-    summarizer_model: str,
-    cap: int,
-    done: list[Summary],
-    *,
-    segments: list[Any],
-) -> str | None:
+def _fold(setup: Setup, chunk_tokens: int | None) -> Flow[Outcome]:
+    strategy, counter = setup.strategy, setup.counter
+    reading = yield from read_state(setup)
+    try:
+        fold = strategy.select(reading.state, reading.budget).fold_through
+    except BudgetExceeded:
+        # The newest turn alone is over the budget (a long reply): there is
+        # nothing to decide here; the next request's own check reports it.
+        return Outcome(skipped="the newest turn alone is over the budget")
+    if fold is None:
+        return Outcome(skipped="nothing to fold")
+    previous = reading.state.summary
+    cap, chunk_tokens = _sizes(setup, reading.budget, previous, chunk_tokens)
+    first = previous.end + 1 if previous is not None else 0
+    start = previous.start if previous is not None else 0
+    hierarchical = setup.hierarchical
+    done: list[Summary] = []
+    entries: list[Entry] = yield UseLog(lambda log: log.entries(first, fold))
+    for chunk_start, last, chunk in _chunks(entries, first, fold, chunk_tokens=chunk_tokens):
+        if hierarchical:
+            start = chunk_start  # each level-0 summary stands for its own period
+        before = None if hierarchical or previous is None else previous.text
+        said = [*chunk, {"role": "system", "content": before}] if before else chunk
+        try:
+            result: SummaryText = yield Summarize(before, chunk, max_tokens=cap)
+            text = check_summary(result.text, max_tokens=cap, count=counter.count_text, source=said)
+        except (SummarizationFailed, ModelError) as exc:
+            yield _failed(setup, exc)
+            return Outcome(summaries=tuple(done), error=str(exc))
+        stored = yield _store(setup, previous, start=start, end=last, text=text, result=result)
+        if stored is None:
+            return Outcome(summaries=tuple(done), skipped="another compaction won")
+        done.append(stored)
+        previous = stored
+        if hierarchical:
+            error = yield from _merge(setup, cap, done)
+            if error is not None:
+                return Outcome(summaries=tuple(done), error=error)
+    return Outcome(summaries=tuple(done))
+
+
+def _merge(setup: Setup, cap: int, done: list[Summary]) -> Flow[str | None]:
     """Merge every run of ``fanout`` same-level summaries in the cover, bottom up."""
-    fanout = conversation.strategy.fanout  # type: ignore[attr-defined]
-    counter = conversation.counter
+    fanout = setup.strategy.fanout  # type: ignore[attr-defined]
     while True:
-        cover = conversation.summary_cover()
+        cover: list[Summary] = yield UseLog(lambda log: log.summary_cover())
         run = _first_full_run(cover, fanout)
         if run is None:
             return None
         texts = [{"role": "system", "content": each.text} for each in run]
         try:
-            result = summarizer.summarize(None, texts, max_tokens=cap)
+            result: SummaryText = yield Summarize(None, texts, max_tokens=cap)
             text = check_summary(
-                result.text, max_tokens=cap, count=counter.count_text, source=texts
+                result.text, max_tokens=cap, count=setup.counter.count_text, source=texts
             )
         except (SummarizationFailed, ModelError) as exc:
-            record_failure(conversation, summarizer_model, str(exc))
+            yield _failed(setup, exc)
             return str(exc)
         level = run[0].level + 1
-        rendered = summary_message(
-            Summary(start=run[0].start, end=run[-1].end, text=text, tokens=0, level=level)
-        )
-        stored = _store_summary(
-            conversation,
-            previous=run[-1],
+        stored = yield _store(
+            setup,
+            run[-1],
             start=run[0].start,
             end=run[-1].end,
             text=text,
-            tokens=counter.count_message(rendered),
-            strategy=conversation.strategy.name,
             result=result,
-            segments=segments,
             level=level,
         )
         if stored is None:
             return None  # merged by a concurrent compaction
         done.append(stored)
+
+
+def _store(
+    setup: Setup,
+    previous: Summary | None,
+    *,
+    start: int,
+    end: int,
+    text: str,
+    result: SummaryText,
+    level: int = 0,
+) -> UseLog[SummaryLog, Summary | None]:
+    """Store the summary if ``previous`` is still the newest (level 0); None if another won."""
+    rendered = summary_message(Summary(start=start, end=end, text=text, tokens=0, level=level))
+    new = NewSummary(
+        start=start,
+        end=end,
+        text=text,
+        tokens=setup.counter.count_message(rendered),
+        strategy=setup.strategy.name,
+        model=result.model,
+        prompt_version=result.prompt_version,
+        level=level,
+        based_on=previous.id if previous is not None else None,
+        usage=UsageRecord(
+            kind="summary",
+            model=result.model,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            latency_ms=result.latency_ms,
+            request_id=result.request_id,
+        ),
+    )
+    return UseLog(lambda log: log.store_summary(new))
+
+
+def _failed(setup: Setup, exc: Exception) -> UseLog[SummaryLog, None]:
+    failure = UsageRecord(kind="summary", model=setup.summarizer_model, error=str(exc))
+    return UseLog(lambda log: log.record_usage(failure))
 
 
 def _first_full_run(cover: list[Summary], fanout: int) -> list[Summary] | None:
@@ -339,16 +217,27 @@ def _first_full_run(cover: list[Summary], fanout: int) -> list[Summary] | None:
     return None
 
 
-PROMPT_ALLOWANCE = 400
-"""Tokens kept for the summarizer's instructions and framing around the transcript."""
+def _chunks(
+    entries: Sequence[Entry], first: int, last: int, *, chunk_tokens: int
+) -> list[tuple[int, int, list[Message]]]:
+    """(first, last, messages) pieces of positions ``first..last``, each under ``chunk_tokens``."""
+    pieces: list[tuple[int, int, list[Message]]] = []
+    current: list[Message] = []
+    start = first
+    tokens = 0
+    for entry in entries:
+        if current and tokens + entry.tokens > chunk_tokens:
+            pieces.append((start, entry.position - 1, current))
+            current, tokens, start = [], 0, entry.position
+        current.append(entry.message)
+        tokens += entry.tokens
+    if current:
+        pieces.append((start, last, current))
+    return pieces
 
 
 def _sizes(
-    strategy: Any,
-    budget: Any,
-    summarizer_model: str,
-    previous: Summary | None,
-    chunk_tokens: int | None,
+    setup: Setup, budget: Budget, previous: Summary | None, chunk_tokens: int | None
 ) -> tuple[int, int]:
     """The summary cap and the transcript size per summarizer call.
 
@@ -357,10 +246,10 @@ def _sizes(
     window (so a backlog after an outage or an import is summarized in
     pieces instead of failing forever).
     """
-    cap_of = getattr(strategy, "summary_cap", None)
+    cap_of: Any = getattr(setup.strategy, "summary_cap", None)
     cap = cap_of(budget) if callable(cap_of) else min(DEFAULT_SUMMARY_CAP, budget.limit // 4)
     try:
-        info = get_model(summarizer_model)
+        info = get_model(setup.summarizer_model)
         window, max_output = info.window, info.max_output
     except ConfigurationError:
         window, max_output = budget.window, cap  # a model we don't know: the chat's window
@@ -369,79 +258,6 @@ def _sizes(
     room = int(room / max(budget.correction.factor, 1.0))
     fitted = max(64, room)
     return cap, fitted if chunk_tokens is None else min(chunk_tokens, fitted)
-
-
-def compact(
-    conversation: Conversation,
-    summarizer: Summarizer,
-    *,
-    summarizer_model: str,
-    chunk_tokens: int | None = None,
-) -> Outcome:
-    """Fold what the strategy asks for into summaries; see the module docstring."""
-    if conversation._unsaved:
-        return Outcome(skipped="nothing to fold")  # not stored yet (the lease needs the row)
-    strategy = conversation.strategy
-    # The lease comes first: a compaction that read the state before another
-    # finished would otherwise summarize the same range again.
-    with _leased(conversation, 0) as held:
-        if not held:
-            return Outcome(skipped="another compaction of this conversation is running")
-        done: list[Summary] = []
-        hierarchical = bool(getattr(strategy, "hierarchical", False))
-        state, budget = conversation.read_state()
-        try:
-            fold = strategy.select(state, budget).fold_through
-        except BudgetExceeded:
-            # The newest turn alone is over the budget (a long reply): there is
-            # nothing to decide here; the next request's own check reports it.
-            return Outcome(skipped="the newest turn alone is over the budget")
-        if fold is None:
-            return Outcome(skipped="nothing to fold")
-        cap, chunk_tokens = _sizes(strategy, budget, summarizer_model, state.summary, chunk_tokens)
-        segments = conversation.segments()  # once per compaction, not once per summary
-        previous = state.summary
-        first = previous.end + 1 if previous is not None else 0
-        start = previous.start if previous is not None else 0
-        counter = conversation.counter
-        for chunk_start, last, chunk in _chunks(
-            conversation, first, fold, chunk_tokens=chunk_tokens
-        ):
-            if hierarchical:
-                start = chunk_start  # each level-0 summary stands for its own period
-            try:
-                before = None if hierarchical or previous is None else previous.text
-                result = summarizer.summarize(before, chunk, max_tokens=cap)
-                said = [*chunk, {"role": "system", "content": before}] if before else chunk
-                text = check_summary(
-                    result.text, max_tokens=cap, count=counter.count_text, source=said
-                )
-            except (SummarizationFailed, ModelError) as exc:
-                record_failure(conversation, summarizer_model, str(exc))
-                return Outcome(summaries=tuple(done), error=str(exc))
-            rendered = summary_message(Summary(start=start, end=last, text=text, tokens=0))
-            stored = _store_summary(
-                conversation,
-                previous=previous,
-                start=start,
-                end=last,
-                text=text,
-                tokens=counter.count_message(rendered),
-                strategy=strategy.name,
-                result=result,
-                segments=segments,
-            )
-            if stored is None:
-                return Outcome(summaries=tuple(done), skipped="another compaction won")
-            done.append(stored)
-            previous = stored
-            if hierarchical:
-                error = _merge(
-                    conversation, summarizer, summarizer_model, cap, done, segments=segments
-                )
-                if error is not None:
-                    return Outcome(summaries=tuple(done), error=error)
-    return Outcome(summaries=tuple(done))
 
 
 __all__ = ["Outcome", "compact"]

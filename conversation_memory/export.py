@@ -22,7 +22,7 @@ from typing import Any
 from conversation_memory.errors import ImportFormatError, InvalidMessage
 from conversation_memory.messages import check_metadata, dumps, normalize
 from conversation_memory.registry import get_model
-from conversation_memory.store.repository import ConversationRow, Entry
+from conversation_memory.store.values import ConversationRow, Entry
 
 FORMAT = 1
 

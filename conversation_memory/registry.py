@@ -24,7 +24,7 @@ A model whose server tokenizes differently from every tiktoken encoding (the
 local SmolLM2, any llama.cpp model) also carries an initial ``correction``:
 how far the server's count is expected to run above ours *before* its first
 reply has calibrated the conversation (see
-:func:`conversation_memory.engine.next_correction`). It comes from
+:func:`conversation_memory.calibration.next_correction`). It comes from
 measurements against the real server, chosen so a first request already fits
 the window; OpenAI models keep the identity, their counts being exact.
 """

@@ -20,13 +20,18 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from conversation_memory.errors import ModelError, SummarizationFailed
 from conversation_memory.types import Message
 
+if TYPE_CHECKING:
+    from conversation_memory.llm import LLM, AsyncLLM, Completion
+
 __all__ = [
     "DEFAULT_PROMPT",
+    "AsyncModelSummarizer",
+    "AsyncSummarizer",
     "ModelSummarizer",
     "PromptTemplate",
     "Summarizer",
@@ -54,6 +59,17 @@ class Summarizer(Protocol):
     """Folds messages into a running summary."""
 
     def summarize(
+        self, previous: str | None, messages: Sequence[Message], *, max_tokens: int
+    ) -> SummaryText:
+        """A summary of ``previous`` (None at first) followed by ``messages``."""
+        ...
+
+
+class AsyncSummarizer(Protocol):
+    """A summarizer whose ``summarize`` is a coroutine (``AsyncMemory`` takes either kind:
+    it awaits this one on the event loop, and runs a sync one in a worker thread)."""
+
+    async def summarize(
         self, previous: str | None, messages: Sequence[Message], *, max_tokens: int
     ) -> SummaryText:
         """A summary of ``previous`` (None at first) followed by ``messages``."""
@@ -186,7 +202,7 @@ def check_summary(text: Any, *, max_tokens: int, count: Any, source: Sequence[Me
 class ModelSummarizer:
     """Summarizes through the same OpenAI-compatible API as the chat (any model)."""
 
-    def __init__(self, llm: Any, *, model: str, prompt: PromptTemplate = DEFAULT_PROMPT) -> None:
+    def __init__(self, llm: LLM, *, model: str, prompt: PromptTemplate = DEFAULT_PROMPT) -> None:
         self.llm = llm
         self.model = model
         self.prompt = prompt
@@ -223,7 +239,7 @@ class ModelSummarizer:
             raise SummarizationFailed(f"the summarizer call failed: {exc}") from exc
         return self.summary_of(reply)
 
-    def summary_of(self, reply: Any) -> SummaryText:
+    def summary_of(self, reply: Completion) -> SummaryText:
         """The summary and its provenance from a model reply (a ``Completion``).
 
         A reply cut off at ``max_tokens`` (finish_reason "length") or stopped by
@@ -250,3 +266,29 @@ class ModelSummarizer:
             latency_ms=reply.latency_ms,
             request_id=reply.request_id,
         )
+
+
+class AsyncModelSummarizer:
+    """:class:`ModelSummarizer`'s prompt, called through an ``AsyncLLM``."""
+
+    def __init__(
+        self, llm: AsyncLLM, *, model: str, prompt: PromptTemplate = DEFAULT_PROMPT
+    ) -> None:
+        self.llm = llm
+        self.model = model
+        self.prompt = prompt
+        self._prompting = ModelSummarizer(llm, model=model, prompt=prompt)  # type: ignore[arg-type]
+
+    async def summarize(
+        self, previous: str | None, messages: Sequence[Message], *, max_tokens: int
+    ) -> SummaryText:
+        try:
+            reply = await self.llm.complete(
+                model=self.model,
+                messages=self._prompting.messages(previous, messages, max_tokens=max_tokens),
+                max_tokens=max_tokens,
+                temperature=0,
+            )
+        except ModelError as exc:
+            raise SummarizationFailed(f"the summarizer call failed: {exc}") from exc
+        return self._prompting.summary_of(reply)

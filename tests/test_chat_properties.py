@@ -311,7 +311,7 @@ class Stop(Exception):
 def from_compaction(error: BaseException) -> bool:
     """Whether ``error`` was raised inside the compaction that runs after a stored turn."""
     frames = traceback.extract_tb(error.__traceback__)
-    return any(frame.name == "_after_turn" for frame in frames)
+    return any(frame.name == "after_turn" for frame in frames)
 
 
 @dataclass

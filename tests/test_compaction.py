@@ -47,8 +47,10 @@ import sqlalchemy as sa
 from conversation_memory import Memory, register_model
 from conversation_memory import compaction as compaction_module
 from conversation_memory.llm import RetryPolicy
-from conversation_memory.store import repository
+from conversation_memory.state import read_state
+from conversation_memory.store import leases
 from conversation_memory.store.schema import compaction_leases
+from conversation_memory.store.values import NewSummary, aware, now
 from conversation_memory.strategies import Summarize
 from conversation_memory.summarize import SummaryText
 from conversation_memory.testing import ChatServer, Fault, RecordingSummarizer
@@ -101,8 +103,8 @@ def _fill(conversation: Any, count: int) -> None:
 
 def _folds(conversation: Any) -> int | None:
     """Where the strategy would fold now (None: nothing to fold)."""
-    state, budget = conversation.read_state()
-    return conversation.strategy.select(state, budget).fold_through
+    reading = conversation._run(read_state(conversation._setup))
+    return conversation.strategy.select(reading.state, reading.budget).fold_through
 
 
 def _sa_url(db: str) -> str:
@@ -183,7 +185,7 @@ def _expire_lease(memory: Memory, conversation_id: str) -> None:
         conn.execute(
             sa.update(compaction_leases)
             .where(compaction_leases.c.conversation_id == conversation_id)
-            .values(expires_at=repository.now() - timedelta(seconds=1))
+            .values(expires_at=now() - timedelta(seconds=1))
         )
 
 
@@ -232,7 +234,7 @@ def _compactor(
     errors = Path(f"{db}.child-error")
     try:
         if lease is not None:
-            compaction_module.LEASE_SECONDS = lease  # this child's leases only
+            leases.LEASE_SECONDS = lease  # this child's leases only
         rng = random.Random(seed)
         slow = SlowSummarizer(lambda: rng.uniform(0.005, 0.06) if lease is None else 30.0)
         with Memory(
@@ -241,9 +243,8 @@ def _compactor(
             conversation = memory.conversation(id=conversation_id, user=USER)
             ready.set()
             if chunked:
-                compaction_module.compact(
-                    conversation, slow, summarizer_model=slow.model, chunk_tokens=CHUNK_TOKENS
-                )
+                setup = conversation._setup
+                conversation._run(compaction_module.compact(setup, chunk_tokens=CHUNK_TOKENS))
             else:
                 conversation.compact()
             time.sleep(60)  # finished before the kill: wait for it
@@ -300,8 +301,8 @@ def _a_dead_holders_lease_expires_by_the_clock(
         lease = _lease(str(db), conversation_id)
         assert lease is not None, "the killed child held the lease"
         assert conversation.compact().skipped is not None
-        expires = repository.aware(lease.expires_at)
-        time.sleep(max(0.0, (expires - repository.now()).total_seconds()) + 0.05)
+        expires = aware(lease.expires_at)
+        time.sleep(max(0.0, (expires - now()).total_seconds()) + 0.05)
         outcome = conversation.compact()
         assert outcome.summaries
         assert outcome.error is None
@@ -353,7 +354,7 @@ def test_sigkill_during_compaction_leaves_no_partial_summary(tmp_path: Path) -> 
         _check_summaries(str(db), conversation_id, len(before.splitlines()) - 1)
         lease = _lease(str(db), conversation_id)
         # Gone, or the expired one that no compaction needed to take over.
-        assert lease is None or repository.aware(lease.expires_at) < repository.now()
+        assert lease is None or aware(lease.expires_at) < now()
 
     _a_dead_holders_lease_expires_by_the_clock(db, conversation_id, fast)
 
@@ -638,22 +639,21 @@ def test_two_summaries_built_on_the_same_one_cannot_both_be_stored(db_url: str) 
     with Memory(db_url, model=MODEL, strategy="summary", compaction="manual") as memory:
         conversation = memory.conversation(user=USER)
         _fill(conversation, 30)
-        segments = conversation.segments()
-        result = SummaryText(text="a summary", model="m", prompt_version="v")
         barrier = threading.Barrier(WORKERS)
 
         def store(n: int) -> Any:
             barrier.wait(30)
-            return compaction_module._store_summary(
-                conversation,
-                previous=None,
-                start=0,
-                end=10 + n,  # each race entrant folded a different range
-                text=f"summary {n}",
-                tokens=10,
-                strategy="summary",
-                result=result,
-                segments=segments,
+            return conversation._log.store_summary(
+                NewSummary(
+                    start=0,
+                    end=10 + n,  # each race entrant folded a different range
+                    text=f"summary {n}",
+                    tokens=10,
+                    strategy="summary",
+                    model="m",
+                    prompt_version="v",
+                    based_on=None,  # each was built on there being no summary yet
+                )
             )
 
         stored = [each for each in _run_threads(store, WORKERS) if each is not None]

@@ -7,7 +7,9 @@ child, which resumes where the log ends. The content of every position is a
 pure function of the position, so the parent can check each stored message
 byte for byte against what the child wrote.
 
-What this proves today, where one append is one transaction: the file stays
+What this proves today, where one append is one transaction (with the default
+``durability="full"`` and with ``"normal"``, whose promise is exactly this: a
+stored turn survives a crash of the process): the file stays
 intact, positions stay gap-free, every message is whole, every append the
 child saw succeed survived, and the conversation row's running totals always
 match the messages. A kill between the two appends of a turn leaves the
@@ -76,10 +78,12 @@ def _ctx() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork")
 
 
-def _writer(db: str, conversation_id: str, ready: object, acks: str, errors: str) -> None:
+def _writer(
+    db: str, conversation_id: str, ready: object, acks: str, errors: str, *, durability: str
+) -> None:
     """Child: resume the conversation and append turns until killed."""
     try:
-        with Memory(db) as memory:
+        with Memory(db, durability=durability) as memory:
             conversation = memory.conversation(id=conversation_id, user=USER)
             position = len(conversation)
             fd = os.open(acks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -145,7 +149,8 @@ def _kill_loop_once(rng: random.Random, start: Starter, errors: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_during_appends_loses_and_corrupts_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_sigkill_during_appends_loses_and_corrupts_nothing(tmp_path: Path, durability: str) -> None:
     db = tmp_path / "crash.db"
     acks = tmp_path / "acks.txt"
     errors = tmp_path / "child-error.txt"
@@ -156,7 +161,9 @@ def test_sigkill_during_appends_loses_and_corrupts_nothing(tmp_path: Path) -> No
 
     def start(ready: object) -> multiprocessing.process.BaseProcess:
         return _ctx().Process(
-            target=_writer, args=(str(db), conversation_id, ready, str(acks), str(errors))
+            target=_writer,
+            args=(str(db), conversation_id, ready, str(acks), str(errors)),
+            kwargs={"durability": durability},
         )
 
     rng = random.Random(SEED)

@@ -296,3 +296,20 @@ def test_a_relative_sqlite_url_is_refused(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     with Memory(f"sqlite:///{tmp_path / 'abs.db'}") as memory:  # four slashes: absolute
         assert memory.database.target.path == tmp_path / "abs.db"
+
+
+def test_durability_chooses_how_often_sqlite_syncs(tmp_path):
+    """ "full" (the default) syncs every commit; "normal" at checkpoints only (a stored
+    turn survives a crash of the process, not a power cut; see test_crash.py)."""
+    for durability, mode in ((None, 2), ("full", 2), ("normal", 1)):
+        options = {} if durability is None else {"durability": durability}
+        with Memory(tmp_path / f"{durability}.db", **options) as memory:
+            memory.conversation().append({"role": "user", "content": "hello"})
+            with memory.database.cursor(write=False) as cur:
+                cur.execute("PRAGMA synchronous")
+                assert cur.fetchone()[0] == mode, durability
+    with pytest.raises(ConfigurationError, match="durability"):
+        Memory(tmp_path / "bad.db", durability="fast")
+    with pytest.raises(ConfigurationError, match="durability"):
+        AsyncMemory(tmp_path / "bad.db", durability="fast")
+    assert not (tmp_path / "bad.db").exists()

@@ -8,6 +8,7 @@ from conversation_memory import _config
 from conversation_memory.cli._app import command, json_option, print_json
 from conversation_memory.store import migrate
 from conversation_memory.store.database import parse_target
+from conversation_memory.store.opening import open_store
 
 
 @click.group("db")
@@ -19,7 +20,8 @@ def db_group() -> None:
 @json_option
 def current(db: str | None, as_json: bool, debug: bool) -> None:
     """Print the database's schema revision and the one this version needs."""
-    with migrate.opened(db) as database:
+    with open_store(db, check_schema=False) as store, store.database.errors():
+        database = store.database
         revision = migrate.current(database)
         where = database.target.display()
     head = migrate.head_revision()
@@ -51,7 +53,8 @@ def upgrade(db: str | None, as_json: bool, debug: bool) -> None:
     Back the database up first. Upgrading a database that is already
     current does nothing.
     """
-    with migrate.opened(db) as database:
+    with open_store(db, check_schema=False) as store, store.database.errors():
+        database = store.database
         before = migrate.current(database)
         after = migrate.upgrade(database)
         where = database.target.display()
@@ -67,7 +70,8 @@ def upgrade(db: str | None, as_json: bool, debug: bool) -> None:
 @json_option
 def check(db: str | None, as_json: bool, debug: bool) -> None:
     """Compare the database's tables with the library's models; exit 1 if they differ."""
-    with migrate.opened(db) as database:
+    with open_store(db, check_schema=False) as store, store.database.errors():
+        database = store.database
         differences = migrate.check(database)
         where = database.target.display()
     if as_json:

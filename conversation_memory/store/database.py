@@ -23,6 +23,11 @@ All database hygiene lives here:
   statement; a read-only transaction never fails to serialize). SQLite's
   ``BEGIN`` (deferred) in WAL mode already keeps the snapshot of its first
   read until the transaction ends.
+* Durability: ``synchronous=FULL`` (the default) syncs the WAL on every
+  commit, so a stored turn survives a power cut; ``durability="normal"``
+  (``synchronous=NORMAL``) syncs only at checkpoints, so a stored turn
+  survives a crash of the process but the last ones may be lost to a power
+  cut. PostgreSQL keeps its own settings.
 * PostgreSQL URLs without a driver get psycopg (version 3).
 """
 
@@ -47,6 +52,8 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 PG_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 """The first statement of a PostgreSQL read transaction (see the module docstring)."""
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
+DURABILITY = {"full": "FULL", "normal": "NORMAL"}
+"""``durability=`` settings and the SQLite ``synchronous`` mode each means."""
 
 
 @dataclass(frozen=True)
@@ -125,14 +132,14 @@ def missing_database(target: Target) -> StoreError:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class Found:
     """What a database holds before we touch it: table names and our schema revision."""
 
     tables: frozenset[str]
     revision: str | None
 
 
-def inspect_sqlite_file(path: Path, version_table: str) -> Snapshot | None:
+def inspect_sqlite_file(path: Path, version_table: str) -> Found | None:
     """Read an existing file's tables without changing a byte; None if it doesn't exist.
 
     This runs before any connection with our pragmas is made (switching to
@@ -193,7 +200,7 @@ def inspect_sqlite_file(path: Path, version_table: str) -> Snapshot | None:
             "untouched. Choose another path.",
             path=str(path),
         )
-    return Snapshot(tables, revision)
+    return Found(tables, revision)
 
 
 def _read_sqlite_file(
@@ -235,7 +242,7 @@ def create_sqlite_file(path: Path) -> None:
     os.close(fd)
 
 
-def _sqlite_pragmas(busy_timeout_ms: int):
+def _sqlite_pragmas(busy_timeout_ms: int, synchronous: str):
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Transactions are ours to begin (see module docstring).
         dbapi_connection.isolation_level = None
@@ -246,7 +253,8 @@ def _sqlite_pragmas(busy_timeout_ms: int):
             cursor.execute("PRAGMA foreign_keys = ON")
             # FULL (SQLite's default) syncs the WAL on every commit: a stored
             # turn survives power loss, not only a crash of the process.
-            cursor.execute("PRAGMA synchronous = FULL")
+            # NORMAL syncs at checkpoints only (see the module docstring).
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
         finally:
             cursor.close()
 
@@ -262,6 +270,7 @@ def make_engine(
     target: Target,
     *,
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    durability: str = "full",
     echo: bool = False,
 ) -> Engine:
     if target.is_sqlite:
@@ -277,7 +286,7 @@ def make_engine(
             )
         else:
             engine = create_engine(target.url, echo=echo, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms, DURABILITY[durability]))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     try:
@@ -294,6 +303,80 @@ class _Held:
     connection: Any
     pid: int
     in_use: bool = False
+
+
+class _Transaction:
+    """One transaction on a DBAPI cursor (see :meth:`Database.cursor`).
+
+    A class rather than a generator-based context manager: it runs twice per
+    turn, and each layer of ``contextlib`` costs microseconds an append feels.
+    """
+
+    __slots__ = ("_cursor", "_db", "_fairy", "_held", "_write")
+
+    def __init__(self, db: Database, write: bool) -> None:
+        self._db = db
+        self._write = write
+        self._held: _Held | None = None
+        self._fairy: Any = None
+        self._cursor: Any = None
+
+    def __enter__(self) -> Any:
+        db = self._db
+        try:
+            held = db._held() if db._hold else None
+            if held is not None:
+                held.in_use = True
+                self._held = held
+                cursor = held.connection.cursor()
+                self._cursor = cursor
+                cursor.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
+                return cursor
+            self._fairy = db.engine.raw_connection()
+            cursor = self._cursor = self._fairy.cursor()
+            if db.dialect == "sqlite":
+                cursor.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
+            elif not self._write:
+                cursor.execute(PG_SNAPSHOT)
+            return cursor
+        except Exception as exc:
+            self._release()
+            raise db._translated(exc) from exc
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        db, cursor = self._db, self._cursor
+        try:
+            if exc is None:
+                if self._held is not None or db.dialect == "sqlite":
+                    cursor.execute("COMMIT")
+                else:
+                    self._fairy.commit()
+            elif self._held is not None:
+                cursor.execute("ROLLBACK")
+            else:
+                self._fairy.rollback()
+        except Exception as error:
+            if exc is None:
+                raise db._translated(error) from error
+        finally:
+            self._release()
+        if isinstance(exc, Exception):
+            translated = db._translated(exc)
+            if translated is not exc:
+                raise translated from exc
+
+    def _release(self) -> None:
+        cursor, self._cursor = self._cursor, None
+        if cursor is not None:
+            cursor.close()
+        if self._held is not None:
+            self._held.in_use = False
+            self._held = None
+        if self._fairy is not None:
+            fairy, self._fairy = self._fairy, None
+            fairy.close()
 
 
 class Database:
@@ -332,9 +415,9 @@ class Database:
         ):
             yield conn
 
-    @contextmanager
-    def cursor(self, *, write: bool) -> Iterator[Any]:
-        """A DBAPI cursor inside a transaction, for the prepared hot-path SQL.
+    def cursor(self, *, write: bool) -> _Transaction:
+        """A DBAPI cursor inside a transaction, for the log's fixed SQL (``with
+        database.cursor(write=...) as cur``).
 
         Same transaction rules as :meth:`read` / :meth:`write` (``BEGIN
         IMMEDIATE`` for SQLite writes), without SQLAlchemy's per-statement
@@ -344,42 +427,7 @@ class Database:
         connection of its own instead of checking one out of the pool per
         call (the checkout alone was ~60 us, a fifth of an append).
         """
-        held = self._held() if self._hold else None
-        if held is not None:
-            with self._translate():
-                held.in_use = True
-                cursor = held.connection.cursor()
-                try:
-                    cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                    try:
-                        yield cursor
-                    except BaseException:
-                        cursor.execute("ROLLBACK")
-                        raise
-                    cursor.execute("COMMIT")
-                finally:
-                    cursor.close()
-                    held.in_use = False
-            return
-        with self._translate():
-            fairy = self.engine.raw_connection()
-            try:
-                cursor = fairy.cursor()
-                if self.dialect == "sqlite":
-                    cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                elif not write:
-                    cursor.execute(PG_SNAPSHOT)
-                try:
-                    yield cursor
-                except BaseException:
-                    fairy.rollback()
-                    raise
-                if self.dialect == "sqlite":
-                    cursor.execute("COMMIT")
-                else:
-                    fairy.commit()
-            finally:
-                fairy.close()
+        return _Transaction(self, write)
 
     def _held(self) -> _Held | None:
         """This thread's own connection (None while it is busy: nested use takes the pool)."""
@@ -398,36 +446,51 @@ class Database:
 
     @contextmanager
     def _translate(self) -> Iterator[None]:
-        """Turn driver errors about the database itself into our StoreError tree.
-
-        Errors that mean our SQL or data is wrong (integrity, programming) are
-        bugs and stay as they are.
-        """
+        """Turn driver errors about the database itself into our StoreError tree."""
         try:
             yield
         except Exception as exc:
-            orig = exc.orig if isinstance(exc, DBAPIError) else exc
-            if not self._is_driver_error(orig):
+            translated = self._translated(exc)
+            if translated is exc:
                 raise
-            text = str(orig)
-            if "database is locked" in text:
-                raise StoreError(
-                    f"the database {self.target.display()} stayed locked by another "
-                    "writer longer than busy_timeout; retry, or raise busy_timeout_ms",
-                ) from exc
-            if isinstance(orig, sqlite3.DatabaseError) and (
-                "malformed" in text or "not a database" in text
-            ):
-                raise NotADatabase(
-                    f"{self.target.display()} is damaged ({text})", path=str(self.target.path)
-                ) from exc
-            if type(orig).__name__ in ("OperationalError", "InterfaceError"):
-                first = text.strip().splitlines()[0] if text.strip() else type(orig).__name__
-                raise StoreError(
-                    f"cannot use the database {self.target.display()}: {first}. Check that "
-                    "it is reachable and the URL, user and permissions are right.",
-                ) from exc
-            raise
+            raise translated from exc
+
+    def _translated(self, exc: Exception) -> Exception:
+        """The StoreError a driver error about the database itself stands for.
+
+        Errors that mean our SQL or data is wrong (integrity, programming) are
+        bugs and stay as they are (``exc`` itself is returned).
+        """
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        if not self._is_driver_error(orig):
+            return exc
+        text = str(orig)
+        if "database is locked" in text:
+            return StoreError(
+                f"the database {self.target.display()} stayed locked by another "
+                "writer longer than busy_timeout; retry, or raise busy_timeout_ms",
+            )
+        if isinstance(orig, sqlite3.DatabaseError) and (
+            "malformed" in text or "not a database" in text
+        ):
+            return NotADatabase(
+                f"{self.target.display()} is damaged ({text})", path=str(self.target.path)
+            )
+        if type(orig).__name__ in ("OperationalError", "InterfaceError"):
+            first = text.strip().splitlines()[0] if text.strip() else type(orig).__name__
+            return StoreError(
+                f"cannot use the database {self.target.display()}: {first}. Check that "
+                "it is reachable and the URL, user and permissions are right.",
+            )
+        return exc
+
+    def is_conflict(self, error: BaseException) -> bool:
+        """Whether ``error`` is a constraint violation (a unique row another writer
+        stored first), from the DBAPI cursor or from SQLAlchemy."""
+        orig = error.orig if isinstance(error, DBAPIError) else error
+        dbapi = getattr(self.engine.dialect, "loaded_dbapi", None)
+        integrity = getattr(dbapi, "IntegrityError", sqlite3.IntegrityError)
+        return isinstance(orig, sqlite3.IntegrityError | integrity)
 
     def _is_driver_error(self, error: BaseException | None) -> bool:
         dbapi = getattr(self.engine.dialect, "loaded_dbapi", None)
@@ -455,8 +518,9 @@ class Database:
 
 
 __all__ = [
+    "DURABILITY",
     "Database",
-    "Snapshot",
+    "Found",
     "Target",
     "create_sqlite_file",
     "inspect_sqlite_file",

@@ -16,24 +16,13 @@ scripts' head:
 from __future__ import annotations
 
 import io
-import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, inspect, text
 
-from conversation_memory import _config
 from conversation_memory.errors import NotADatabase, SchemaOutdated, SchemaTooNew, StoreError
-from conversation_memory.store.database import (
-    Database,
-    Snapshot,
-    inspect_sqlite_file,
-    make_engine,
-    missing_database,
-    parse_target,
-)
+from conversation_memory.store.database import Database, Found, missing_database
 from conversation_memory.store.schema import VERSION_TABLE, metadata
 
 if TYPE_CHECKING:
@@ -100,43 +89,16 @@ def _known(revision: str) -> bool:
         return False
 
 
-@contextmanager
-def opened(
-    db: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
-) -> Iterator[Database]:
-    """An existing database, opened as it is: not created, not checked, not migrated.
-
-    For ``convmem db``: reading the revision of an outdated database must not
-    require upgrading it first. A SQLite path that does not exist is refused
-    (nothing is created); a file that is not SQLite, or another application's,
-    raises ``NotADatabase`` before a connection could rewrite it.
-    """
-    target = parse_target(_config.default_db_path(env) if db is None else db)
-    found = None
-    if target.path is not None:
-        if not target.path.exists():
-            raise missing_database(target)
-        found = inspect_sqlite_file(target.path, VERSION_TABLE)
-    database = Database(target, make_engine(target))
-    try:
-        with database.errors():
-            if found is not None:
-                _refuse_foreign(database, found)
-            yield database
-    finally:
-        database.dispose()
-
-
-def snapshot(db: Database) -> Snapshot:
+def snapshot(db: Database) -> Found:
     """Our tables and revision, read through the engine (servers, in-memory SQLite)."""
     with db.engine.connect() as conn:
         tables = frozenset(inspect(conn).get_table_names())
         revision = _revision(conn) if VERSION_TABLE in tables else None
         conn.rollback()
-    return Snapshot(tables, revision)
+    return Found(tables, revision)
 
 
-def _refuse_foreign(db: Database, found: Snapshot) -> None:
+def refuse_foreign(db: Database, found: Found) -> None:
     """Raise NotADatabase for tables that are not ours to add to or upgrade."""
     if VERSION_TABLE in found.tables:
         return
@@ -155,7 +117,7 @@ def _refuse_foreign(db: Database, found: Snapshot) -> None:
         )
 
 
-def preflight(db: Database, found: Snapshot, *, upgrade: bool = False) -> str | None:
+def preflight(db: Database, found: Found, *, upgrade: bool = False) -> str | None:
     """Decide from a snapshot, before any write: refuse, or say which upgrade is due.
 
     Returns None when the database is at head, "head" when it must be
@@ -163,7 +125,7 @@ def preflight(db: Database, found: Snapshot, *, upgrade: bool = False) -> str | 
     """
     head = HEAD
     if VERSION_TABLE not in found.tables:
-        _refuse_foreign(db, found)
+        refuse_foreign(db, found)
         return "head"
     current = found.revision
     if current == head:
@@ -189,7 +151,7 @@ def preflight(db: Database, found: Snapshot, *, upgrade: bool = False) -> str | 
 
 
 def ensure_schema(
-    db: Database, *, upgrade: bool = False, found: Snapshot | None = None, create: bool = True
+    db: Database, *, upgrade: bool = False, found: Found | None = None, create: bool = True
 ) -> str:
     """Bring a freshly opened database to head, or refuse it; return its revision.
 
