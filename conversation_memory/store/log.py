@@ -40,6 +40,7 @@ from conversation_memory.messages import dumps, from_row
 from conversation_memory.store import leases, queries
 from conversation_memory.store.database import Database
 from conversation_memory.store.statements import Statements
+from conversation_memory.store.tailcache import TailCache
 from conversation_memory.store.values import (
     Calibration,
     Committed,
@@ -86,6 +87,7 @@ class ConversationLog:
         """The row is still to be inserted, by the first commit."""
         self._unsaved_calibration: Calibration | None = None
         self._lineage: tuple[tuple[str, int | None], list[Segment]] | None = None
+        self._tail_cache = TailCache()
 
     @property
     def stored(self) -> bool:
@@ -199,14 +201,17 @@ class ConversationLog:
                 summary = queries.newest_summary(cur, self._sql, segments)
             after = summary.end if summary is not None else -1
             # Read until the tail alone would overflow: anything older can't fit.
-            tail, has_older = queries.tail(
+            cache = self._tail_cache
+            tail, has_older, rows = queries.tail(
                 cur,
                 self._sql,
                 segments,
                 tokens=need,
                 after=-1 if overlap else after,
                 first_page=head.page_for(need),
+                cached=cache.rows(head),
             )
+            cache.keep(head, rows)
             has_older = has_older and (not tail or tail[0].position > after + 1)
             start = tail[0].position if tail else head.next_position
             pinned = queries.pinned_before(cur, self._sql, segments, start)
@@ -249,7 +254,7 @@ class ConversationLog:
                 self._create(cur, stamp)
             prior: Correction | None = None
             if batch:
-                first, prior = self._claim(cur, batch, stamp, learning=learn is not None)
+                first, prior, claimed = self._claim(cur, batch, stamp, learning=learn is not None)
                 self._insert(cur, batch, first, stamp, stored)
             elif learn is not None:
                 cur.execute(self._sql.calibration, (self.id, self.model))
@@ -279,6 +284,8 @@ class ConversationLog:
                     ),
                 )
         self._unsaved, self._unsaved_calibration = False, None
+        if batch:
+            self._tail_cache.appended(batch, first, claimed, stamp)
         return Committed(stored, learnt)
 
     def _create(self, cur: Any, stamp: Any) -> None:
@@ -302,7 +309,7 @@ class ConversationLog:
 
     def _claim(
         self, cur: Any, batch: Sequence[NewMessage], stamp: Any, *, learning: bool
-    ) -> tuple[int, Correction | None]:
+    ) -> tuple[int, Correction | None, tuple[int, int, int]]:
         """Reserve positions for ``batch``: the first one, and the stored calibration
         when a reply is learnt from (``learning``)."""
         sql = self._sql
@@ -327,9 +334,9 @@ class ConversationLog:
         if found is None:
             raise self._gone()
         prior = None
-        if learning and found[1] is not None:
-            prior = Correction(factor=found[1], margin=found[2] or 0)
-        return found[0] - count, prior
+        if learning and found[3] is not None:
+            prior = Correction(factor=found[3], margin=found[4] or 0)
+        return found[0] - count, prior, (found[0], found[1], found[2])
 
     def _known_unsaved(self) -> Correction | None:
         learnt = self._unsaved_calibration
@@ -581,6 +588,7 @@ class ConversationLog:
         sql = self._sql
         with self._db.cursor(write=True) as cur:
             queries.delete(cur, sql, self._fresh_row(cur))
+        self._tail_cache.clear()
         self._unsaved = False  # a new one deleted before its first turn stays deleted
 
 

@@ -26,7 +26,7 @@ NO_LIMIT = 2**62
 
 def item_of(row: Sequence[Any]) -> Item:
     position, role, content, parts, name, calls, call_id, tokens, pinned, complete = row
-    # Positional: this runs for every message read on every turn.
+    # Positional: this runs for every message read.
     return Item(
         position,
         from_row(role, content, parts, name, calls, call_id),
@@ -69,37 +69,59 @@ def tail(
     tokens: int,
     after: int = -1,
     first_page: int = 32,
-) -> tuple[list[Item], bool]:
+    cached: Sequence[tuple[Any, ...]] = (),
+) -> tuple[list[Item], bool, list[tuple[Any, ...]]]:
     """The newest messages, oldest first, until they hold more than ``tokens``.
 
     Stops at position ``after`` (exclusive; e.g. the end of a summary).
-    Returns the items and whether older messages (past ``after``) remain.
+    ``cached`` are rows of the newest positions already read (newest first, see
+    ``tailcache``): they are used first, and only older ones are fetched.
+    Returns the items, whether older messages (past ``after``) remain, and the
+    rows used, newest first.
     """
     collected: list[Item] = []
+    used: list[tuple[Any, ...]] = []
     total = 0
     page = first_page
     upto: int | None = None
+    for row in cached:
+        position, role, content, parts, name, calls, call_id, size, pinned, done = row
+        if position <= after:
+            collected.reverse()
+            return collected, False, used
+        used.append(row)
+        message = from_row(role, content, parts, name, calls, call_id)
+        collected.append(Item(position, message, size, bool(pinned), bool(done)))
+        total += size
+        if total > tokens:
+            collected.reverse()
+            return collected, collected[0].position > after + 1, used
+        upto = position - 1
     for conversation_id, segment_upto in segments:
         if segment_upto is not None:
             upto = segment_upto if upto is None else min(upto, segment_upto)
         while True:
             limit = NO_LIMIT if upto is None else upto
             cur.execute(sql.tail, (conversation_id, limit, after, page))
-            rows = cur.fetchall()
-            for row in rows:
-                item = item_of(row)
-                collected.append(item)
-                total += item.tokens
+            # Row by row: the rows past the one that fills the budget are never made
+            # into Python objects (the page is an estimate, with slack).
+            read = 0
+            for row in cur:
+                read += 1
+                position, role, content, parts, name, calls, call_id, size, pinned, done = row
+                used.append(row)
+                message = from_row(role, content, parts, name, calls, call_id)
+                collected.append(Item(position, message, size, bool(pinned), bool(done)))
+                total += size
                 if total > tokens:
                     collected.reverse()
-                    return collected, collected[0].position > after + 1
-            if rows:
-                upto = rows[-1][0] - 1
-            if len(rows) < page:
+                    return collected, collected[0].position > after + 1, used
+                upto = position - 1
+            if read < page:
                 break
             page = min(page * 4, 4096)
     collected.reverse()
-    return collected, False
+    return collected, False, used
 
 
 def pinned_before(

@@ -66,7 +66,7 @@ conversations = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # NO ACTION (checked at the end of the statement): erasing a user deletes a
     # parent and its forks in one statement. Deleting one conversation first
-    # hands its forks the messages they share (see repository.delete).
+    # hands its forks the messages they share (see store.queries.delete).
     Column("forked_from", String(64), ForeignKey("conversations.id"), nullable=True),
     Column("fork_position", Integer, nullable=True),
     Column("next_position", Integer, nullable=False, server_default=text("0")),
@@ -188,4 +188,4 @@ compaction_leases = Table(
 """One compaction per conversation and level at a time: a compaction claims
 the lease before reading what to fold, renews it while it works and drops it
 when it is done. A holder killed mid-call stops renewing, so its lease expires
-within ``compaction.LEASE_SECONDS`` (seconds)."""
+within ``store.leases.LEASE_SECONDS`` (seconds)."""

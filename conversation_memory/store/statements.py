@@ -43,7 +43,7 @@ UPDATE conversations
    SET next_position = next_position + ?, message_count = message_count + ?,
        total_tokens = total_tokens + ?, updated_at = ?
  WHERE id = ? AND user_id = ?
-RETURNING next_position
+RETURNING next_position, message_count, total_tokens
 """
 CLAIM_UPDATE = """
 UPDATE conversations
@@ -51,7 +51,7 @@ UPDATE conversations
        total_tokens = total_tokens + ?, updated_at = ?
  WHERE id = ? AND user_id = ?
 """
-CLAIMED = "SELECT next_position FROM conversations WHERE id = ?"
+CLAIMED = "SELECT next_position, message_count, total_tokens FROM conversations WHERE id = ?"
 # The same, with the stored calibration: a turn that learns from its reply reads
 # what it learns from in its own transaction, with no extra statement.
 _CALIBRATION_OF_ROW = """
@@ -63,9 +63,12 @@ UPDATE conversations
    SET next_position = next_position + ?, message_count = message_count + ?,
        total_tokens = total_tokens + ?, updated_at = ?
  WHERE id = ? AND user_id = ?
-RETURNING next_position, {_CALIBRATION_OF_ROW}
+RETURNING next_position, message_count, total_tokens, {_CALIBRATION_OF_ROW}
 """
-CLAIMED_LEARNING = f"SELECT next_position, {_CALIBRATION_OF_ROW} FROM conversations WHERE id = ?"
+CLAIMED_LEARNING = f"""
+SELECT next_position, message_count, total_tokens, {_CALIBRATION_OF_ROW}
+  FROM conversations WHERE id = ?
+"""
 INSERT_MESSAGE = """
 INSERT INTO messages (conversation_id, position, role, content, parts, name, tool_calls,
                       tool_call_id, tokens, created_at, meta, complete, pinned)
@@ -74,7 +77,7 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 # The row and its calibration in one round trip.
 HEAD = """
 SELECT c.system, c.system_tokens, c.forked_from, c.fork_position, c.next_position,
-       c.message_count, c.total_tokens, k.factor, k.margin
+       c.message_count, c.total_tokens, k.factor, k.margin, c.updated_at
   FROM conversations c
   LEFT JOIN calibrations k ON k.conversation_id = c.id AND k.model = ?
  WHERE c.id = ? AND c.user_id = ?

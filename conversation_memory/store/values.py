@@ -67,6 +67,9 @@ class Head:
     total_tokens: int
     factor: float | None
     margin: int | None
+    updated_at: Any = None
+    """As the backend stores it: with the counts, what says whether the conversation
+    changed since it was last read (see ``store.tailcache``)."""
 
     @property
     def correction(self) -> Correction | None:
