@@ -220,16 +220,16 @@ def entries(
             limit = min(limit, last)
         cur.execute(sql.entries, (conversation_id, limit, first))
         for row in cur.fetchall():
-            item = item_of(row[:10])
+            position, role, content, parts, name, calls, call_id, tokens, pinned, done = row[:10]
             meta = row[11]
             found.append(
                 Entry(
-                    position=item.position,
-                    message=item.message,  # type: ignore[arg-type]  # a fresh dict
-                    tokens=item.tokens,
+                    position=position,
+                    message=from_row(role, content, parts, name, calls, call_id),
+                    tokens=tokens,
                     created_at=time(row[10]),
-                    pinned=item.pinned,
-                    complete=item.complete,
+                    pinned=bool(pinned),
+                    complete=bool(done),
                     metadata=json.loads(meta) if meta is not None else None,
                 )
             )
