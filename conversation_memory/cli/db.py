@@ -49,11 +49,12 @@ def upgrade(db: str | None, as_json: bool, debug: bool) -> None:
     """Upgrade the database's schema to the one this version needs.
 
     Back the database up first. Upgrading a database that is already
-    current does nothing.
+    current does nothing. Long steps (indexing stored messages for search)
+    report progress on stderr.
     """
     with migrate.opened(db) as database:
         before = migrate.current(database)
-        after = migrate.upgrade(database)
+        after = migrate.upgrade(database, progress=lambda line: click.echo(line, err=True))
         where = database.target.display()
     if as_json:
         print_json({"db": where, "from": before, "to": after})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 
 OUR_TABLES = frozenset(metadata.tables)
 
-HEAD = "0002"
+Progress = Callable[[str], None]
+"""Receives progress lines from a running migration."""
+
+HEAD = "0003"
 """The newest migration's revision. Opening a database compares against this
 constant rather than loading the scripts, so the common case (a database
 already at head) never imports Alembic, a tenth of a second of start-up for
@@ -59,7 +62,9 @@ def script_location() -> Path:
     )
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
+def alembic_config(
+    connection: Connection | None = None, *, progress: Progress | None = None
+) -> Config:
     # Alembic's own messages ("No new upgrade operations detected") go nowhere: the
     # callers report results themselves, and stdout may be a --json document.
     from alembic.config import Config
@@ -68,6 +73,9 @@ def alembic_config(connection: Connection | None = None) -> Config:
     config.set_main_option("script_location", str(script_location()))
     if connection is not None:
         config.attributes["connection"] = connection
+    # A migration with long work (0003's backfill of the search index) reports
+    # through this, one line at a time.
+    config.attributes["progress"] = progress
     return config
 
 
@@ -203,11 +211,11 @@ def ensure_schema(
     return HEAD
 
 
-def _upgrade(db: Database, revision: str) -> None:
+def _upgrade(db: Database, revision: str, progress: Progress | None = None) -> None:
     from alembic import command
 
     with db.engine.begin() as conn:
-        command.upgrade(alembic_config(conn), revision)
+        command.upgrade(alembic_config(conn, progress=progress), revision)
 
 
 def current(db: Database) -> str | None:
@@ -228,8 +236,12 @@ def state(revision: str | None) -> str:
     return "outdated" if _known(revision) else "too new"
 
 
-def upgrade(db: Database, revision: str = "head") -> str:
-    """Upgrade to ``revision`` (default head); a no-op when already there."""
+def upgrade(db: Database, revision: str = "head", *, progress: Progress | None = None) -> str:
+    """Upgrade to ``revision`` (default head); a no-op when already there.
+
+    ``progress`` receives a line of text now and then during long steps
+    (indexing existing messages for search), for a command to show.
+    """
     with db.engine.connect() as conn:
         existing = current(db)
         conn.rollback()
@@ -240,7 +252,7 @@ def upgrade(db: Database, revision: str = "head") -> str:
             "conversation-memory instead.",
             revision=existing,
         )
-    _upgrade(db, revision)
+    _upgrade(db, revision, progress)
     result = current(db)
     assert result is not None
     return result
