@@ -358,6 +358,17 @@ class _Sqlite:
         return [_hit(found[rowid], score) for rowid, score in ranked if rowid in found]
 
 
+# Whether ANALYZE has described the search column (then the planner's
+# estimates for common words are worth trusting).
+_STATISTICS = f"""
+SELECT EXISTS (
+    SELECT 1 FROM pg_stats
+     WHERE schemaname = (SELECT CAST(CAST(relnamespace AS regnamespace) AS text)
+                           FROM pg_class WHERE oid = to_regclass('messages'))
+       AND tablename = 'messages' AND attname = '{SEARCH_COLUMN}') AS yes
+"""
+
+
 class _Postgres:
     """``tsvector @@ tsquery``: each word through ``plainto_tsquery``, which has no syntax."""
 
@@ -377,10 +388,12 @@ class _Postgres:
         return f"({sql})", {f"q{n}": self.parsed[w] for n, w in enumerate(words)}
 
     def counts(self, conn: Connection, words: Sequence[str]) -> list[int]:
-        # A capped probe reads a row per match here (the heap, not just the GIN
-        # index): ~5-10 ms for each word in a few percent of 200,000 messages.
-        # The planner's estimates (from ANALYZE's most common words) cost one
-        # EXPLAIN, so only words it does not think far too common are probed.
+        # A capped probe reads a table row per match here (not just the GIN
+        # index): 5-30 ms for a word in a few percent of the messages. ANALYZE
+        # (autovacuum) keeps the frequencies of the commonest words, and the
+        # planner's estimate from them costs one EXPLAIN; so only words it
+        # expects to be rare are probed (its guesses for those are crude, and
+        # probing them is cheap), unless the table has no statistics yet.
         params: dict[str, Any] = {f"w{n}": w for n, w in enumerate(words)}
         arms = " UNION ALL ".join(
             f"SELECT 1 FROM messages WHERE {SEARCH_COLUMN} @@ plainto_tsquery('simple', :w{n})"
@@ -392,27 +405,35 @@ class _Postgres:
         estimates = [int(arm["Plan Rows"]) for arm in arms_plans]
         if len(estimates) != len(words):  # a plan shape not foreseen: probe every word
             estimates = [0] * len(words)
-        probed = [n for n, estimate in enumerate(estimates) if estimate <= 4 * CANDIDATES]
-        probes = "".join(
-            f", (SELECT count(*) FROM (SELECT 1 FROM messages WHERE {SEARCH_COLUMN} @@ "
-            f"plainto_tsquery('simple', :w{n}) LIMIT :cap) AS s{n})"
-            for n in probed
-        )
+        probes = []
+        for n, estimate in enumerate(estimates):
+            probe = (
+                f"(SELECT count(*) FROM (SELECT 1 FROM messages WHERE {SEARCH_COLUMN} @@ "
+                f"plainto_tsquery('simple', :w{n}) LIMIT :cap) AS s{n})"
+            )
+            # A scalar subquery in a CASE branch runs only if the branch is taken.
+            trusted = f"CASE WHEN known.yes THEN NULL ELSE {probe} END"
+            probes.append(probe if estimate <= CANDIDATES // 4 else trusted)
         params["cap"] = CANDIDATES + 1
+        parsed = [f"CAST(plainto_tsquery('simple', :w{n}) AS text)" for n in range(len(words))]
         # The highest id stands in for the number of messages (an index lookup,
         # where count(*) reads them all); IDF is a logarithm, and forgiving.
-        parsed = "".join(
-            f", CAST(plainto_tsquery('simple', :w{n}) AS text)" for n in range(len(words))
-        )
         found = conn.execute(
-            text(f"SELECT (SELECT coalesce(max(id), 0) FROM messages){parsed}{probes}"), params
+            text(
+                f"WITH known AS ({_STATISTICS}) "
+                "SELECT (SELECT coalesce(max(id), 0) FROM messages), "
+                + ", ".join(parsed + probes)
+                + " FROM known"
+            ),
+            params,
         ).one()
         self.size = max(found[0], 1)
         self.parsed = dict(zip(words, found[1 : len(words) + 1], strict=True))
-        counts = list(estimates)
-        for n, count in zip(probed, found[len(words) + 1 :], strict=True):
-            counts[n] = count
-        return counts
+        probed = found[len(words) + 1 :]
+        return [
+            estimate if count is None else count
+            for estimate, count in zip(estimates, probed, strict=True)
+        ]
 
     def ranked(
         self, conn: Connection, words: Sequence[tuple[int, str]], scope: _Scope, limit: int
