@@ -387,3 +387,25 @@ def test_any_mix_of_appends_forks_and_deletes_keeps_the_index_exact(ops):
             for position, marker in enumerate(model):
                 hits = find(memory, conversation, marker)
                 assert [hit.position for hit in hits] == [position]
+
+
+def test_check_index_reports_an_index_out_of_step(db_url):
+    """check_index is what the consistency tests lean on: it must see a stale index."""
+    with Memory(db_url) as memory:
+        chat = memory.conversation(user=USER)
+        chat.extend([{"role": "user", "content": "first"}, {"role": "user", "content": "second"}])
+        index_agrees(memory)
+        with memory.database.write() as conn:
+            if memory.database.dialect == "sqlite":
+                # A message removed behind the index's back.
+                conn.exec_driver_sql("DROP TRIGGER messages_fts_delete")
+                conn.exec_driver_sql("DELETE FROM messages WHERE position = 0")
+            else:
+                # What the generated column was computed with, changed afterwards.
+                conn.exec_driver_sql(
+                    "CREATE OR REPLACE FUNCTION convmem_message_text(content text, parts text, "
+                    "tool_calls text) "
+                    "RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'other words' $$"
+                )
+        with memory.database.write() as conn:
+            assert search.check_index(conn) != []
