@@ -409,3 +409,23 @@ def test_check_index_reports_an_index_out_of_step(db_url):
                 )
         with memory.database.write() as conn:
             assert search.check_index(conn) != []
+
+
+def test_postgres_uses_analyze_statistics_for_common_words(pg_url, monkeypatch):
+    """Once ANALYZE has sampled the column, a word among its commonest is not
+    counted row by row; the answers stay the same."""
+    monkeypatch.setattr(search, "CANDIDATES", 5)
+    with Memory(pg_url) as memory:
+        chat = memory.conversation(user=USER)
+        chat.extend([{"role": "user", "content": f"the usual chatter {n}"} for n in range(60)])
+        chat.append({"role": "user", "content": "the rare lynx"})
+        queries = ["the lynx", "the usual", "lynx", "the"]
+        before = {q: places(find(memory, chat, q)) for q in queries}
+        with memory.database.write() as conn:
+            conn.exec_driver_sql("ANALYZE messages")
+        with memory.database.read() as conn:
+            counts = search._Postgres().counts(conn, ["the", "lynx"])
+        assert counts[1] == 1  # rare: counted
+        assert 50 <= counts[0] <= 70  # common: ANALYZE's sampled frequency, not a count
+        assert {q: places(find(memory, chat, q)) for q in queries} == before
+        assert before["the lynx"] == [(chat.id, 60)]
