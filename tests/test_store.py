@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import sqlite3
 import stat
@@ -313,3 +314,114 @@ def test_durability_chooses_how_often_sqlite_syncs(tmp_path):
     with pytest.raises(ConfigurationError, match="durability"):
         AsyncMemory(tmp_path / "bad.db", durability="fast")
     assert not (tmp_path / "bad.db").exists()
+
+
+def _fill_at_0002(url: str, *, messages: int = 3) -> Database:
+    """A database as version 0002 left it, with a conversation's messages of every kind."""
+    db = _database(url)
+    migrate.upgrade(db, "0002")
+    function = {"name": "lookup", "arguments": json.dumps({"q": "otter"})}
+    call = json.dumps([{"id": "c1", "type": "function", "function": function}])
+    rows = [
+        {"p": 0, "role": "user", "content": "the old heron", "parts": None, "calls": None},
+        {"p": 1, "role": "assistant", "content": None,
+         "parts": '[{"type":"text","text":"an old kestrel"}]', "calls": None},
+        {"p": 2, "role": "assistant", "content": None, "parts": None, "calls": call},
+    ] + [
+        {"p": n, "role": "user", "content": f"filler {n}", "parts": None, "calls": None}
+        for n in range(3, messages)
+    ]  # fmt: skip
+    with db.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO conversations (id, user_id, model, counter, created_at, updated_at, "
+                "next_position, message_count, total_tokens) VALUES ('c1', 'default', "
+                "'gpt-4o-mini', 'tiktoken:o200k_base', '2026-01-01 00:00:00', "
+                "'2026-01-01 00:00:00', :n, :n, :n)"
+            ),
+            {"n": len(rows)},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO messages (conversation_id, position, role, content, parts, "
+                "tool_calls, tokens, created_at, complete, pinned) VALUES ('c1', :p, :role, "
+                ":content, :parts, :calls, 1, '2026-01-01 00:00:00', true, false)"
+            ),
+            rows,
+        )
+    return db
+
+
+def _search_words(url: str, text: str) -> list[int]:
+    from conversation_memory.store import search
+
+    with Memory(url) as memory, memory.database.read() as conn:
+        return sorted(h.position for h in search.search_user(conn, text, user="default"))
+
+
+def test_search_index_backfills_a_database_made_at_0002(db_url):
+    """Migration 0003 indexes the messages already stored, saying how far it got;
+    upgrading again does nothing, and the models still match the schema."""
+    from conversation_memory.store import search
+
+    db = _fill_at_0002(db_url)
+    lines: list[str] = []
+    assert migrate.upgrade(db, progress=lines.append) == migrate.HEAD
+    assert lines[-1] == "search index: 3 of 3 messages"
+    assert _search_words(db_url, "heron kestrel otter lookup") == [0, 1, 2]
+    again: list[str] = []
+    assert migrate.upgrade(db, progress=again.append) == migrate.HEAD
+    assert again == []
+    assert _search_words(db_url, "old") == [0, 1]  # each once: nothing indexed twice
+    assert migrate.check(db) == []
+    with db.engine.begin() as conn:
+        assert search.check_index(conn) == []
+    db.dispose()
+
+
+def test_search_index_backfill_goes_in_batches(tmp_path):
+    path = str(tmp_path / "old.db")
+    db = _fill_at_0002(path, messages=20_005)
+    lines: list[str] = []
+    migrate.upgrade(db, progress=lines.append)
+    db.dispose()
+    assert lines == [
+        "search index: indexing 20,005 messages",
+        "search index: 20,000 of 20,005 messages",
+        "search index: 20,005 of 20,005 messages",
+    ]
+    assert _search_words(path, "heron 20004") == [0, 20_004]
+
+
+def test_search_index_downgrades_and_upgrades_again(db_url):
+    from alembic import command
+
+    from conversation_memory.store import search
+
+    db = _fill_at_0002(db_url)
+    migrate.upgrade(db)
+    with db.engine.begin() as conn:
+        command.downgrade(migrate.alembic_config(conn), "0002")
+    with db.engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        assert not [t for t in inspector.get_table_names() if t.startswith("messages_fts")]
+        assert "search_vector" not in {c["name"] for c in inspector.get_columns("messages")}
+        assert conn.exec_driver_sql("SELECT count(*) FROM messages").scalar_one() == 3
+    migrate.upgrade(db)
+    assert _search_words(db_url, "kestrel") == [1]
+    with db.engine.begin() as conn:
+        assert search.check_index(conn) == []
+    db.dispose()
+
+
+def test_db_upgrade_shows_the_backfill(tmp_path):
+    from click.testing import CliRunner
+
+    from conversation_memory.cli import cli
+
+    path = str(tmp_path / "old.db")
+    _fill_at_0002(path).dispose()
+    result = CliRunner().invoke(cli, ["db", "upgrade", "--db", path, "--json"])
+    assert result.exit_code == 0, result.output
+    assert "search index: 3 of 3 messages" in result.stderr
+    assert '"to": "0003"' in result.stdout

@@ -51,12 +51,13 @@ def upgrade(db: str | None, as_json: bool, debug: bool) -> None:
     """Upgrade the database's schema to the one this version needs.
 
     Back the database up first. Upgrading a database that is already
-    current does nothing.
+    current does nothing. Long steps (indexing stored messages for search)
+    report progress on stderr.
     """
     with open_store(db, check_schema=False) as store, store.database.errors():
         database = store.database
         before = migrate.current(database)
-        after = migrate.upgrade(database)
+        after = migrate.upgrade(database, progress=lambda line: click.echo(line, err=True))
         where = database.target.display()
     if as_json:
         print_json({"db": where, "from": before, "to": after})

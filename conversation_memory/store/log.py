@@ -217,6 +217,11 @@ class ConversationLog:
             pinned = queries.pinned_before(cur, self._sql, segments, start)
         return Snapshot(head, summary, summaries, tail, has_older, pinned)
 
+    def lineage(self) -> list[Segment]:
+        """Itself, then the conversations it was forked from, each up to its fork point."""
+        with self._db.cursor(write=False) as cur:
+            return self._segments(cur, self._head(cur))
+
     def summary_cover(self) -> list[Summary]:
         """The stored summaries that together cover the summarized range, oldest first."""
         with self._db.cursor(write=False) as cur:

@@ -16,6 +16,7 @@ scripts' head:
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,10 @@ if TYPE_CHECKING:
 
 OUR_TABLES = frozenset(metadata.tables)
 
-HEAD = "0002"
+Progress = Callable[[str], None]
+"""Receives progress lines from a running migration."""
+
+HEAD = "0003"
 """The newest migration's revision. Opening a database compares against this
 constant rather than loading the scripts, so the common case (a database
 already at head) never imports Alembic, a tenth of a second of start-up for
@@ -48,7 +52,9 @@ def script_location() -> Path:
     )
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
+def alembic_config(
+    connection: Connection | None = None, *, progress: Progress | None = None
+) -> Config:
     # Alembic's own messages ("No new upgrade operations detected") go nowhere: the
     # callers report results themselves, and stdout may be a --json document.
     from alembic.config import Config
@@ -57,6 +63,9 @@ def alembic_config(connection: Connection | None = None) -> Config:
     config.set_main_option("script_location", str(script_location()))
     if connection is not None:
         config.attributes["connection"] = connection
+    # A migration with long work (0003's backfill of the search index) reports
+    # through this, one line at a time.
+    config.attributes["progress"] = progress
     return config
 
 
@@ -165,11 +174,11 @@ def ensure_schema(
     return HEAD
 
 
-def _upgrade(db: Database, revision: str) -> None:
+def _upgrade(db: Database, revision: str, progress: Progress | None = None) -> None:
     from alembic import command
 
     with db.engine.begin() as conn:
-        command.upgrade(alembic_config(conn), revision)
+        command.upgrade(alembic_config(conn, progress=progress), revision)
 
 
 def current(db: Database) -> str | None:
@@ -190,8 +199,12 @@ def state(revision: str | None) -> str:
     return "outdated" if _known(revision) else "too new"
 
 
-def upgrade(db: Database, revision: str = "head") -> str:
-    """Upgrade to ``revision`` (default head); a no-op when already there."""
+def upgrade(db: Database, revision: str = "head", *, progress: Progress | None = None) -> str:
+    """Upgrade to ``revision`` (default head); a no-op when already there.
+
+    ``progress`` receives a line of text now and then during long steps
+    (indexing existing messages for search), for a command to show.
+    """
     with db.engine.connect() as conn:
         existing = current(db)
         conn.rollback()
@@ -202,7 +215,7 @@ def upgrade(db: Database, revision: str = "head") -> str:
             "conversation-memory instead.",
             revision=existing,
         )
-    _upgrade(db, revision)
+    _upgrade(db, revision, progress)
     result = current(db)
     assert result is not None
     return result

@@ -189,3 +189,36 @@ compaction_leases = Table(
 the lease before reading what to fold, renews it while it works and drops it
 when it is done. A holder killed mid-call stops renewing, so its lease expires
 within ``store.leases.LEASE_SECONDS`` (seconds)."""
+
+
+# -- the full-text index ---------------------------------------------------------
+#
+# Made by migration 0003 and kept in step by the database (triggers on SQLite,
+# a generated column on PostgreSQL); see that migration for why. It is not
+# modelled above: an FTS5 virtual table and a generated tsvector column have
+# no Core form both backends share (and a generated column in ``messages``
+# would break the Core inserts that list every column). Reflection sees these
+# objects anyway, so the migration environment leaves them out of
+# ``alembic check`` by name.
+
+SEARCH_TABLE = "messages_fts"
+"""SQLite: the FTS5 table (external content); FTS5 adds shadow tables named after it."""
+SEARCH_VIEW = "messages_search_text"
+"""SQLite: the text indexed for each message (FTS5 reads snippets from it)."""
+SEARCH_COLUMN = "search_vector"
+"""PostgreSQL: the generated ``tsvector`` column of ``messages``."""
+SEARCH_GIN_INDEX = "ix_messages_search_vector"
+SEARCH_FUNCTION = "convmem_message_text"
+"""PostgreSQL: the text indexed for each message (also what ``ts_headline`` marks up)."""
+
+
+def outside_models(name: str | None, kind: str) -> bool:
+    """Whether a reflected object belongs to the search index rather than to the models.
+
+    ``kind`` is Alembic's ``include_name`` type ("table", "column", "index", ...).
+    """
+    if name is None:
+        return False
+    if kind == "table":
+        return name == SEARCH_TABLE or name.startswith(f"{SEARCH_TABLE}_")
+    return (kind, name) in {("column", SEARCH_COLUMN), ("index", SEARCH_GIN_INDEX)}
