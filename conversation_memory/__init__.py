@@ -1,7 +1,11 @@
 """conversation_memory: a lossless, exact and fast memory for chat models.
 
-Everything public is importable from here; the modules behind it are
-implementation detail (docs/architecture.md draws the layers).
+Everything public is importable from here. The public subpackages are
+``conversation_memory.testing`` (test doubles), ``.llm`` (the client layer),
+``.lab`` (the strategy lab), ``.local`` (the local model) and ``.errors``;
+every other module is internal and may change without notice
+(docs/architecture.md draws the layers). The command line and the lab use
+only this surface, which tests/test_public.py checks.
 """
 
 from typing import TYPE_CHECKING
