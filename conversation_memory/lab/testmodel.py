@@ -41,7 +41,7 @@ from typing import Any
 
 from conversation_memory.lab.scoring import JUDGE_PROMPT
 from conversation_memory.lab.text import content_words, sentences
-from conversation_memory.testing import ChatServer
+from conversation_memory.testing import ChatServer, text_of
 
 __all__ = ["VERSION", "answer", "extract_summary", "lab_server", "reply"]
 
@@ -59,24 +59,11 @@ _NAME_WORD = re.compile(r"[^\W\d_][\w'\u2019-]*")
 _PRONOUNS = frozenset({"I", "I'm", "I've", "I'll", "I'd", "I\u2019m", "I\u2019ve", "I\u2019ll"})
 
 
-def _text_of(content: Any) -> str:
-    """The text of a message's content: a string, or its text parts joined by spaces."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, Mapping) and part.get("type") == "text"
-        )
-    return ""
-
-
 def reply(body: Mapping[str, Any]) -> str:
     """The lab model's reply to one chat request body (a ``ChatServer(reply=...)``)."""
     messages = [m for m in body.get("messages") or () if isinstance(m, Mapping)]
-    system = _text_of(messages[0].get("content")) if messages else ""
-    last = _text_of(messages[-1].get("content")) if messages else ""
+    system = text_of(messages[0].get("content")) if messages else ""
+    last = text_of(messages[-1].get("content")) if messages else ""
     if system == JUDGE_PROMPT.system:
         return _judge(last)
     block = _BLOCK.search(last) if messages and messages[-1].get("role") == "user" else None
@@ -95,14 +82,14 @@ def answer(messages: Sequence[Mapping[str, Any]]) -> str:
     question_at = max((n for n, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if question_at is None:
         return UNKNOWN
-    wanted = content_words(_text_of(messages[question_at].get("content")))
+    wanted = content_words(text_of(messages[question_at].get("content")))
     if not wanted:
         return UNKNOWN
     best, best_score = None, 0
     for n, message in enumerate(messages):
         if n == question_at:
             continue
-        for sentence in sentences(_text_of(message.get("content"))):
+        for sentence in sentences(text_of(message.get("content"))):
             score = len(wanted & content_words(sentence))
             if score and score >= best_score:
                 best, best_score = sentence, score

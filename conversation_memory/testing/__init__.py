@@ -20,7 +20,7 @@ refuses, and every error body) and :mod:`~conversation_memory.testing.replies`
 """
 
 from conversation_memory.testing.faults import ContextStyle, Fault
-from conversation_memory.testing.replies import ReplySpec
+from conversation_memory.testing.replies import ReplySpec, text_of
 from conversation_memory.testing.server import ChatServer, RecordedRequest
 from conversation_memory.testing.summarizers import RecordingSummarizer, SummaryCall
 
@@ -32,4 +32,5 @@ __all__ = [
     "RecordingSummarizer",
     "ReplySpec",
     "SummaryCall",
+    "text_of",
 ]

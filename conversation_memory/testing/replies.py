@@ -69,6 +69,7 @@ class Answer:
 
 
 def text_of(content: Any) -> str:
+    """The text of a message's content: a string, or its text parts joined by spaces."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
