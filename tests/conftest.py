@@ -24,6 +24,18 @@ def _pg_schema_url(schema: str) -> str:
     return f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}"
 
 
+LONGEST_FIRST = ("tests/test_local.py", "tests/test_quickstart.py")
+"""Modules of the longest tests (the local model's chats, a fresh venv)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first: under ``-n auto`` the first worker then starts them at
+    once instead of after its share of quick tests, and the run ends sooner. (xdist
+    hands each worker a run of consecutive tests, so only these few move: moving
+    every slow test would give them all to one worker.)"""
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh, empty schema."""
