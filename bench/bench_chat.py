@@ -42,13 +42,16 @@ Figures and targets:
    request body for the bare call, so neither timed call fetches it (the
    turn used to copy the server's request log inside its timing).
 
-   Two figures explain it without changing it. A ``synchronous=FULL`` commit
+   Three figures explain it without changing it. A ``synchronous=FULL`` commit
    in WAL mode waits for one fdatasync of the WAL, which the engine cannot do
    without; how long one takes on this disk is timed in the same rounds (a
    4 KiB page rewritten and synced in the same folder), and the overhead is
    shown again without it. The main thread's CPU time (``time.thread_time``)
    of send minus that of the bare call is the engine's own work, free of
-   waits, so it holds still on a busy machine.
+   waits, so it holds still on a busy machine. And the same conversation,
+   imported into a second store whose full-text index triggers are dropped,
+   is sent to in the same rounds: its overhead (wall and CPU) shows what
+   keeping the search index in the turn's transaction adds.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -308,14 +312,25 @@ def bench_overhead(folder: Path, history: int, runs: int) -> list[Row]:
         open_memory(
             folder / "overhead.db", server, client, strategy="summary", compaction="manual"
         ) as memory,
+        open_memory(
+            folder / "unindexed.db", server, client, strategy="summary", compaction="manual"
+        ) as unindexed_memory,
     ):
         started = time.perf_counter()
         memory.import_conversation(export_text("overhead", history, seed=4))
         loaded = time.perf_counter() - started
         conversation = memory.conversation(id="overhead", user=USER)
+        # The same conversation in a store whose full-text index triggers are dropped:
+        # what the index's upkeep adds to a turn (information).
+        unindexed_memory.import_conversation(export_text("overhead", history, seed=4))
+        drop_search_triggers(folder / "unindexed.db")
+        unindexed = unindexed_memory.conversation(id="overhead", user=USER)
 
         def engine_turn(i: int) -> None:
             conversation.send(texts[i])
+
+        def unindexed_turn(i: int) -> None:
+            unindexed.send(texts[i])
 
         def bare_call(i: int) -> None:
             client.chat.completions.create(**newest[0])  # the body the engine just sent
@@ -325,8 +340,11 @@ def bench_overhead(folder: Path, history: int, runs: int) -> list[Row]:
             sync(probe)
 
         try:
-            # The bare call still comes right before each turn, as when only the two ran.
-            engine, disk, bare = alternating((engine_turn, disk_sync, bare_call), runs, warmup=5)
+            # The bare call still comes right after each turn it repeats (its body is that
+            # turn's), and before the unindexed turn, which would replace it.
+            engine, disk, bare, bare_index = alternating(
+                (engine_turn, disk_sync, bare_call, unindexed_turn), runs, warmup=5
+            )
         finally:
             os.close(probe)
         assert server.rejections == [], server.rejections
@@ -352,7 +370,26 @@ def bench_overhead(folder: Path, history: int, runs: int) -> list[Row]:
             ms(median(engine.cpu) - median(bare.cpu)),
             "(info)",
         ),
+        Row(
+            "  overhead without the search index's triggers (wall; CPU)",
+            f"{ms(median(bare_index.wall) - m_bare)}; "
+            f"{ms(median(bare_index.cpu) - median(bare.cpu))}",
+            "(info)",
+        ),
     ]
+
+
+def drop_search_triggers(path: Path) -> None:
+    """Drop the triggers that keep the full-text index of ``path`` (migration 0003)."""
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        names = con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'messages'"
+        ).fetchall()
+        for (name,) in names:
+            con.execute(f"DROP TRIGGER {name}")
+    finally:
+        con.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,9 @@
 
 Everything public is importable from here. The public subpackages are
 ``conversation_memory.testing`` (test doubles), ``.llm`` (the client layer),
-``.lab`` (the strategy lab), ``.local`` (the local model) and ``.errors``;
-every other module is internal and may change without notice
+``.lab`` (the strategy lab), ``.local`` (the local model), ``.admin`` (a
+database's location, schema revision, upgrade and check: ``convmem db``) and
+``.errors``; every other module is internal and may change without notice
 (docs/architecture.md draws the layers). The command line and the lab use
 only this surface, which tests/test_public.py checks.
 """

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from typing import Any
 
 import pytest
@@ -67,6 +68,22 @@ def items(*messages: Mapping[str, Any], tokens: int = 10, pinned: Sequence[int] 
         Item(position=p, message=m, tokens=tokens, pinned=p in pinned)
         for p, m in enumerate(messages)
     ]
+
+
+def test_an_item_is_a_frozen_value_whichever_way_it_is_made() -> None:
+    """Item's own __init__ (faster than the generated one) keeps it a frozen dataclass."""
+    message = {"role": "user", "content": "hi"}
+    made = Item(3, message, 7)
+    assert made == Item(position=3, message=message, tokens=7, pinned=False, complete=True)
+    assert (made.pinned, made.complete) == (False, True)
+    with pytest.raises(FrozenInstanceError):
+        made.tokens = 8  # type: ignore[misc]
+    assert replace(made, pinned=True) == Item(3, message, 7, True)
+    assert pickle.loads(pickle.dumps(made)) == made
+    assert repr(made) == (
+        "Item(position=3, message={'role': 'user', 'content': 'hi'}, tokens=7, pinned=False, "
+        "complete=True)"
+    )
 
 
 # --- validate -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from conversation_memory import (
     SchemaOutdated,
     SchemaTooNew,
     StoreError,
+    admin,
 )
 from conversation_memory.store import migrate
 from conversation_memory.store.database import Database, make_engine, parse_target
@@ -165,6 +166,35 @@ def test_older_schema_says_what_to_run(tmp_path):
     with Memory(path, upgrade=True) as memory:
         assert migrate.current(memory.database) == migrate.head_revision() != "0001"
         memory.conversation().append({"role": "user", "content": "works"})
+
+
+def test_admin_locates_reads_upgrades_and_checks_a_database(tmp_path):
+    """``conversation_memory.admin``, the public door of ``convmem db``."""
+    path = tmp_path / "c.db"
+    env = {"CONVMEM_DB": str(path)}
+    assert admin.locate(env=env) == admin.Location(str(path), "CONVMEM_DB", False)
+    with pytest.raises(StoreError, match="there is no database"):
+        admin.revision(env=env)
+    assert not path.exists(), "nothing is created"
+    db = _database(str(path))
+    migrate.upgrade(db, "0001")
+    db.dispose()
+    assert admin.locate(path) == admin.Location(str(path), "given", True)
+    found = admin.revision(path)
+    assert (found.current, found.state, found.up_to_date) == ("0001", "outdated", False)
+    with pytest.raises(SchemaOutdated):
+        admin.check(path)
+    lines: list[str] = []
+    done = admin.upgrade(env=env, progress=lines.append)
+    assert (done.db, done.before, done.after) == (found.db, "0001", migrate.head_revision())
+    assert str(path) in found.db
+    assert admin.revision(path).state == "up to date"
+    assert admin.check(path).differences == []
+    assert admin.upgrade(path).before == migrate.head_revision()  # a no-op
+    server = admin.locate("postgresql://postgres:secret@127.0.0.1:9/test")
+    assert "secret" not in server.db
+    assert "127.0.0.1:9/test" in server.db
+    assert server.exists is None, "a server is not looked at"
 
 
 def test_unsupported_urls_and_bad_values(tmp_path):

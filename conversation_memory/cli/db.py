@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import click
 
-from conversation_memory import _config
+from conversation_memory import admin
 from conversation_memory.cli._app import command, json_option, print_json
-from conversation_memory.store import migrate
-from conversation_memory.store.database import parse_target
-from conversation_memory.store.opening import open_store
 
 
 @click.group("db")
@@ -20,19 +17,15 @@ def db_group() -> None:
 @json_option
 def current(db: str | None, as_json: bool, debug: bool) -> None:
     """Print the database's schema revision and the one this version needs."""
-    with open_store(db, check_schema=False) as store, store.database.errors():
-        database = store.database
-        revision = migrate.current(database)
-        where = database.target.display()
-    head = migrate.head_revision()
-    state = migrate.state(revision)
+    found = admin.revision(db)
+    revision, head, state = found.current, found.head, found.state
     if as_json:
         print_json(
             {
-                "db": where,
+                "db": found.db,
                 "current": revision,
                 "head": head,
-                "up_to_date": revision == head,
+                "up_to_date": found.up_to_date,
                 "state": state,
             }
         )
@@ -42,7 +35,7 @@ def current(db: str | None, as_json: bool, debug: bool) -> None:
         "too new": "written by a newer version of conversation-memory: upgrade that to open it",
         "empty": "no schema yet: `convmem chat` or `convmem db upgrade` creates it",
     }.get(state, state)
-    click.echo(f"{where}: revision {revision or '(none)'}; this version needs {head} ({advice})")
+    click.echo(f"{found.db}: revision {revision or '(none)'}; this version needs {head} ({advice})")
 
 
 @command("upgrade")
@@ -54,11 +47,8 @@ def upgrade(db: str | None, as_json: bool, debug: bool) -> None:
     current does nothing. Long steps (indexing stored messages for search)
     report progress on stderr.
     """
-    with open_store(db, check_schema=False) as store, store.database.errors():
-        database = store.database
-        before = migrate.current(database)
-        after = migrate.upgrade(database, progress=lambda line: click.echo(line, err=True))
-        where = database.target.display()
+    done = admin.upgrade(db, progress=lambda line: click.echo(line, err=True))
+    where, before, after = done.db, done.before, done.after
     if as_json:
         print_json({"db": where, "from": before, "to": after})
     elif before == after:
@@ -71,10 +61,8 @@ def upgrade(db: str | None, as_json: bool, debug: bool) -> None:
 @json_option
 def check(db: str | None, as_json: bool, debug: bool) -> None:
     """Compare the database's tables with the library's models; exit 1 if they differ."""
-    with open_store(db, check_schema=False) as store, store.database.errors():
-        database = store.database
-        differences = migrate.check(database)
-        where = database.target.display()
+    checked = admin.check(db)
+    where, differences = checked.db, checked.differences
     if as_json:
         print_json({"db": where, "differences": differences})
     elif differences:
@@ -96,14 +84,12 @@ def path(db: str | None, as_json: bool, debug: bool) -> None:
     `sqlite3 "$(convmem db path)"` works; --json adds where it came from and
     whether the file exists. Nothing is opened or created.
     """
-    source = "--db" if db is not None else _config.db_source()
-    target = parse_target(_config.default_db_path() if db is None else db)
-    where = str(target.path) if target.path is not None else target.display()
+    found = admin.locate(db)
     if as_json:
-        exists = target.path.exists() if target.path is not None else None
-        print_json({"db": where, "source": source, "exists": exists})
+        source = "--db" if found.source == "given" else found.source
+        print_json({"db": found.db, "source": source, "exists": found.exists})
     else:
-        click.echo(where)
+        click.echo(found.db)
 
 
 for _command in (path, upgrade, current, check):

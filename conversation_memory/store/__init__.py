@@ -12,6 +12,8 @@
 - ``database``: URLs, connection hygiene, transactions; ``schema`` and
   ``migrate``: the tables and their migrations.
 
-Only ``opening``, ``values`` and ``migrate`` (for ``convmem db``) are used from
-outside the store; nothing outside it imports SQLAlchemy or the schema.
+Only ``opening``, ``values``, ``database`` (its ``Database`` and
+``parse_target``) and ``migrate`` are used from outside the store (``migrate``
+by ``conversation_memory.admin``, the public door of ``convmem db``); nothing
+outside it imports SQLAlchemy or the schema.
 """
