@@ -19,6 +19,7 @@ from conversation_memory import (
     AsyncMemory,
     ConfigurationError,
     Embeddings,
+    MalformedResponse,
     Memory,
     ServerError,
 )
@@ -355,3 +356,44 @@ def test_async_memory_embeds_in_a_task_and_resumes(db_url):
             await client.close()
 
     asyncio.run(main())
+
+
+def test_an_in_memory_database_embeds_right_after_the_turn_and_never_fails_it():
+    with served(":memory:") as (server, memory):
+        chat = memory.conversation()
+        chat.send("numbats eat termites")
+        assert memory._embedder._thread is None  # one shared connection: no second thread
+        assert [p for _, p, _ in stored_vectors(memory)] == [0, 1]
+        server.fail(Fault.status(500), route="embeddings")
+        chat.send("numbats are striped")
+        assert isinstance(memory._embedder.last_error, ServerError)
+        assert len(chat) == 4
+        chat.append({"role": "user", "content": "and small"})  # this run takes up the rest
+        assert [p for _, p, _ in stored_vectors(memory)] == [0, 1, 2, 3, 4]
+
+
+def test_async_memory_refuses_a_sync_embeddings_client(tmp_path):
+    async def main():
+        with ChatServer() as server, server.client() as sync_client:
+            wrong = Embeddings(EMBED, client=sync_client)
+            client = server.async_client()
+            with pytest.raises(ConfigurationError, match=r"must be an openai\.AsyncOpenAI"):
+                async with AsyncMemory(tmp_path / "a.db", client=client, embeddings=wrong):
+                    pass
+            await client.close()
+        assert not (tmp_path / "a.db").exists()
+
+    asyncio.run(main())
+
+
+def test_a_malformed_embeddings_answer_is_a_model_error_and_stores_nothing(tmp_path):
+    def embedder(texts, dimensions):
+        return [[1.0, 0.0]] + [[1.0, 0.0, 0.0]] * (len(texts) - 1)
+
+    settings = Embeddings(EMBED, background=False)
+    with served(tmp_path / "a.db", embeddings=settings, embedder=embedder) as (_, memory):
+        chat = memory.conversation()
+        chat.extend([{"role": "user", "content": "one"}, {"role": "user", "content": "two"}])
+        with pytest.raises(MalformedResponse, match="different lengths"):
+            chat.embed_pending()
+        assert stored_vectors(memory) == []
