@@ -397,3 +397,33 @@ def test_a_malformed_embeddings_answer_is_a_model_error_and_stores_nothing(tmp_p
         with pytest.raises(MalformedResponse, match="different lengths"):
             chat.embed_pending()
         assert stored_vectors(memory) == []
+
+
+def test_the_scan_cache_keeps_within_its_bytes(tmp_path):
+    settings = Embeddings(EMBED, background=False)
+    with served(tmp_path / "a.db", embeddings=settings) as (_, memory):
+        chats = [memory.conversation() for _ in range(3)]
+        for chat in chats:
+            chat.extend([{"role": "user", "content": f"quokka {n}"} for n in range(70)])
+            chat.embed_pending()
+        store = vectors.VectorStore(memory.database, cache_bytes=1)
+        query = hashed_embedding("quokka 5")
+        with memory.database.read() as conn:
+            for chat in chats:
+                assert store.nearest(conn, [(chat.id, None)], EMBED, query)[0].position == 5
+                assert list(store._blocks) == [(chat.id, EMBED)]  # the others were dropped
+
+
+def test_migration_0004_goes_down_and_up_again(db_url):
+    from alembic import command
+
+    from conversation_memory.store import migrate
+
+    with Memory(db_url) as memory:
+        db = memory.database
+        with db.engine.begin() as conn:
+            command.downgrade(migrate.alembic_config(conn), "0003")
+        assert "message_vectors" not in sa.inspect(db.engine).get_table_names()
+        assert migrate.upgrade(db) == "0004"
+        assert "message_vectors" in sa.inspect(db.engine).get_table_names()
+        assert migrate.check(db) == []

@@ -45,8 +45,9 @@ from conversation_memory.store.values import Segment
 
 BATCH = 64
 """Messages :meth:`VectorStore.pending` returns at most, by default (one request's worth)."""
-CACHED = 16
-"""Conversations (per model) whose vectors a :class:`VectorStore` keeps in memory."""
+CACHE_BYTES = 512 * 1024 * 1024
+"""Memory a :class:`VectorStore` may keep vectors in: the conversations scanned
+least recently are dropped past it (the one being scanned always stays)."""
 MAX_TEXT = 8000
 """Characters of a message that are embedded (the start; endpoints cap their input)."""
 _PG_LOCK = 0x636F6E766D656D  # "convmem": serializes vector writers on PostgreSQL (see module)
@@ -185,9 +186,9 @@ class _Block:
 class VectorStore:
     """Vectors of one database: write them, find what lacks one, scan for the nearest."""
 
-    def __init__(self, db: Database, *, cached: int = CACHED) -> None:
+    def __init__(self, db: Database, *, cache_bytes: int = CACHE_BYTES) -> None:
         self._db = db
-        self._cached = cached
+        self._cache_bytes = cache_bytes
         self._lock = threading.Lock()
         self._blocks: OrderedDict[tuple[str, str], _Block] = OrderedDict()
 
@@ -302,8 +303,6 @@ class VectorStore:
         if block is None or block.first != first or block.dimensions != dimensions:
             block = _Block(np, dimensions, first)
             self._blocks[key] = block
-            while len(self._blocks) > self._cached:
-                self._blocks.popitem(last=False)
         self._blocks.move_to_end(key)
         if last > block.last:
             rows = conn.execute(
@@ -316,7 +315,15 @@ class VectorStore:
             if rows:
                 block.add(np, [row[0] for row in rows], [bytes(row[1]) for row in rows])
             block.last = last
+            self._evict()
         return block
+
+    def _evict(self) -> None:
+        """Drop the least recently scanned blocks past ``cache_bytes`` (the lock held)."""
+        held = sum(block.matrix.nbytes for block in self._blocks.values())
+        while held > self._cache_bytes and len(self._blocks) > 1:
+            _, dropped = self._blocks.popitem(last=False)
+            held -= dropped.matrix.nbytes
 
 
 def fused_search(
