@@ -9,11 +9,16 @@ import asyncio
 import base64
 import math
 import struct
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conversation_memory import (
     AsyncMemory,
@@ -204,7 +209,9 @@ def test_turns_are_embedded_in_the_background_and_found_by_meaning(db_url):
         chat.send("the kestrel hovers above the meadow")
         chat.append({"role": "user", "content": "lasagna needs a slow oven"})
         chat.extend([{"role": "assistant", "content": "hovering falcons, indeed"}])
-        wait_for(lambda: len(stored_vectors(memory)) == 4)
+        with chat.stream("streamed words") as stream:
+            assert "".join(stream)
+        wait_for(lambda: len(stored_vectors(memory)) == 6)
         assert chat.embed_pending() == 0
         assert {d for _, _, d in stored_vectors(memory)} == {64}
         assert memory._embedder.last_error is None
@@ -427,3 +434,65 @@ def test_migration_0004_goes_down_and_up_again(db_url):
         assert migrate.upgrade(db) == "0004"
         assert "message_vectors" in sa.inspect(db.engine).get_table_names()
         assert migrate.check(db) == []
+
+
+def test_without_numpy_the_setting_says_what_to_install(tmp_path):
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "from conversation_memory import ConfigurationError, Memory\n"
+        "try:\n"
+        f"    Memory({str(tmp_path / 'a.db')!r}, embeddings='e')\n"
+        "except ConfigurationError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "pip install 'conversation-memory[embeddings]'" in result.stdout
+    assert not (tmp_path / "a.db").exists()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 2**32 - 1)), min_size=1, max_size=5),
+    limit=st.integers(1, 8),
+    before=st.one_of(st.none(), st.integers(0, 30)),
+)
+def test_the_cached_scan_finds_what_a_full_scan_finds(tmp_path_factory, steps, limit, before):
+    """Vectors stored in rounds between scans, across a fork: the kept matrix, topped
+    up with the new rows only, ranks as a fresh store reading everything does."""
+    path = tmp_path_factory.mktemp("scan") / "a.db"
+    rng = np.random.default_rng(len(steps))
+    with Memory(path) as memory:
+        parent = memory.conversation()
+        parent.extend([{"role": "user", "content": "p"}] * 3)
+        chat = parent.fork(at=1)
+        parent.append({"role": "user", "content": "after the fork"})
+        kept = vectors.VectorStore(memory.database)
+        save = memory._store.vectors.save
+        save(EMBED, [vectors.NewVector(parent.id, p, _unit(rng)) for p in range(4)])
+        segments = chat._log.lineage()
+        for count, seed in steps:
+            stored = chat.extend([{"role": "user", "content": "c"}] * count)
+            save(EMBED, [vectors.NewVector(chat.id, s.position, _unit(rng)) for s in stored])
+            query = np.random.default_rng(seed).standard_normal(DIMS)
+            with memory.database.read() as conn:
+                cached = kept.nearest(conn, segments, EMBED, query, limit=limit, before=before)
+                fresh = vectors.VectorStore(memory.database).nearest(
+                    conn, segments, EMBED, query, limit=limit, before=before
+                )
+            assert [(n.conversation_id, n.position) for n in cached] == [
+                (n.conversation_id, n.position) for n in fresh
+            ]
+            assert all(n.position < before for n in cached if before is not None)
+            assert (parent.id, 2) not in {(n.conversation_id, n.position) for n in cached}
+
+
+DIMS = 8
+
+
+def _unit(rng) -> bytes:
+    vector = rng.standard_normal(DIMS).astype("<f4")
+    return (vector / np.linalg.norm(vector)).astype("<f4").tobytes()
