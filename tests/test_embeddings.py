@@ -222,6 +222,9 @@ def test_turns_are_embedded_in_the_background_and_found_by_meaning(db_url):
         assert {(c.position, c.hit is not None) for c in found[:2]} == {(0, True), (1, True)}
         assert all(c.similarity is None or c.similarity > 0 for c in found)
         assert 2 not in {c.position for c in found}  # shares no word: not a candidate
+        strict = fused(memory, chat, "kestrel hovers", min_similarity=0.99)
+        assert [c.similarity for c in strict] == [None] * len(strict)
+        assert {c.position for c in strict} == {0, 1}  # the words still find them
         assert [c.position for c in fused(memory, chat, "kestrel hovers", before=1)] == [0]
         inputs = [text for r in server.embedding_requests for text in r.body["input"]]
         assert inputs.count("the kestrel hovers above the meadow") == 1

@@ -337,12 +337,19 @@ def fused_search(
     before: int | None = None,
     limit: int = 10,
     depth: int | None = None,
+    min_similarity: float = 0.0,
 ) -> list[Candidate]:
     """The best candidates for recall in a lineage: full-text hits for ``text`` and,
     given ``vectors``, ``model`` and the ``query`` vector (the same text embedded),
     the nearest messages, fused by reciprocal rank; best first, at most ``limit``.
 
-    Vector hits with a similarity of 0 or less (unrelated) are left out. Each
+    Vector hits with a similarity of ``min_similarity`` or less are left out:
+    at 0, the unrelated (orthogonal or opposite). Rank fusion ignores how far
+    apart scores are, so a list that finds everything slightly (a real model
+    gives unrelated texts 0.1-0.2) lets messages that merely share a common
+    word with the query, found by both lists, outrank the one message the
+    vectors found by far; a threshold suited to the model (0.3 for
+    all-MiniLM-L6-v2, say) keeps the vector list to what is related. Each
     list is read ``depth`` deep (default: three times ``limit``), so that an
     item ranked low by one list and high by the other can still make it. Without
     a query vector this is the full-text ranking alone. Reads on ``conn``, whose
@@ -357,7 +364,7 @@ def fused_search(
     near: list[Near] = []
     if vectors is not None and model is not None and query is not None:
         found = vectors.nearest(conn, segments, model, query, limit=depth, before=before)
-        near = [n for n in found if n.similarity > 0]  # orthogonal or opposite: unrelated
+        near = [n for n in found if n.similarity > min_similarity]
     by_hit = {(h.conversation_id, h.position): h for h in hits}
     by_near = {(n.conversation_id, n.position): n for n in near}
     fused = fuse(list(by_hit), list(by_near))[:limit]
