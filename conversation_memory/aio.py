@@ -346,7 +346,9 @@ class AsyncMemory(BaseMemory):
         """Load a conversation written by ``export()`` (see ``Memory.import_conversation``)."""
         row, rows = self._imported(data, user=user, new_id=new_id)
         stored = await self._in_thread(self._check_open().catalogue.import_, row, rows)
-        return self._opened(stored, self._setup(stored))
+        conversation = self._opened(stored, self._setup(stored))
+        await conversation._stored()
+        return conversation
 
 
 class AsyncConversation(BaseConversation):

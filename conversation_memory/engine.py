@@ -288,7 +288,9 @@ class Memory(BaseMemory):
         """
         row, rows = self._imported(data, user=user, new_id=new_id)
         stored = self._store.catalogue.import_(row, rows)
-        return self._open(stored, self._setup(stored))
+        conversation = self._open(stored, self._setup(stored))
+        conversation._stored()
+        return conversation
 
 
 class Conversation(BaseConversation):

@@ -228,6 +228,8 @@ def test_turns_are_embedded_in_the_background_and_found_by_meaning(db_url):
         assert [c.position for c in fused(memory, chat, "kestrel hovers", before=1)] == [0]
         inputs = [text for r in server.embedding_requests for text in r.body["input"]]
         assert inputs.count("the kestrel hovers above the meadow") == 1
+        copy = memory.import_conversation(chat.export(), new_id=True)  # embedded as well
+        wait_for(lambda: len(stored_vectors(memory, copy.id)) == 6)
 
 
 def test_a_failing_endpoint_never_fails_a_turn_and_the_gaps_are_filled_later(db_url):
