@@ -16,6 +16,7 @@ from conversation_memory._lazy import loader
 from conversation_memory._tiktoken_data import get_encoding
 from conversation_memory.budget import Context, Report, budget_for, explain, summary_message
 from conversation_memory.compaction import Outcome
+from conversation_memory.embeddings import Embeddings
 from conversation_memory.engine import Conversation, Memory
 from conversation_memory.errors import (
     AmbiguousReference,
@@ -130,6 +131,7 @@ __all__ = [
     "ConversationMemoryError",
     "ConversationNotFound",
     "Correction",
+    "Embeddings",
     "Entry",
     "FixedCounter",
     "ImportFormatError",

@@ -48,6 +48,7 @@ from conversation_memory.base import (
     check_user,
 )
 from conversation_memory.budget import Context
+from conversation_memory.embeddings import AsyncEmbedder, Embeddings
 from conversation_memory.errors import ConfigurationError, UserNotFound
 from conversation_memory.export import Parsed, write_export
 from conversation_memory.state import Setup, read_state
@@ -104,6 +105,7 @@ class AsyncMemory(BaseMemory):
         busy_timeout_ms: int = 30_000,
         env: Mapping[str, str] | None = None,
         echo: bool = False,
+        embeddings: Embeddings | str | None = None,
     ) -> None:
         super().__init__(
             client=client,
@@ -117,6 +119,7 @@ class AsyncMemory(BaseMemory):
             sleep=sleep,
             durability=durability,
             env=env,
+            embeddings=embeddings,
         )
         self._db = db
         self._opening: dict[str, Any] = {
@@ -130,6 +133,8 @@ class AsyncMemory(BaseMemory):
         self._store: Store | None = None
         self._llm: AsyncLLM | None = None
         self._own_client: openai.AsyncOpenAI | None = None
+        self._embedder: AsyncEmbedder | None = None
+        self._own_embeddings_client: openai.AsyncOpenAI | None = None
         self._closed = False
 
     @classmethod
@@ -142,7 +147,25 @@ class AsyncMemory(BaseMemory):
     async def _open(self) -> None:
         self._check_open(opening=True)
         if self._store is None:
-            self._store = await asyncio.to_thread(self._open_store)
+            # Before the store is opened: a bad setting leaves no file behind.
+            client = self._embeddings_client_or_env() if self.embeddings else None
+            self._store = store = await asyncio.to_thread(self._open_store)
+            if self.embeddings is not None:
+                self._embedder = AsyncEmbedder(
+                    self.embeddings,
+                    client,
+                    store.vectors,
+                    inline=store.database.in_process,
+                    in_thread=self._in_thread,
+                )
+
+    def _embeddings_client_or_env(self) -> openai.AsyncOpenAI:
+        client = self._embeddings_client(is_async=True)
+        if client is None and self._own_embeddings_client is None:
+            from conversation_memory.llm import async_client_from_env
+
+            self._own_embeddings_client = async_client_from_env(self._env)
+        return client or self._own_embeddings_client  # type: ignore[no-any-return]
 
     def _open_store(self) -> Store:
         self._load_models()
@@ -185,6 +208,12 @@ class AsyncMemory(BaseMemory):
     async def aclose(self) -> None:
         """Close the store, and the client built here (a ``client=`` is the caller's)."""
         self._closed = True
+        embedder, self._embedder = self._embedder, None
+        if embedder is not None:
+            await embedder.aclose()
+        own, self._own_embeddings_client = self._own_embeddings_client, None
+        if own is not None:
+            await own.close()
         store, self._store = self._store, None
         client, self._own_client = self._own_client, None
         self._llm = None
@@ -317,7 +346,9 @@ class AsyncMemory(BaseMemory):
         """Load a conversation written by ``export()`` (see ``Memory.import_conversation``)."""
         row, rows = self._imported(data, user=user, new_id=new_id)
         stored = await self._in_thread(self._check_open().catalogue.import_, row, rows)
-        return self._opened(stored, self._setup(stored))
+        conversation = self._opened(stored, self._setup(stored))
+        await conversation._stored()
+        return conversation
 
 
 class AsyncConversation(BaseConversation):
@@ -339,6 +370,7 @@ class AsyncConversation(BaseConversation):
             try:
                 step = flow.throw(value) if failed else flow.send(value)
             except StopIteration as done:
+                await self._stored()
                 return done.value  # type: ignore[no-any-return]
             try:
                 if isinstance(step, UseLog):
@@ -366,11 +398,32 @@ class AsyncConversation(BaseConversation):
     ) -> StoredMessage:
         """Store one OpenAI-format message at the end of the conversation."""
         pending = self._setup.message(message, pinned=pinned, metadata=metadata, complete=complete)
-        return (await self._store(self._log.commit, [pending])).stored[0]
+        stored = (await self._store(self._log.commit, [pending])).stored[0]
+        await self._stored()
+        return stored
 
     async def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[StoredMessage]:
         """Append several messages in one transaction: all of them or none."""
-        return (await self._store(self._log.commit, self._messages(messages))).stored
+        stored = (await self._store(self._log.commit, self._messages(messages))).stored
+        await self._stored()
+        return stored
+
+    async def _stored(self) -> None:
+        """Something may have been stored: have it embedded, off this call's path."""
+        embedder = self._memory._embedder
+        if embedder is not None:
+            await embedder.stored(self._log)
+
+    async def embed_pending(self) -> int:
+        """Embed every stored message lacking a vector; how many (see ``Conversation``)."""
+        embedder = self._memory._embedder
+        if embedder is None:
+            raise ConfigurationError(
+                "this memory has no embeddings setting; open it with "
+                "AsyncMemory(..., embeddings='<embedding model>')",
+                argument="embeddings",
+            )
+        return await embedder.embed_pending(self._log)
 
     # -- reading ---------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ what needs no database. The drivers only do the I/O: ``engine.Memory`` and
 
 from __future__ import annotations
 
+import inspect
 import io
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from conversation_memory import _config
 from conversation_memory.budget import Context
+from conversation_memory.embeddings import Embeddings, as_embeddings
 from conversation_memory.errors import (
     AmbiguousReference,
     ConfigurationError,
@@ -101,6 +103,7 @@ class BaseMemory:
         sleep: Callable[[float], Any] | None,
         durability: str,
         env: Mapping[str, str] | None,
+        embeddings: Embeddings | str | None = None,
     ) -> None:
         if compaction not in COMPACTION_CHOICES:
             raise ConfigurationError(
@@ -118,6 +121,8 @@ class BaseMemory:
         self.summary_model = summary_model
         self.compaction = compaction
         self.on_incomplete = on_incomplete
+        self.embeddings = as_embeddings(embeddings)
+        """How stored messages are embedded for semantic recall (None: they are not)."""
         self._env = env
         self._retry = retry
         self._sleep = sleep
@@ -130,6 +135,22 @@ class BaseMemory:
         if self._sleep is not None:
             options["sleep"] = self._sleep
         return options
+
+    def _embeddings_client(self, *, is_async: bool) -> Any:
+        """The client ``embeddings`` names, else the memory's own (None: build one)."""
+        assert self.embeddings is not None
+        client = self.embeddings.client if self.embeddings.client is not None else self.client
+        if client is None:
+            return None
+        create = getattr(getattr(client, "embeddings", None), "create", None)
+        if create is None or inspect.iscoroutinefunction(create) != is_async:
+            wanted = "openai.AsyncOpenAI" if is_async else "openai.OpenAI"
+            raise ConfigurationError(
+                f"the embeddings client must be an {wanted} (or compatible) for this memory, "
+                f"got {type(client).__name__}; pass Embeddings(model, client=...)",
+                argument="embeddings",
+            )
+        return client
 
     def _load_models(self) -> None:
         """Register the ``CONVMEM_MODELS`` file's models, then check the default model.

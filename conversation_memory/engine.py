@@ -33,7 +33,8 @@ from conversation_memory.base import (
     check_user,
 )
 from conversation_memory.budget import Context
-from conversation_memory.errors import UserNotFound
+from conversation_memory.embeddings import Embedder, Embeddings
+from conversation_memory.errors import ConfigurationError, UserNotFound
 from conversation_memory.export import Parsed, write_export
 from conversation_memory.state import Setup, read_state
 from conversation_memory.steps import CallModel, Flow, Summarize, UseLog
@@ -70,6 +71,9 @@ class Memory(BaseMemory):
     :func:`~conversation_memory.load_models`). ``durability="normal"``
     (SQLite files) syncs the disk at checkpoints instead of every commit: a
     stored turn survives a crash of the process, not a power cut.
+    ``embeddings`` (a model name or :class:`~conversation_memory.Embeddings`)
+    embeds stored messages for semantic recall, in a background thread (see
+    ``conversation_memory.embeddings``); it needs numpy.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class Memory(BaseMemory):
         busy_timeout_ms: int = 30_000,
         env: Mapping[str, str] | None = None,
         echo: bool = False,
+        embeddings: Embeddings | str | None = None,
     ) -> None:
         super().__init__(
             client=client,
@@ -104,8 +109,11 @@ class Memory(BaseMemory):
             sleep=sleep,
             durability=durability,
             env=env,
+            embeddings=embeddings,
         )
         self._load_models()
+        # Before the store is opened: a bad setting leaves no file behind.
+        embeddings_client = self._embeddings_client_or_env() if self.embeddings else None
         self._store: Store = open_store(
             db,
             create=create,
@@ -116,6 +124,14 @@ class Memory(BaseMemory):
             echo=echo,
         )
         self._llm: LLM | None = None
+        self._embedder: Embedder | None = None
+        if self.embeddings is not None:
+            self._embedder = Embedder(
+                self.embeddings,
+                embeddings_client,
+                self._store.vectors,
+                inline=self._store.database.in_process,
+            )
 
     @property
     def database(self) -> Database:
@@ -133,7 +149,17 @@ class Memory(BaseMemory):
             self._llm = LLM(client, **self._llm_options())
         return self._llm
 
+    def _embeddings_client_or_env(self) -> openai.OpenAI:
+        client = self._embeddings_client(is_async=False)
+        if client is None:
+            from conversation_memory.llm import client_from_env
+
+            client = client_from_env(self._env)
+        return client  # type: ignore[no-any-return]
+
     def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
         self._store.close()
 
     def __enter__(self) -> Memory:
@@ -262,7 +288,9 @@ class Memory(BaseMemory):
         """
         row, rows = self._imported(data, user=user, new_id=new_id)
         stored = self._store.catalogue.import_(row, rows)
-        return self._open(stored, self._setup(stored))
+        conversation = self._open(stored, self._setup(stored))
+        conversation._stored()
+        return conversation
 
 
 class Conversation(BaseConversation):
@@ -284,6 +312,7 @@ class Conversation(BaseConversation):
             try:
                 step = flow.throw(value) if failed else flow.send(value)
             except StopIteration as done:
+                self._stored()
                 return done.value  # type: ignore[no-any-return]
             try:
                 if isinstance(step, UseLog):
@@ -308,11 +337,40 @@ class Conversation(BaseConversation):
     ) -> StoredMessage:
         """Store one OpenAI-format message at the end of the conversation."""
         pending = self._setup.message(message, pinned=pinned, metadata=metadata, complete=complete)
-        return self._log.commit([pending]).stored[0]
+        stored = self._log.commit([pending]).stored[0]
+        self._stored()
+        return stored
 
     def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[StoredMessage]:
         """Append several messages in one transaction: all of them or none."""
-        return self._log.commit(self._messages(messages)).stored
+        stored = self._log.commit(self._messages(messages)).stored
+        self._stored()
+        return stored
+
+    def _stored(self) -> None:
+        """Something may have been stored: have it embedded, off this call's path."""
+        embedder = self._memory._embedder
+        if embedder is not None:
+            embedder.stored(self._log)
+
+    def embed_pending(self) -> int:
+        """Embed every stored message of this conversation (shared history included)
+        that lacks a vector; return how many were embedded.
+
+        For batch jobs and tests: with ``Memory(embeddings=...)`` stored turns are
+        embedded in the background anyway, and what a failed endpoint left out is
+        taken up by the next run. Raises ``ConfigurationError`` without an
+        ``embeddings`` setting, and the endpoint's ``ModelError`` when it fails
+        (the batches stored before it stay stored).
+        """
+        embedder = self._memory._embedder
+        if embedder is None:
+            raise ConfigurationError(
+                "this memory has no embeddings setting; open it with "
+                "Memory(..., embeddings='<embedding model>')",
+                argument="embeddings",
+            )
+        return embedder.embed_pending(self._log)
 
     # -- reading ---------------------------------------------------------------------
 

@@ -26,8 +26,9 @@ FLOORS = [  # lowest first: each module may import only the ones before it
     "budget",
     "strategies",
     "fitting",
+    "fusion",
 ]
-PURE = ["messages", "units", "budget", "strategies", "fitting"]
+PURE = ["messages", "units", "budget", "strategies", "fitting", "fusion"]
 """No I/O, no clock, no randomness: only these standard modules."""
 PURE_STDLIB = {
     "__future__",

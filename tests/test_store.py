@@ -454,4 +454,4 @@ def test_db_upgrade_shows_the_backfill(tmp_path):
     result = CliRunner().invoke(cli, ["db", "upgrade", "--db", path, "--json"])
     assert result.exit_code == 0, result.output
     assert "search index: 3 of 3 messages" in result.stderr
-    assert '"to": "0003"' in result.stdout
+    assert f'"to": "{migrate.HEAD}"' in result.stdout

@@ -44,6 +44,7 @@ from conversation_memory.store.log import ConversationLog
 from conversation_memory.store.schema import VERSION_TABLE
 from conversation_memory.store.statements import Statements
 from conversation_memory.store.values import ConversationRow
+from conversation_memory.store.vectors import VectorStore
 
 
 class Store:
@@ -53,6 +54,8 @@ class Store:
         self.database = database
         self.catalogue = Catalogue(database)
         self._statements = Statements(database.dialect)
+        self.vectors = VectorStore(database)
+        """Message embeddings (optional semantic recall)."""
 
     def log(
         self, row: ConversationRow, *, model: str | None = None, unsaved: bool = False

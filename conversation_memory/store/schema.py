@@ -22,8 +22,10 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -189,6 +191,38 @@ compaction_leases = Table(
 the lease before reading what to fold, renews it while it works and drops it
 when it is done. A holder killed mid-call stops renewing, so its lease expires
 within ``store.leases.LEASE_SECONDS`` (seconds)."""
+
+
+message_vectors = Table(
+    "message_vectors",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("conversation_id", String(64), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("model", String(255), nullable=False),
+    Column("dimensions", Integer, nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+    # The message is named by (conversation, position), which the messages'
+    # unique constraint makes a key: the same index then serves the cascade
+    # (deleting a conversation's messages, an erased user's) and a lineage's
+    # reads, where a message id would need one index for each.
+    ForeignKeyConstraint(
+        ["conversation_id", "position"],
+        ["messages.conversation_id", "messages.position"],
+        ondelete="CASCADE",
+    ),
+    UniqueConstraint("conversation_id", "position", "model"),
+    # What a scan adds to what it already holds: the rows of one conversation
+    # and model stored after the newest one it has (store.vectors).
+    Index("ix_message_vectors_conversation_id", "conversation_id", "model", "id"),
+    # Ids never reused (SQLite would hand a deleted row's id out again): the scan
+    # tells old rows from new ones by id (store.vectors).
+    sqlite_autoincrement=True,
+)
+"""Embeddings of messages (optional semantic recall; migration 0004): one row per
+message and embedding model, the vector as little-endian float32 (``dimensions``
+of them; 0 for a message with no text to embed, so that it is not asked for
+again). Derived data: a message's vectors go with it."""
 
 
 # -- the full-text index ---------------------------------------------------------

@@ -2,7 +2,8 @@
 
 :class:`ChatServer` is a real HTTP server on 127.0.0.1 that speaks OpenAI's
 Chat Completions wire format, with a deterministic model, its own tokenizer,
-OpenAI's validation errors and scriptable :class:`Fault` s.
+OpenAI's validation errors and scriptable :class:`Fault` s. It serves
+deterministic embeddings too (:mod:`~conversation_memory.testing.embeddings`).
 :class:`RecordingSummarizer` stands in for a model summarizer without HTTP::
 
     from conversation_memory.testing import ChatServer, Fault

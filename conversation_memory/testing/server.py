@@ -19,7 +19,8 @@ The server is four layers, each in its own module:
   ``ThreadingHTTPServer`` in a background thread, HTTP/1.1 keep-alive,
   ``Content-Length`` bodies and chunked SSE streams).
 
-Routes: ``POST /v1/chat/completions``, ``GET /v1/models``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings`` (see
+:mod:`~conversation_memory.testing.embeddings`), ``GET /v1/models``,
 ``GET /v1/models/<id>``; anything else is OpenAI's "Invalid URL" 404.
 Every response carries ``x-request-id: req_<n>``.
 
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from conversation_memory.errors import ConfigurationError
-from conversation_memory.testing import _responses, refusals, replies, tokenizer
+from conversation_memory.testing import _responses, embeddings, refusals, replies, tokenizer
 from conversation_memory.testing._http import HTTPServer, Response
 from conversation_memory.testing._responses import AzureRoute, json_response
 from conversation_memory.testing.faults import ContextStyle, Fault
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["ChatServer", "RecordedRequest"]
 
 CHAT_PATH = "/v1/chat/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
 AZURE_API_VERSION = "2024-10-21"
 """The ``api-version`` :meth:`ChatServer.azure_client` asks for (a GA version)."""
 _AZURE_CHAT = re.compile(r"/openai/deployments/([^/]+)/chat/completions")
@@ -100,6 +102,13 @@ class ChatServer:
     :attr:`rejections` hold the newest that many (``None`` keeps every one).
     Each request holds its whole body, so a long run (a lab replay, a
     benchmark) with an unbounded log grows by its every prompt.
+
+    ``embedder`` is the model behind ``POST /v1/embeddings``: given the texts
+    and the ``dimensions`` asked for (None: its own), one vector per text.
+    The default is a deterministic hashed bag of words
+    (:func:`~conversation_memory.testing.embeddings.hashed_embedding`); a
+    real model can be plugged in for a benchmark. Faults for that route are
+    queued apart: ``fail(fault, route="embeddings")``.
     """
 
     def __init__(
@@ -115,6 +124,7 @@ class ChatServer:
         port: int = 0,
         deployments: Mapping[str, str] | None = None,
         keep_requests: int | None = 100,
+        embedder: embeddings.Embedder | None = None,
     ) -> None:
         if keep_requests is not None and (
             isinstance(keep_requests, bool)
@@ -142,6 +152,7 @@ class ChatServer:
         self.api_key = api_key
         self.overflow_style: ContextStyle = overflow_style
         self.deployments = dict(deployments) if deployments is not None else None
+        self.embedder: embeddings.Embedder = embedder or embeddings.hashed_model
         self._address = (host, port)
         self._lock = threading.RLock()  # reentrant: a reply= function may look at the server
         self._requests: deque[RecordedRequest] = deque(maxlen=keep_requests)
@@ -149,6 +160,7 @@ class ChatServer:
         self._request_count = 0
         self._errors: list[str] = []
         self._faults: deque[Fault] = deque()
+        self._embedding_faults: deque[Fault] = deque()
         self._replies = 0
         self._closing = threading.Event()
         self._httpd: HTTPServer | None = None
@@ -273,6 +285,11 @@ class ChatServer:
         return [r for r in self.requests if r.method == "POST" and _is_chat(r.path)]
 
     @property
+    def embedding_requests(self) -> list[RecordedRequest]:
+        """The embeddings requests (a snapshot)."""
+        return [r for r in self.requests if r.method == "POST" and r.path == EMBEDDINGS_PATH]
+
+    @property
     def rejections(self) -> list[tuple[RecordedRequest, str]]:
         """Requests refused by strict validation, with the 400's message (the newest
         ``keep_requests``)."""
@@ -287,12 +304,19 @@ class ChatServer:
 
     # ------------------------------------------------------------------ scripting
 
-    def fail(self, fault: Fault, times: int = 1) -> None:
-        """Apply ``fault`` to the next ``times`` chat requests (after those already queued)."""
+    def fail(self, fault: Fault, times: int = 1, *, route: str = "chat") -> None:
+        """Apply ``fault`` to the next ``times`` chat requests (after those already queued);
+        ``route="embeddings"``: to the next embeddings requests instead (their own queue;
+        status, not-JSON and transport faults apply there)."""
         if times < 0:
             raise ValueError("times must not be negative")
+        if route not in ("chat", "embeddings"):
+            raise ValueError(f"route must be 'chat' or 'embeddings', not {route!r}")
+        if route == "embeddings" and fault.kind in ("context_length", "content_filter"):
+            raise ValueError(f"Fault.{fault.kind} is about chat replies, not embeddings")
         with self._lock:
-            self._faults.extend([fault] * times)
+            queue = self._faults if route == "chat" else self._embedding_faults
+            queue.extend([fault] * times)
 
     def reset(self) -> None:
         """Forget recorded requests, rejections and queued faults; number requests and
@@ -301,6 +325,7 @@ class ChatServer:
             self._requests.clear()
             self._rejections.clear()
             self._faults.clear()
+            self._embedding_faults.clear()
             self._replies = 0
             self._request_count = 0
 
@@ -353,6 +378,10 @@ class ChatServer:
                         response, rejection = self._azure_chat(
                             headers, body, parse_error, fault, deployment=deployment, query=query
                         )
+                elif method == "POST" and route == EMBEDDINGS_PATH:
+                    queue = self._embedding_faults
+                    fault = queue.popleft() if queue else None
+                    response = self._embeddings(headers, body, parse_error, fault)
                 else:
                     response = self._other(method, route)
             except Exception:
@@ -389,6 +418,27 @@ class ChatServer:
                 ),
             )
         return json_response(404, refusals.error_body(f"Invalid URL ({method} {route})"))
+
+    def _embeddings(
+        self, headers: Mapping[str, str], body: Any, parse_error: bool, fault: Fault | None
+    ) -> Response:
+        sent_key = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if fault is not None and fault.kind == "status":
+            failed = _responses.status(
+                fault, model=self.model, sent_key=sent_key, headers=headers, azure=None
+            )
+            return _responses.apply(failed, fault)
+        if fault is not None and fault.kind == "not_json":
+            return _responses.apply(_responses.not_json(), fault)
+        if self.api_key is not None and sent_key != self.api_key:
+            content_type, data = refusals.status_body(401, model=self.model, api_key=sent_key)
+            return _responses.apply(Response(401, data, content_type), fault)
+        problem = "We could not parse the JSON body of your request." if parse_error else None
+        problem = problem or embeddings.invalid(body)
+        if problem is not None:
+            return _responses.apply(json_response(400, refusals.error_body(problem)), fault)
+        status, answer = embeddings.answer(body, self.embedder)
+        return _responses.apply(json_response(status, answer), fault)
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model, "object": "model", "created": 0, "owned_by": "convmem-test"}
