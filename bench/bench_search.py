@@ -311,11 +311,11 @@ def bench_search(memory: Memory, corpus: Corpus, runs: int, *, long: int, users:
     segments = memory.conversation("solo", user="solo")._log.lineage()
     queries = corpus.queries(runs)
 
-    def in_conversation(i: int) -> list[search.Hit]:
+    def in_conversation(i: int) -> list[search.SearchHit]:
         with memory.database.read() as conn:
             return search.search_lineage(conn, segments, queries[i % runs], limit=10)
 
-    def across_user(i: int) -> list[search.Hit]:
+    def across_user(i: int) -> list[search.SearchHit]:
         with memory.database.read() as conn:
             return search.search_user(conn, queries[i % runs], user="many", limit=10)
 

@@ -29,7 +29,7 @@ def lineage_of(memory: Memory, conversation):
     return conversation._log.lineage()
 
 
-def find(memory: Memory, conversation, query: str, **options) -> list[search.Hit]:
+def find(memory: Memory, conversation, query: str, **options) -> list[search.SearchHit]:
     segments = lineage_of(memory, conversation)
     with memory.database.read() as conn:
         return search.search_lineage(conn, segments, query, **options)
@@ -40,7 +40,7 @@ def find_for(memory: Memory, query: str, *, user: str | None = USER, **options):
         return search.search_user(conn, query, user=user, **options)
 
 
-def places(hits: list[search.Hit]) -> list[tuple[str, int]]:
+def places(hits: list[search.SearchHit]) -> list[tuple[str, int]]:
     return [(hit.conversation_id, hit.position) for hit in hits]
 
 
