@@ -151,7 +151,9 @@ def test_an_exact_title_wins_and_an_ambiguous_prefix_lists_the_candidates(db):
 
 
 @pytest.mark.parametrize(
-    "args", [("export", "{id}"), ("sessions", "--json"), ("show", "{id}")], ids=" ".join
+    "args",
+    [("export", "{id}"), ("sessions", "--json"), ("show", "{id}"), ("search", "words")],
+    ids=" ".join,
 )
 def test_a_pipe_closed_early_ends_the_command_quietly(db, args):
     """`convmem export ID | head -c 0`: the reader is gone before anything is written."""
