@@ -6,7 +6,8 @@ transaction of every insert and delete: an FTS5 table on SQLite, a generated
 message, is its text content, the text of its text parts and the name and
 arguments of its tool calls (the first 100,000 characters of that). These
 functions only read the index, on a connection whose transaction the caller
-owns (as in ``repository``).
+owns (``Catalogue.search`` and ``Catalogue.search_conversation``, which the
+public ``Memory.search`` and ``Conversation.search`` call).
 
 **A query is words, not operators.** The text is split at white space; each
 piece is handed to the index as a literal string, never as query syntax, so
@@ -152,7 +153,7 @@ def search_lineage(
     """The best matches for ``text`` in one conversation and the history it shares.
 
     ``segments`` is the conversation's lineage, itself first (as
-    ``repository.lineage`` returns it): a fork finds its parent's messages up
+    ``ConversationLog.lineage`` returns it): a fork finds its parent's messages up
     to the fork point, not the ones the parent added later. ``before`` keeps
     only positions below it (say, the tail already in the context).
     """
