@@ -4,6 +4,8 @@ other commands (test_cli_conventions.py): one-line errors and their exit codes, 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_cli import MODEL, run, run_json, run_process
 
@@ -116,3 +118,10 @@ def test_on_postgresql(pg_url):
     hits = run_json("search", "kiel", "--db", pg_url)
     assert [(h["title"], h["text"]) for h in hits] == [("pg", "a ferry to Kiel")]
     assert hits[0]["snippet"].endswith("ferry to **Kiel**")
+
+
+def test_words_that_look_like_options_go_after_a_double_dash(db):
+    with Memory(db) as memory:
+        memory.conversation(user="ann").append({"role": "user", "content": "run it with -v"})
+    shown = json.loads(run("search", "--json", "--db", db, "--", "-v").stdout)
+    assert [hit["text"] for hit in shown] == ["run it with -v"]

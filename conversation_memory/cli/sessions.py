@@ -150,7 +150,8 @@ def search(
     characters. A message matches when it holds any of the words; more of
     them, and rarer ones, rank higher. Searches every user's conversations,
     or --user's, or one conversation (-c ID). Shows where each message is,
-    when, who said it, and the words around the match.
+    when, who said it, and the words around the match. Words that start
+    with - go after -- (convmem search -- -v).
     """
     text = " ".join(words)
     limit = EVERY_MATCH if show_all else limit
