@@ -89,9 +89,10 @@ def sessions_table(rows: Sequence[Any], *, total: int) -> Table:
     table.add_column("last activity", no_wrap=True)
     table.add_column("model", style="dim")
     for row in rows:
-        title = row.title or ""
+        title = Text(row.title or "")  # text, never markup: a title may hold "[draft]"
         if row.forked_from:
-            title = f"{title} [dim](fork of {short_id(row.forked_from)})[/dim]".strip()
+            fork = f"(fork of {short_id(row.forked_from)})"
+            title.append(f" {fork}" if row.title else fork, style="dim")
         table.add_row(
             short_id(row.id),
             title,
