@@ -60,7 +60,7 @@ from conversation_memory.registry import (
     load_models_from_env,
     register_model,
 )
-from conversation_memory.store.values import ConversationInfo, Entry, StoredMessage
+from conversation_memory.store.values import ConversationInfo, Entry, SearchHit, StoredMessage
 from conversation_memory.strategies import (
     TRUNCATE,
     Strategy,
@@ -156,6 +156,7 @@ __all__ = [
     "RetryPolicy",
     "SchemaOutdated",
     "SchemaTooNew",
+    "SearchHit",
     "Selection",
     "ServerError",
     "State",

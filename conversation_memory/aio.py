@@ -45,6 +45,7 @@ from conversation_memory.base import (
     BaseConversation,
     BaseMemory,
     check_positive,
+    check_search,
     check_user,
 )
 from conversation_memory.budget import Context
@@ -55,7 +56,13 @@ from conversation_memory.state import Setup, read_state
 from conversation_memory.steps import CallModel, Flow, Summarize, UseLog
 from conversation_memory.store.database import Database
 from conversation_memory.store.opening import Store, open_store
-from conversation_memory.store.values import ConversationInfo, ConversationRow, Entry, StoredMessage
+from conversation_memory.store.values import (
+    ConversationInfo,
+    ConversationRow,
+    Entry,
+    SearchHit,
+    StoredMessage,
+)
 from conversation_memory.strategies import StrategyLike
 from conversation_memory.streams import AsyncTurnStream
 from conversation_memory.summarize import AsyncSummarizer, Summarizer, SummaryText
@@ -328,6 +335,15 @@ class AsyncMemory(BaseMemory):
         )
         return self._found(ref, user_id, kind, rows)
 
+    async def search(
+        self, text: str, *, user: str | None = None, all_users: bool = False, limit: int = 10
+    ) -> list[SearchHit]:
+        """The stored messages that best match ``text``, across a user's conversations
+        (see ``Memory.search``)."""
+        user_id = self._search_user(text, user, all_users, limit)
+        catalogue = self._check_open().catalogue
+        return await self._in_thread(catalogue.search, text, user=user_id, limit=limit)
+
     async def erase_user(self, user: str) -> int:
         """Delete every conversation, message, summary and usage row of ``user``."""
         user_id = check_user(user)
@@ -446,6 +462,13 @@ class AsyncConversation(BaseConversation):
     async def entries(self) -> list[Entry]:
         """Every stored message with its position, tokens, time, flags and metadata."""
         return await self._store(self._log.entries)
+
+    async def search(self, text: str, *, limit: int = 10) -> list[SearchHit]:
+        """The stored messages of this conversation (and the history it shares) that
+        best match ``text`` (see ``Conversation.search``)."""
+        check_search(text, limit)
+        search = self._memory._check_open().catalogue.search_conversation
+        return self._hits(await self._store(search, self.id, text, user=self.user, limit=limit))
 
     async def usage(self) -> UsageTotals:
         """Tokens, calls, latency and estimated cost of every model call of this conversation."""

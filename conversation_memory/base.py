@@ -32,7 +32,8 @@ from conversation_memory.messages import normalize, to_row
 from conversation_memory.registry import get_model, load_models
 from conversation_memory.state import COMPACTION_CHOICES, Setup
 from conversation_memory.store.opening import check_durability
-from conversation_memory.store.values import ConversationInfo, ConversationRow, now
+from conversation_memory.store.search import check_limit
+from conversation_memory.store.values import ConversationInfo, ConversationRow, SearchHit, now
 from conversation_memory.strategies import Strategy, StrategyLike, as_strategy
 from conversation_memory.summarize import AsyncSummarizer, Summarizer
 from conversation_memory.tokens import TokenCounter, counter_for
@@ -69,6 +70,16 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> int:
             f"{name} must be an integer >= {low}, got {value!r}", argument=name
         )
     return value
+
+
+def check_search(text: Any, limit: Any) -> None:
+    """A search's text and limit, checked before anything is read."""
+    if not isinstance(text, str):
+        raise ConfigurationError(
+            f"text must be a string (the words to search for), got {type(text).__name__}",
+            argument="text",
+        )
+    check_limit(limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +320,18 @@ class BaseMemory:
     def _listing_user(self, user: str | None, all_users: bool) -> str | None:
         return None if all_users else check_user(user)
 
+    def _search_user(self, text: Any, user: str | None, all_users: Any, limit: Any) -> str | None:
+        """Check ``search``'s arguments; the user to search (None: everyone)."""
+        check_search(text, limit)
+        if not isinstance(all_users, bool):
+            raise ConfigurationError(f"all_users must be True or False, got {all_users!r}")
+        if all_users and user is not None:
+            raise ConfigurationError(
+                f"search either user {user!r}'s conversations or all users' "
+                "(all_users=True), not both"
+            )
+        return self._listing_user(user, all_users)
+
     def _reference(self, ref: str, user: str | None) -> str | None:
         """Check ``find``'s arguments; the user to look under (None: everyone)."""
         if not isinstance(ref, str) or not ref:
@@ -434,6 +457,16 @@ class BaseConversation:
     def _messages(self, messages: Sequence[Mapping[str, Any]]) -> list[Any]:
         """``extend``'s messages, checked and counted."""
         return [self._setup.message(message) for message in messages]
+
+    def _hits(self, hits: list[SearchHit] | None) -> list[SearchHit]:
+        """``search``'s answer, given the catalogue's (None: the conversation is not stored)."""
+        if hits is not None:
+            return hits
+        if not self._log.stored:
+            return []  # lazy, and nothing stored yet
+        raise ConversationNotFound(
+            f"conversation {self.id!r} no longer exists (deleted?)", conversation_id=self.id
+        )
 
     def _incomplete(self, on_incomplete: str | None) -> str:
         return incomplete_mode(on_incomplete or self._setup.on_incomplete)

@@ -30,6 +30,7 @@ from conversation_memory.base import (
     BaseConversation,
     BaseMemory,
     check_positive,
+    check_search,
     check_user,
 )
 from conversation_memory.budget import Context
@@ -40,7 +41,13 @@ from conversation_memory.state import Setup, read_state
 from conversation_memory.steps import CallModel, Flow, Summarize, UseLog
 from conversation_memory.store.database import Database
 from conversation_memory.store.opening import Store, open_store
-from conversation_memory.store.values import ConversationInfo, ConversationRow, Entry, StoredMessage
+from conversation_memory.store.values import (
+    ConversationInfo,
+    ConversationRow,
+    Entry,
+    SearchHit,
+    StoredMessage,
+)
 from conversation_memory.strategies import StrategyLike
 from conversation_memory.streams import TurnStream
 from conversation_memory.summarize import Summarizer, SummaryText
@@ -264,6 +271,28 @@ class Memory(BaseMemory):
         kind, rows = self._store.catalogue.find(ref, user_id, limit=AMBIGUOUS_LISTED + 1)
         return self._found(ref, user_id, kind, rows)
 
+    def search(
+        self, text: str, *, user: str | None = None, all_users: bool = False, limit: int = 10
+    ) -> list[SearchHit]:
+        """The stored messages that best match ``text``, across a user's conversations.
+
+        ``user`` is whose conversations are searched, as in :meth:`conversations`:
+        None is the default user (the one ``conversation()`` stores under
+        without ``user=``); ``all_users=True`` searches everyone's (and is refused
+        together with ``user``). An unknown user has no hits. A message a fork
+        shares with its parent is stored once and found once, under the parent.
+
+        ``text`` is words, not a query language: each word is matched as written
+        (any case; quotes, ``*``, ``-``, ``OR``, ``NEAR``, ``name:`` are just
+        characters). A message matches when it holds any of the words; those
+        holding more of them, and rarer ones, come first (equal scores: newest
+        first). Text without a word (empty, blank, only punctuation) finds
+        nothing. At most ``limit`` hits, 1 to 1,000, best first; README
+        "Searching the archive" has the details.
+        """
+        user_id = self._search_user(text, user, all_users, limit)
+        return self._store.catalogue.search(text, user=user_id, limit=limit)
+
     def erase_user(self, user: str) -> int:
         """Delete every conversation, message, summary and usage row of ``user``."""
         user_id = check_user(user)
@@ -393,6 +422,17 @@ class Conversation(BaseConversation):
     def entries(self) -> list[Entry]:
         """Every stored message with its position, tokens, time, flags and metadata."""
         return self._log.entries()
+
+    def search(self, text: str, *, limit: int = 10) -> list[SearchHit]:
+        """The stored messages of this conversation that best match ``text``, best first.
+
+        A fork searches its own messages and the history it shares, up to the
+        fork point; not what its parent said after it. Words match as in
+        :meth:`Memory.search`.
+        """
+        check_search(text, limit)
+        search = self._memory._store.catalogue.search_conversation
+        return self._hits(search(self.id, text, user=self.user, limit=limit))
 
     def __len__(self) -> int:
         return self._log.length()

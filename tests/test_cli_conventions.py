@@ -151,7 +151,9 @@ def test_an_exact_title_wins_and_an_ambiguous_prefix_lists_the_candidates(db):
 
 
 @pytest.mark.parametrize(
-    "args", [("export", "{id}"), ("sessions", "--json"), ("show", "{id}")], ids=" ".join
+    "args",
+    [("export", "{id}"), ("sessions", "--json"), ("show", "{id}"), ("search", "words")],
+    ids=" ".join,
 )
 def test_a_pipe_closed_early_ends_the_command_quietly(db, args):
     """`convmem export ID | head -c 0`: the reader is gone before anything is written."""
@@ -258,3 +260,14 @@ def test_db_path_says_where_the_default_database_is(tmp_path):
     named = run("db", "path", env={**env, "CONVMEM_DB": chosen})
     assert named.stdout == chosen + "\n", "only the path: `sqlite3 $(convmem db path)` works"
     assert "convmem db path" in " ".join(run("--help").stdout.split())
+
+
+def test_titles_with_square_brackets_are_shown_as_typed(db):
+    """A title is text, never rich markup: `[draft]` used to vanish from `sessions`."""
+    title = "notes [draft] [bold]x[/bold]"
+    conversation_id = stored(db, title=title, text="bracketed")
+    assert title in run("sessions", "--db", db).stdout
+    with Memory(db) as memory:
+        memory.conversation(conversation_id).fork(at=0)
+    assert f"{title} (fork of {conversation_id[:12]})" in run("sessions", "--db", db).stdout
+    assert title in run("search", "bracketed", "--db", db).stdout

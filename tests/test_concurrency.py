@@ -7,7 +7,9 @@ moment. Afterwards the log must hold exactly 2,400 messages at positions
 0..2399, every worker's messages in the order it wrote them, and the
 conversation row's running totals must equal what the messages add up to.
 On SQLite this exercises BEGIN IMMEDIATE + busy_timeout; on PostgreSQL the
-row lock taken by the position claim.
+row lock taken by the position claim. The search index, written by the same
+transactions, must agree with the messages, and find each one by the word
+only it holds.
 
 Whole turns race too: eight processes ``send`` on one conversation through a
 real HTTP server, so each turn's context is read while the others commit. A
@@ -29,6 +31,7 @@ from typing import Any
 import openai
 import pytest
 import sqlalchemy as sa
+from test_search import found_by_words, index_agrees
 
 from conversation_memory.engine import Memory
 from conversation_memory.testing import ChatServer
@@ -41,9 +44,16 @@ START_TIMEOUT = 60.0
 RUN_TIMEOUT = 120.0
 
 
+def _tag(worker: int, index: int) -> str:
+    """The word only this message holds (for the search index's check)."""
+    return f"w{worker}m{index}"
+
+
 def _content(worker: int, index: int) -> str:
     # Lengths vary so that token counts (and the total) differ per message.
-    return f"worker {worker} message {index} " + "lorem ipsum " * ((worker * 7 + index) % 13)
+    return f"worker {worker} message {index} {_tag(worker, index)} " + "lorem ipsum " * (
+        (worker * 7 + index) % 13
+    )
 
 
 def _append_worker(db: str, conversation_id: str, worker: int, barrier: object, out: str) -> None:
@@ -161,6 +171,16 @@ def test_parallel_appends_lose_nothing(db_url: str, tmp_path: Path) -> None:
     claimed = sorted(p for path in outputs for _, p, _ in json.loads(path.read_text()))
     assert claimed == list(range(total))
 
+    # The index holds every message, once, and finds each one where it is.
+    tags = {
+        _tag(worker, index): {position}
+        for worker, path in enumerate(outputs)
+        for index, position, _ in json.loads(path.read_text())
+    }
+    with Memory(db_url) as memory:
+        index_agrees(memory)
+        found_by_words(memory.conversation(conversation_id, user=USER), tags)
+
 
 # -- whole turns from many processes -------------------------------------------------
 
@@ -184,7 +204,9 @@ def _sender(
             conversation = memory.conversation(id=conversation_id, user=USER)
             sent = []
             for turn in range(TURNS):
-                reply = conversation.send(f"worker {worker} turn {turn}", max_tokens=20)
+                reply = conversation.send(
+                    f"worker {worker} turn {turn} w{worker}t{turn}", max_tokens=20
+                )
                 sent.append(reply.text)
     except BaseException:
         Path(f"{out}.error").write_text(traceback.format_exc())
@@ -250,3 +272,15 @@ def test_parallel_turns_on_one_conversation_all_succeed(db_url: str, tmp_path: P
         asked = [row.position for row in rows if row.content.startswith(f"worker {worker} ")]
         assert len(asked) == TURNS
         assert all(rows[p + 1].role == "assistant" for p in asked)
+    # The index agrees with the log, and finds every question where it landed (and
+    # the reply, which quotes it).
+    with Memory(db_url) as memory:
+        index_agrees(memory)
+        found_by_words(
+            memory.conversation(conversation_id, user=USER),
+            {
+                row.content.split()[-1]: {p, p + 1}
+                for p, row in enumerate(rows)
+                if row.role == "user"
+            },
+        )

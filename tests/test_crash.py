@@ -20,6 +20,11 @@ proves the mechanism it will rest on: a many-message write
 (``Memory.import_conversation``, one transaction) is all or nothing under
 SIGKILL.
 
+The search index is written by the same transactions: after every kill it
+agrees with the messages (FTS5's integrity check), the message in flight
+when the child died is indexed exactly when it is stored, and at the end
+each stored message is found by the word only it holds.
+
 The children are forked from a parent that has already loaded the library
 and the tokenizer, so 50 restarts cost milliseconds rather than seconds; the
 parent holds no database connection when it forks.
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_search import found_by_words, index_agrees
 
 from conversation_memory.engine import Memory
 from conversation_memory.messages import dumps
@@ -71,7 +77,12 @@ def _message(position: int) -> dict[str, str]:
     rng = random.Random(position)
     words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 200)))
     role = "assistant" if reply else "user"
-    return {"role": role, "content": f"[turn {turn} {role}] {words}"}
+    return {"role": role, "content": f"[turn {turn} {role} {_tag(position)}] {words}"}
+
+
+def _tag(position: int) -> str:
+    """The word only the message at ``position`` holds (for the search index's check)."""
+    return f"p{position}"
 
 
 def _ctx() -> multiprocessing.context.BaseContext:
@@ -128,6 +139,18 @@ def _check_file(path: Path, conversation_ids: list[str] | None = None) -> None:
         assert tokens == real_tokens, cid
 
 
+def _check_index(path: Path, conversation_id: str) -> None:
+    """The index agrees with the messages; the newest stored message is found, and the
+    one a killed child was writing next is found only if it was stored (then the newest)."""
+    with Memory(str(path)) as memory:  # closed again: the parent forks holding nothing
+        index_agrees(memory)
+        conversation = memory.conversation(conversation_id, user=USER)
+        last = len(conversation) - 1
+        assert [hit.position for hit in conversation.search(_tag(last + 1))] == []
+        if last >= 0:
+            assert [hit.position for hit in conversation.search(_tag(last))] == [last]
+
+
 Starter = Callable[[Any], multiprocessing.process.BaseProcess]
 
 
@@ -171,6 +194,7 @@ def test_sigkill_during_appends_loses_and_corrupts_nothing(tmp_path: Path, durab
     for _ in range(KILLS):
         _kill_loop_once(rng, start, errors)
         _check_file(db, [conversation_id])
+        _check_index(db, conversation_id)
     elapsed = time.monotonic() - started
 
     con = sqlite3.connect(db)
@@ -197,6 +221,11 @@ def test_sigkill_during_appends_loses_and_corrupts_nothing(tmp_path: Path, durab
         assert complete
     assert next_position == count == len(stored)
     assert total == sum(row[3] for row in stored)
+    with Memory(str(db)) as memory:
+        conversation = memory.conversation(conversation_id, user=USER)
+        found_by_words(
+            conversation, {_tag(position): {position} for position in range(len(stored))}
+        )
 
     log = [line.split() for line in acks.read_text().splitlines()]
     acked = [int(value) for kind, value in log if kind == "a"]
@@ -268,6 +297,8 @@ def test_sigkill_during_multi_message_writes_is_all_or_nothing(tmp_path: Path) -
     for _ in range(KILLS):
         _kill_loop_once(rng, start, errors)
         _check_file(db)
+    with Memory(str(db)) as memory:
+        index_agrees(memory)  # no half-imported conversation left anything in the index
 
     con = sqlite3.connect(db)
     try:

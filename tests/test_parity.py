@@ -5,7 +5,7 @@
    coroutine where the sync one does I/O, the same kind of member where it
    does not. The few deliberately sync-only members are listed with the reason.
 2. A table of behaviours (send, stream, prepare/record, compact, fork,
-   export, usage, calibration) run through both drivers against the real
+   export, usage, calibration, search) run through both drivers against the real
    ``ChatServer`` stores the same rows: the same exports, histories, usage
    rows and summaries, once ids, timestamps and latencies are set aside.
 """
@@ -156,6 +156,14 @@ def summaries(database: Any, conversation_id: str) -> list[tuple[Any, ...]]:
         ]
 
 
+def plain_hits(hits: list[Any]) -> list[dict[str, Any]]:
+    """Search hits without what differs between two runs: ids and times."""
+    return [
+        {k: v for k, v in asdict(hit).items() if k not in ("conversation_id", "created_at")}
+        for hit in hits
+    ]
+
+
 TURNS = 14
 """Enough words past the 800-token budget that the summary strategy folds."""
 
@@ -200,6 +208,9 @@ def run_sync(path: Path, server: ChatServer) -> dict[str, Any]:
         results["listed"] = [(c.title, c.message_count) for c in memory.conversations(user="ann")]
         results["found"] = memory.find("branch").title
         results["count"] = memory.count(user="ann")
+        results["search"] = plain_hits(chat.search("story message 3", limit=5))
+        results["search_fork"] = plain_hits(branch.search("branch hello"))
+        results["search_user"] = plain_hits(memory.search("branch story", user="ann"))
         return results
 
 
@@ -246,6 +257,10 @@ def run_async(path: Path, server: ChatServer) -> dict[str, Any]:
                 results["listed"] = [(c.title, c.message_count) for c in listed]
                 results["found"] = (await memory.find("branch")).title
                 results["count"] = await memory.count(user="ann")
+                results["search"] = plain_hits(await chat.search("story message 3", limit=5))
+                results["search_fork"] = plain_hits(await branch.search("branch hello"))
+                found = await memory.search("branch story", user="ann")
+                results["search_user"] = plain_hits(found)
                 return results
 
     return asyncio.run(main())
@@ -264,5 +279,7 @@ def test_both_drivers_store_the_same_rows(tmp_path: Path) -> None:
     sync, async_ = runs["sync"], runs["async"]
     assert sync["summaries"], "the table must cover compactions that stored summaries"
     assert [c["kind"] for c in sync["calls"]].count("summary") >= 1
+    assert sync["search"], "the table must cover searches that find something"
+    assert {hit["title"] for hit in sync["search_fork"]} == {"parity", "branch"}
     for behaviour in sync:
         assert async_[behaviour] == sync[behaviour], behaviour

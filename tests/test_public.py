@@ -4,6 +4,7 @@ the CLI and the lab go through it."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import inspect
 from pathlib import Path
@@ -17,6 +18,7 @@ CONTRACT = {  # the names the README promises; checks outside this repo rely on 
     "count_tokens",
     "fit",
     "ConversationNotFound",
+    "SearchHit",
 }
 
 
@@ -28,6 +30,19 @@ def test_all_is_sorted_and_complete():
     assert set(exported) >= CONTRACT
     for name in exported:
         assert hasattr(conversation_memory, name), name
+
+
+def test_a_search_hit_is_a_frozen_value_with_the_documented_fields():
+    hit = conversation_memory.SearchHit
+    assert dataclasses.is_dataclass(hit)
+    assert hit.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    assert [field.name for field in dataclasses.fields(hit)] == [
+        "conversation_id", "title", "position", "role", "message", "text", "created_at",
+        "score", "snippet",
+    ]  # fmt: skip
+    for name in ("Conversation", "Memory", "AsyncConversation", "AsyncMemory"):
+        returned = inspect.signature(getattr(conversation_memory, name).search).return_annotation
+        assert returned == "list[SearchHit]", name
 
 
 def test_every_error_class_is_exported_and_rooted():

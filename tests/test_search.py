@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import string
 from datetime import UTC, datetime, timedelta
 
@@ -29,7 +30,7 @@ def lineage_of(memory: Memory, conversation):
     return conversation._log.lineage()
 
 
-def find(memory: Memory, conversation, query: str, **options) -> list[search.Hit]:
+def find(memory: Memory, conversation, query: str, **options) -> list[search.SearchHit]:
     segments = lineage_of(memory, conversation)
     with memory.database.read() as conn:
         return search.search_lineage(conn, segments, query, **options)
@@ -40,7 +41,7 @@ def find_for(memory: Memory, query: str, *, user: str | None = USER, **options):
         return search.search_user(conn, query, user=user, **options)
 
 
-def places(hits: list[search.Hit]) -> list[tuple[str, int]]:
+def places(hits: list[search.SearchHit]) -> list[tuple[str, int]]:
     return [(hit.conversation_id, hit.position) for hit in hits]
 
 
@@ -48,6 +49,25 @@ def index_agrees(memory: Memory) -> None:
     # SQLite's FTS5 integrity-check is an INSERT command: it needs a write transaction.
     with memory.database.write() as conn:
         assert search.check_index(conn) == []
+
+
+def found_by_words(conversation, words: dict[str, set[int]]) -> None:
+    """Each word is found in exactly the messages at its positions (``words``: word ->
+    positions of the messages that hold it; a word only one message holds finds that
+    message). Searched eight words at a time (measured the quickest), through the
+    public API.
+
+    For the concurrency and crash tests: every stored message is indexed, once, where
+    it is stored."""
+    items = sorted(words.items())
+    for start in range(0, len(items), 8):
+        batch = dict(items[start : start + 8])
+        expected = set().union(*batch.values())
+        hits = conversation.search(" ".join(batch), limit=len(expected) + 1)
+        assert sorted(hit.position for hit in hits) == sorted(expected)
+        for hit in hits:
+            held = {w for w in re.findall(r"\w+", hit.text.casefold()) if w in batch}
+            assert any(hit.position in batch[w] for w in held), hit
 
 
 def count_matching(memory: Memory, word: str) -> int:

@@ -383,10 +383,9 @@ def _fill_at_0002(url: str, *, messages: int = 3) -> Database:
 
 
 def _search_words(url: str, text: str) -> list[int]:
-    from conversation_memory.store import search
-
-    with Memory(url) as memory, memory.database.read() as conn:
-        return sorted(h.position for h in search.search_user(conn, text, user="default"))
+    """Positions of the messages ``Memory.search`` finds (the rows are the default user's)."""
+    with Memory(url) as memory:
+        return sorted(h.position for h in memory.search(text))
 
 
 def test_search_index_backfills_a_database_made_at_0002(db_url):
@@ -399,6 +398,10 @@ def test_search_index_backfills_a_database_made_at_0002(db_url):
     assert migrate.upgrade(db, progress=lines.append) == migrate.HEAD
     assert lines[-1] == "search index: 3 of 3 messages"
     assert _search_words(db_url, "heron kestrel otter lookup") == [0, 1, 2]
+    with Memory(db_url) as memory:  # the hits carry the messages as 0002 stored them
+        (call,) = memory.search("otter")
+        assert call.message["tool_calls"][0]["function"]["name"] == "lookup"
+        assert memory.search("kestrel")[0].message["content"][0]["text"] == "an old kestrel"
     again: list[str] = []
     assert migrate.upgrade(db, progress=again.append) == migrate.HEAD
     assert again == []

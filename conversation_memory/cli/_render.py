@@ -2,7 +2,7 @@
 
 Nothing here decides anything about memory; it only lays out reports the
 library has already computed (the context's token report, usage rows,
-conversation listings).
+conversation listings, search hits).
 """
 
 from __future__ import annotations
@@ -89,9 +89,10 @@ def sessions_table(rows: Sequence[Any], *, total: int) -> Table:
     table.add_column("last activity", no_wrap=True)
     table.add_column("model", style="dim")
     for row in rows:
-        title = row.title or ""
+        title = Text(row.title or "")  # text, never markup: a title may hold "[draft]"
         if row.forked_from:
-            title = f"{title} [dim](fork of {short_id(row.forked_from)})[/dim]".strip()
+            fork = f"(fork of {short_id(row.forked_from)})"
+            title.append(f" {fork}" if row.title else fork, style="dim")
         table.add_row(
             short_id(row.id),
             title,
@@ -168,6 +169,47 @@ def history_view(
                 )
             )
     return Group(*parts)
+
+
+# -- search ---------------------------------------------------------------------------
+
+MARK = "**"
+"""What a search snippet puts on each side of a matched word (``SearchHit.snippet``)."""
+
+
+def snippet_text(snippet: str, *, highlight: bool) -> Text:
+    """A snippet on one line. With ``highlight`` (a terminal) its matched words are
+    bold instead of between marks; a snippet whose marks don't pair up (the message
+    itself had a stray ``**``) stays as it is."""
+    line = " ".join(snippet.split())
+    if not highlight or line.count(MARK) % 2:
+        return Text(line)
+    text = Text()
+    for n, piece in enumerate(line.split(MARK)):
+        text.append(piece, style="bold yellow" if n % 2 else "")
+    return text
+
+
+def search_table(hits: Sequence[Any], *, highlight: bool) -> Table:
+    """Search hits, best first: where each message is, when, who said it, the match."""
+    table = Table(
+        title=f"{len(hits)} match{'es' if len(hits) != 1 else ''}, best first",
+        title_justify="left",
+    )
+    table.add_column("conversation", no_wrap=True)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("when", no_wrap=True, style="dim")
+    table.add_column("role")
+    table.add_column("match")
+    for hit in hits:
+        table.add_row(
+            Text.assemble((short_id(hit.conversation_id), "cyan"), f" {hit.title or ''}"),
+            str(hit.position),
+            f"{hit.created_at.astimezone():%Y-%m-%d %H:%M}",
+            Text(hit.role, style=ROLE_STYLE.get(hit.role, "")),
+            snippet_text(hit.snippet, highlight=highlight),
+        )
+    return table
 
 
 # -- context --------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Commands over stored conversations: sessions, show, context, usage, export, import,
-fork, rm, erase. Each opens the database, asks the library, and prints.
+"""Commands over stored conversations: sessions, show, search, context, usage, export,
+import, fork, rm, erase. Each opens the database, asks the library, and prints.
 
 Only ``import`` may create a database (once its file has been read and found
 valid): the others open an existing one (``Memory(db, create=False)``), so a
@@ -111,6 +111,62 @@ def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool)
         )
         return
     print_view(_render.history_view(info, system, entries, summaries))
+
+
+SEARCH_PAGE = 20
+"""Matches ``convmem search`` shows unless told otherwise."""
+EVERY_MATCH = 1000
+"""What ``convmem search --all`` asks for: the most one search returns."""
+
+
+@command("search")
+@click.argument("words", nargs=-1, required=True, metavar="TEXT...")
+@user_option("Only this user's conversations.")
+@click.option(
+    "--conversation", "-c", "ref", default=None, metavar="ID",
+    help="Only this conversation and the history it shares with the one it was forked from.",
+)  # fmt: skip
+@click.option(
+    "--limit", "-n", type=Integer(min=1), default=SEARCH_PAGE, show_default=True,
+    help="Show the N best matches.",
+)  # fmt: skip
+@click.option(
+    "--all", "show_all", is_flag=True, help=f"Show every match (at most {EVERY_MATCH:,})."
+)
+@json_option
+def search(
+    db: str | None,
+    words: tuple[str, ...],
+    user: str | None,
+    ref: str | None,
+    limit: int,
+    show_all: bool,
+    as_json: bool,
+    debug: bool,
+) -> None:
+    """Find stored messages by the words they hold, best match first.
+
+    TEXT is words, not a query language: quotes, *, - and OR are just
+    characters. A message matches when it holds any of the words; more of
+    them, and rarer ones, rank higher. Searches every user's conversations,
+    or --user's, or one conversation (-c ID). Shows where each message is,
+    when, who said it, and the words around the match. Words that start
+    with - go after -- (convmem search -- -v).
+    """
+    text = " ".join(words)
+    limit = EVERY_MATCH if show_all else limit
+    with Memory(db, create=False) as memory:
+        if ref is None:
+            hits = memory.search(text, user=user, all_users=user is None, limit=limit)
+        else:
+            _, conversation = resolve(memory, ref, user)
+            hits = conversation.search(text, limit=limit)
+    if as_json:
+        print_json(hits)
+    elif hits:
+        print_view(_render.search_table(hits, highlight=console().is_terminal))
+    else:
+        click.echo(f"no stored message holds any of the words of {text!r}")
 
 
 @command("context")
@@ -322,4 +378,4 @@ def erase(db: str | None, user: str, yes: bool, as_json: bool, debug: bool) -> N
         click.echo(f"erased {erased} conversation(s) of user {user!r}")
 
 
-COMMANDS = (sessions, show, context, usage, export, import_, fork, rm, erase)
+COMMANDS = (sessions, show, search, context, usage, export, import_, fork, rm, erase)

@@ -1,10 +1,11 @@
 """The catalogue: what the store does across conversations.
 
 Creating and resuming a conversation, listing, counting and finding them,
-erasing a user and importing a whole conversation are rare next to turns,
-and read or write many rows at once, so they are SQLAlchemy Core on a
-connection (``Database.read`` / ``Database.write``). Everything about one
-conversation once it is open is the conversation log's (``store.log``).
+searching their messages, erasing a user and importing a whole conversation
+are rare next to turns, and read or write many rows at once, so they are
+SQLAlchemy Core on a connection (``Database.read`` / ``Database.write``).
+Everything about one conversation once it is open is the conversation log's
+(``store.log``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy import Connection, delete, func, insert, select
 from conversation_memory.errors import ConversationExists
 from conversation_memory.messages import dumps
 from conversation_memory.store.database import Database
+from conversation_memory.store.queries import walk_lineage
 from conversation_memory.store.schema import (
     calibrations,
     compaction_leases,
@@ -26,7 +28,14 @@ from conversation_memory.store.schema import (
     summaries,
     usage,
 )
-from conversation_memory.store.values import ConversationInfo, ConversationRow, aware
+from conversation_memory.store.search import search_lineage, search_user
+from conversation_memory.store.values import (
+    ConversationInfo,
+    ConversationRow,
+    SearchHit,
+    Segment,
+    aware,
+)
 
 _ROW_COLUMNS = [getattr(conversations.c, f) for f in ConversationRow.__slots__]
 
@@ -81,8 +90,25 @@ def _get(conn: Connection, conversation_id: str, user: str) -> ConversationRow |
     return None if found is None else _row(found)
 
 
+def _lineage(conn: Connection, conversation_id: str, user: str) -> list[Segment] | None:
+    """The segments of a conversation's lineage (as the log reads them); None if it
+    is not stored, or not ``user``'s."""
+    fork = select(conversations.c.forked_from, conversations.c.fork_position)
+    owner = conversations.c.user_id == user
+    found = conn.execute(fork.where(conversations.c.id == conversation_id, owner)).first()
+    if found is None:
+        return None
+
+    def parent_of(parent: str) -> tuple[str | None, int | None] | None:
+        row = conn.execute(fork.where(conversations.c.id == parent)).first()
+        return None if row is None else (row[0], row[1])
+
+    return walk_lineage(conversation_id, found[0], found[1], parent_of)
+
+
 class Catalogue:
-    """Conversations as a collection: create, resume, list, count, find, erase, import."""
+    """Conversations as a collection: create, resume, list, count, find, search, erase,
+    import."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -149,6 +175,24 @@ class Catalogue:
                 ).all()
                 return "prefix", [_info(row) for row in prefixed]
         return "", []
+
+    def search(self, text: str, *, user: str | None, limit: int) -> list[SearchHit]:
+        """The best matches for ``text`` in the conversations of ``user`` (None:
+        everyone's); see ``store.search``."""
+        with self._db.read() as conn:
+            return search_user(conn, text, user=user, limit=limit)
+
+    def search_conversation(
+        self, conversation_id: str, text: str, *, user: str, limit: int
+    ) -> list[SearchHit] | None:
+        """The best matches for ``text`` in one conversation of ``user`` and the history
+        it shares with those it was forked from, read in one snapshot with its
+        lineage; None if it is not stored."""
+        with self._db.read() as conn:
+            segments = _lineage(conn, conversation_id, user)
+            if segments is None:
+                return None
+            return search_lineage(conn, segments, text, limit=limit)
 
     def erase_user(self, user: str) -> int:
         """Delete every conversation of ``user`` and everything derived; how many went."""

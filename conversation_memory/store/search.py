@@ -6,7 +6,8 @@ transaction of every insert and delete: an FTS5 table on SQLite, a generated
 message, is its text content, the text of its text parts and the name and
 arguments of its tool calls (the first 100,000 characters of that). These
 functions only read the index, on a connection whose transaction the caller
-owns (as in ``repository``).
+owns (``Catalogue.search`` and ``Catalogue.search_conversation``, which the
+public ``Memory.search`` and ``Conversation.search`` call).
 
 **A query is words, not operators.** The text is split at white space; each
 piece is handed to the index as a literal string, never as query syntax, so
@@ -23,7 +24,7 @@ of the words, and the ranking puts first the messages holding more of the
 words, rarer ones, more often, in shorter text. SQLite ranks by BM25 (FTS5's
 ``bm25()``). PostgreSQL's ``ts_rank_cd`` (cover density) ignores rarity and,
 for OR-ed words, counts occurrences, so there each word a message holds also
-adds that word's inverse document frequency (from the counts below). ``Hit.score``
+adds that word's inverse document frequency (from the counts below). ``SearchHit.score``
 is higher for better matches; it compares hits of one search, not scores
 across searches or backends. Equal scores put newer messages first.
 
@@ -63,12 +64,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
 from conversation_memory.errors import ConfigurationError
+from conversation_memory.messages import from_row
 from conversation_memory.store.schema import (
     SEARCH_COLUMN,
     SEARCH_FUNCTION,
@@ -76,7 +77,7 @@ from conversation_memory.store.schema import (
     SEARCH_VIEW,
     messages,
 )
-from conversation_memory.store.values import Segment, aware
+from conversation_memory.store.values import SearchHit, Segment, aware
 
 MAX_WORDS = 32
 """Distinct words of a query that count; the rest of a long text is ignored."""
@@ -94,24 +95,6 @@ _HEADLINE = (
     f"StartSel={MARK_START}, StopSel={MARK_END}, MaxWords={_SNIPPET_TOKENS}, "
     f'MinWords=6, ShortWord=1, MaxFragments=2, FragmentDelimiter=" {ELLIPSIS} "'
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """One message found by a search."""
-
-    conversation_id: str
-    """The conversation that stores the message (for a fork's shared history, its parent)."""
-    position: int
-    role: str
-    text: str
-    """The message's text: its content or text parts, and its tool calls as
-    ``name(arguments)``, one per line."""
-    created_at: datetime
-    score: float
-    """Higher is better; 0 when the words were too common to rank (see the module)."""
-    snippet: str
-    """Words around the matches, matches between ``MARK_START`` and ``MARK_END``."""
 
 
 def query_words(text: str) -> list[str]:
@@ -134,7 +117,8 @@ def query_words(text: str) -> list[str]:
     return words
 
 
-def _check_limit(limit: Any) -> int:
+def check_limit(limit: Any) -> int:
+    """``limit`` if it is a whole number from 1 to ``MAX_LIMIT``, else ConfigurationError."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise ConfigurationError(
             f"limit must be a whole number from 1 to {MAX_LIMIT}, got {limit!r}"
@@ -165,15 +149,15 @@ def search_lineage(
     *,
     before: int | None = None,
     limit: int = 10,
-) -> list[Hit]:
+) -> list[SearchHit]:
     """The best matches for ``text`` in one conversation and the history it shares.
 
     ``segments`` is the conversation's lineage, itself first (as
-    ``repository.lineage`` returns it): a fork finds its parent's messages up
+    ``ConversationLog.lineage`` returns it): a fork finds its parent's messages up
     to the fork point, not the ones the parent added later. ``before`` keeps
     only positions below it (say, the tail already in the context).
     """
-    limit = _check_limit(limit)
+    limit = check_limit(limit)
     if not segments:
         return []
     clauses, params = [], {}
@@ -192,19 +176,21 @@ def search_lineage(
     return _search(conn, text, scope, limit)
 
 
-def search_user(conn: Connection, text: str, *, user: str | None, limit: int = 10) -> list[Hit]:
+def search_user(
+    conn: Connection, text: str, *, user: str | None, limit: int = 10
+) -> list[SearchHit]:
     """The best matches for ``text`` across one user's conversations (None: every user's).
 
     A message shared by forks is stored once, by the conversation that wrote
     it, so it is found once, under that conversation.
     """
-    limit = _check_limit(limit)
+    limit = check_limit(limit)
     if user is None:
         return _search(conn, text, _Scope("1 = 1", {}), limit)
     return _search(conn, text, _Scope("c.user_id = :user", {"user": user}, user_join=True), limit)
 
 
-def _search(conn: Connection, text: str, scope: _Scope, limit: int) -> list[Hit]:
+def _search(conn: Connection, text: str, scope: _Scope, limit: int) -> list[SearchHit]:
     words = query_words(text)
     if not words:
         return []
@@ -240,11 +226,15 @@ def _message_text(content: str | None, parts: str | None, tool_calls: str | None
     return "\n".join(pieces)
 
 
-def _hit(row: Any, score: float) -> Hit:
-    return Hit(
+def _hit(row: Any, score: float) -> SearchHit:
+    return SearchHit(
         conversation_id=row.conversation_id,
+        title=row.title,
         position=row.position,
         role=row.role,
+        message=from_row(
+            row.role, row.content, row.parts, row.name, row.tool_calls, row.tool_call_id
+        ),
         text=_message_text(row.content, row.parts, row.tool_calls),
         created_at=aware(row.created_at),
         score=score,
@@ -252,7 +242,12 @@ def _hit(row: Any, score: float) -> Hit:
     )
 
 
-_ROW = "m.conversation_id, m.position, m.role, m.content, m.parts, m.tool_calls, m.created_at"
+_ROW = (
+    "m.conversation_id, m.position, m.role, m.content, m.parts, m.name, m.tool_calls, "
+    "m.tool_call_id, m.created_at"
+)
+_TITLE = "(SELECT title FROM conversations WHERE id = {t}.conversation_id) AS title"
+"""The title of a hit's conversation: a primary-key lookup per chosen row."""
 _TYPES = {"created_at": messages.c.created_at.type}
 
 
@@ -286,7 +281,7 @@ class _Sqlite:
 
     def ranked(
         self, conn: Connection, words: Sequence[tuple[int, str]], scope: _Scope, limit: int
-    ) -> list[Hit]:
+    ) -> list[SearchHit]:
         # CROSS JOIN keeps the index as the outer loop: the other order probes
         # the index once per message of the scope. bm25's weights: the body
         # counts, the conversation column does not.
@@ -300,12 +295,12 @@ class _Sqlite:
             ),
             {**scope.params, "match": match, "limit": limit},
         ).all()
-        # bm25() is lower for better matches; a Hit's score is higher.
+        # bm25() is lower for better matches; a hit's score is higher.
         return self.details(conn, match, [(rowid, -rank) for rowid, rank in top])
 
     def newest(
         self, conn: Connection, words: Sequence[str], scope: _Scope, limit: int
-    ) -> list[Hit]:
+    ) -> list[SearchHit]:
         match = self.body(words)
         if scope.conversations:
             # Inside the index, the conversations' postings are intersected
@@ -328,14 +323,14 @@ class _Sqlite:
 
     def details(
         self, conn: Connection, match: str, ranked: Sequence[tuple[int, float]]
-    ) -> list[Hit]:
+    ) -> list[SearchHit]:
         """The rows and snippets of the chosen messages only (snippet() reads and
         tokenizes the text: not something to do for every candidate)."""
         if not ranked:
             return []
         query = (
             text(
-                f"SELECT {SEARCH_TABLE}.rowid AS id, {_ROW}, "
+                f"SELECT {SEARCH_TABLE}.rowid AS id, {_ROW}, {_TITLE.format(t='m')}, "
                 f"snippet({SEARCH_TABLE}, 0, :start, :end, :ellipsis, :tokens) AS snippet "
                 f"FROM {self.FROM} WHERE {SEARCH_TABLE} MATCH :match "
                 f"AND {SEARCH_TABLE}.rowid IN :ids"
@@ -432,7 +427,7 @@ class _Postgres:
 
     def ranked(
         self, conn: Connection, words: Sequence[tuple[int, str]], scope: _Scope, limit: int
-    ) -> list[Hit]:
+    ) -> list[SearchHit]:
         # ts_rank_cd over OR-ed words counts occurrences (three "apple"s score as
         # "apple banana cherry"), with no regard to rarity. Each word the message
         # holds adds its IDF, so that more of the words, and rarer ones, come first.
@@ -448,7 +443,7 @@ class _Postgres:
 
     def newest(
         self, conn: Connection, words: Sequence[str], scope: _Scope, limit: int
-    ) -> list[Hit]:
+    ) -> list[SearchHit]:
         tsquery, params = self.query(words)
         return self.search(conn, tsquery, params, scope, limit, "0.0", f"{{t}}.{scope.latest} DESC")
 
@@ -461,11 +456,11 @@ class _Postgres:
         limit: int,
         score: str,
         order: str,
-    ) -> list[Hit]:
+    ) -> list[SearchHit]:
         # ts_headline parses the whole text: only for the chosen rows, outside
         # the ranked subquery.
         query = text(
-            f"SELECT top.*, ts_headline('simple', "
+            f"SELECT top.*, {_TITLE.format(t='top')}, ts_headline('simple', "
             f"{SEARCH_FUNCTION}(top.content, top.parts, top.tool_calls), {tsquery}, "
             f":options) AS snippet FROM ("
             f"SELECT m.id, {_ROW}, {score} AS score FROM messages AS m"

@@ -227,6 +227,30 @@ class ConversationInfo:
     forked_from: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """One stored message a search found (``Conversation.search``, ``Memory.search``)."""
+
+    conversation_id: str
+    """The conversation that stores the message: for history a fork shares, its parent."""
+    title: str | None
+    """That conversation's title."""
+    position: int
+    role: str
+    message: dict[str, Any]
+    """The message as stored, in the OpenAI format (as ``history()`` returns it)."""
+    text: str
+    """What was searched in it: its content or text parts, and its tool calls as
+    ``name(arguments)``, one per line."""
+    created_at: datetime
+    score: float
+    """Higher is better. It compares the hits of one search only; 0 when every
+    word was too common to rank by (then the newest messages come first)."""
+    snippet: str
+    """Up to a dozen words around the matches, each matched word as ``**word**``,
+    ``…`` where text was cut."""
+
+
 __all__ = [
     "Calibration",
     "Committed",
@@ -236,6 +260,7 @@ __all__ = [
     "Head",
     "NewMessage",
     "NewSummary",
+    "SearchHit",
     "Segment",
     "Snapshot",
     "StoredMessage",

@@ -40,7 +40,8 @@ from sqlalchemy import Connection, text
 from conversation_memory.errors import ConfigurationError
 from conversation_memory.fusion import fuse
 from conversation_memory.store.database import Database
-from conversation_memory.store.search import MAX_LIMIT, Hit, _message_text, search_lineage
+from conversation_memory.store.search import MAX_LIMIT, _message_text, search_lineage
+from conversation_memory.store.values import SearchHit
 from conversation_memory.store.values import Segment
 
 BATCH = 64
@@ -112,7 +113,7 @@ class Candidate:
     position: int
     score: float
     """Reciprocal-rank fusion score (see ``fusion``): higher is better."""
-    hit: Hit | None
+    hit: SearchHit | None
     """The full-text hit (text and snippet) when the words found it too."""
     similarity: float | None
     """The cosine similarity when the vector scan found it."""
