@@ -41,8 +41,7 @@ from conversation_memory.errors import ConfigurationError
 from conversation_memory.fusion import fuse
 from conversation_memory.store.database import Database
 from conversation_memory.store.search import MAX_LIMIT, _message_text, search_lineage
-from conversation_memory.store.values import SearchHit
-from conversation_memory.store.values import Segment
+from conversation_memory.store.values import SearchHit, Segment
 
 BATCH = 64
 """Messages :meth:`VectorStore.pending` returns at most, by default (one request's worth)."""
