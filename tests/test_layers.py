@@ -23,11 +23,23 @@ FLOORS = [  # lowest first: each module may import only the ones before it
     "tokens",
     "messages",
     "units",
+    "retrieval",
     "budget",
     "strategies",
+    "recall",
+    "strategy_names",
     "fitting",
 ]
-PURE = ["messages", "units", "budget", "strategies", "fitting"]
+PURE = [
+    "messages",
+    "units",
+    "retrieval",
+    "budget",
+    "strategies",
+    "recall",
+    "strategy_names",
+    "fitting",
+]
 """No I/O, no clock, no randomness: only these standard modules."""
 PURE_STDLIB = {
     "__future__",
