@@ -175,8 +175,11 @@ class Recall:
 
     def _choose(self, state: State, budget: Budget, selection: Selection) -> list[Recalled]:
         """The best recalled turns, oldest first, that fit beside ``selection`` and repeat
-        none of its messages."""
-        if not state.recalled:
+        none of its messages (none without a tail sent: they stand before it)."""
+        start = state.tail[0].position if state.tail else None
+        if not state.recalled or not any(
+            start is not None and i.position >= start for i in selection.items
+        ):
             return []
         summaries = selection.summaries or (
             (selection.summary,) if selection.summary is not None else ()

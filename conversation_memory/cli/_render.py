@@ -197,18 +197,19 @@ def context_rows(context: Context) -> list[dict[str, Any]]:
         }
         for summary in context.summaries
     ]
-    # The recall message: one row per earlier turn it carries, with its score.
-    recalled = [
-        {
-            "kind": "recall",
-            "position": f"{turn.start}-{turn.end}",
-            "role": "system",
-            "tokens": turn.tokens,
-            "score": round(turn.score, 3),
-            "preview": " ".join(turn.text.split())[:PREVIEW],
-        }
-        for turn in context.recalled
-    ]
+    # The recall message is one part; its turns, scores and tokens are in the report.
+    recalled: list[dict[str, Any]] = []
+    if context.recalled:
+        turns = context.recalled
+        recalled.append(
+            {
+                "kind": "recall",
+                "position": ", ".join(f"{t.start}-{t.end}" for t in turns),
+                "role": "system",
+                "tokens": context.report.recall,
+                "preview": " ".join(" ".join(t.text.split()) for t in turns)[:PREVIEW],
+            }
+        )
     return [
         *map(item_row, context.items[:split]),
         *summaries,
