@@ -46,7 +46,7 @@ STOP_WORDS = frozenset(_COMMON.split())
 FOLLOW_UP = 4
 """A user message with fewer content words than this is a follow-up: the previous
 user message's words join the query."""
-MAX_QUERY_WORDS = 24
+MAX_QUERY_WORDS = 8
 _WORD = re.compile(r"\w+", re.UNICODE)
 _DELEGATED = frozenset({"summary_cap", "hierarchical", "overlap", "fold_point"})
 
@@ -68,17 +68,23 @@ def _words(message: Mapping[str, Any]) -> list[str]:
 
 def query_text(tail: Sequence[Item]) -> str:
     """The words to search for: the newest user message's content words, and the previous
-    user message's when the newest is a short follow-up (empty: nothing to search for)."""
+    user message's when the newest is a short follow-up (empty: nothing to search for).
+
+    At most :data:`MAX_QUERY_WORDS`, the newest message's first and, within each
+    message, the longest (long words tend to be the rare, telling ones; each word
+    costs the search a probe of the index).
+    """
     words: list[str] = []
     asked = 0
     for item in reversed(tail):
         if item.message.get("role") != "user":
             continue
-        words += _words(item.message)
+        found = sorted(dict.fromkeys(_words(item.message)), key=len, reverse=True)
+        words += [word for word in found if word not in words]
         asked += 1
         if asked == 2 or len(words) >= FOLLOW_UP:
             break
-    return " ".join(list(dict.fromkeys(words))[:MAX_QUERY_WORDS])
+    return " ".join(words[:MAX_QUERY_WORDS])
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,12 @@ def test_the_query_is_the_new_questions_content_words() -> None:
         reply("Lima."),
         user("Which river crosses Lima's old town centre?"),
     )
-    assert query_text(tail) == "river crosses lima old town centre"  # fmt: skip
+    # Longest first (long words tend to be the telling ones), at most eight.
+    assert query_text(tail) == "crosses centre river lima town old"
+    many = "Budgets, tokens, windows, caches, indexes, queries, strategies, summaries, turns"
+    assert query_text(items(user(many))).split() == [
+        "strategies", "summaries", "budgets", "windows", "indexes", "queries", "tokens", "caches"
+    ]  # fmt: skip
 
 
 def test_a_short_follow_up_also_searches_the_previous_question() -> None:
@@ -109,7 +114,7 @@ def test_a_short_follow_up_also_searches_the_previous_question() -> None:
         reply("The first is cheaper."),
         user("and what about the second one?"),
     )
-    assert query_text(tail) == "second one compare two offers plumber"
+    assert query_text(tail) == "second one compare plumber offers two"
     assert query_text(items(reply("hello"))) == ""
 
 
@@ -357,3 +362,20 @@ def test_convmem_context_shows_the_recalled_turns(tmp_path) -> None:
     truncated = run_json("context", chat.id, "--db", db, "--strategy", "truncate")
     assert "recall" not in [p["kind"] for p in truncated["parts"]]
     assert truncated["report"]["recalled"] == []
+
+
+def test_words_too_common_to_rank_recall_nothing(db_url: str, monkeypatch) -> None:
+    from conversation_memory.store import search
+
+    monkeypatch.setattr(search, "CANDIDATES", 5)  # "dinner" is then common
+    with Memory(db_url, model="gpt-4o-mini") as memory:
+        chat = memory.conversation(strategy="recall", budget=300)
+        chat.extend(history(40, fact_at=2))
+        chat.append(user("Which dinner again?"))
+        assert chat.context().recalled == ()  # not the newest dinners, unranked
+        with memory.database.read() as conn:
+            segments = [(chat.id, None)]
+            assert search.search_lineage(conn, segments, "dinner", before=50)  # newest first
+            assert search.search_lineage(conn, segments, "dinner", ranked_only=True) == []
+        chat.append(user("And the spare key of the warehouse door?"))
+        assert [t.start for t in chat.context().recalled] == [4]

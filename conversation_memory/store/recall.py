@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from conversation_memory.store.queries import NO_LIMIT, item_of
+from conversation_memory.store.queries import item_of
 from conversation_memory.store.search import search_lineage
 from conversation_memory.store.statements import Statements
 from conversation_memory.store.values import Segment
@@ -27,8 +27,9 @@ from conversation_memory.types import Item, RecallQuery
 __all__ = ["WINDOW", "candidates"]
 
 WINDOW = 16
-"""Messages read on each side of a hit to find its turn; a turn longer than that
-(a long tool loop) is not recalled."""
+"""Messages looked at on each side of a hit to find its turn; a turn longer than that
+(a long tool loop) is not recalled. Only the turn's own rows (and the next question)
+are made into items."""
 
 
 def candidates(
@@ -46,7 +47,9 @@ def candidates(
     """
     if query.before <= 0:
         return ()
-    hits = search_lineage(conn, segments, query.text, before=query.before, limit=2 * query.limit)
+    hits = search_lineage(
+        conn, segments, query.text, before=query.before, limit=query.limit + 2, ranked_only=True
+    )
     found: list[tuple[float, tuple[Item, ...]]] = []
     seen: set[int] = set()
     for hit in hits:
@@ -65,28 +68,34 @@ def candidates(
 def _turn_around(
     cur: Any, sql: Statements, segments: Sequence[Segment], position: int, before: int
 ) -> tuple[Item, ...] | None:
-    """The whole turn holding ``position``, all of it below ``before`` (None: not found
-    within :data:`WINDOW` messages, or it does not start with a user message)."""
-    low, high = max(0, position - WINDOW), min(before - 1, position + WINDOW)
-    rows: list[Item] = []
-    for conversation_id, upto in segments:
-        limit = high if upto is None else min(high, upto)
-        if limit < low:
+    """The whole turn holding ``position``, all of it below ``before`` (None: its start or
+    end is more than :data:`WINDOW` messages away, or it has no user message)."""
+    older: list[Item] = []  # from ``position`` back to the question, newest first
+    for conversation_id, upto in segments:  # newest segment first: positions descend
+        limit = position if upto is None else min(position, upto)
+        if limit < position - WINDOW:
             continue
-        cur.execute(sql.tail, (conversation_id, limit, low - 1, NO_LIMIT))
-        rows.extend(item_of(row) for row in cur.fetchall())
-    rows.sort(key=lambda item: item.position)
-    at = next((n for n, item in enumerate(rows) if item.position == position), None)
-    if at is None:
+        cur.execute(sql.tail, (conversation_id, limit, position - WINDOW - 1, WINDOW + 1))
+        for row in cur:  # row by row: the rest of the window is never read
+            older.append(item_of(row))
+            if older[-1].message.get("role") == "user":
+                break
+        if older and older[-1].message.get("role") == "user":
+            break
+    if not older or older[0].position != position or older[-1].message.get("role") != "user":
         return None
-    start = at
-    while rows[start].message.get("role") != "user":
-        start -= 1
-        if start < 0:
-            return None  # no question within the window (or none at all)
-    end = at + 1
-    while end < len(rows) and rows[end].message.get("role") != "user":
-        end += 1
-    if end == len(rows) and high < before - 1:
+    newer: list[Item] = []  # after ``position`` up to the next question, oldest first
+    high = min(before - 1, position + WINDOW)
+    for conversation_id, upto in reversed(segments):  # oldest segment first: positions ascend
+        limit = high if upto is None else min(high, upto)
+        if limit <= position:
+            continue
+        cur.execute(sql.entries, (conversation_id, limit, position + 1))
+        for row in cur:
+            item = item_of(row[:10])
+            if item.message.get("role") == "user":
+                return (*reversed(older), *newer)
+            newer.append(item)
+    if high < before - 1:
         return None  # the turn goes on past the window
-    return tuple(rows[start:end])
+    return (*reversed(older), *newer)

@@ -165,6 +165,7 @@ def search_lineage(
     *,
     before: int | None = None,
     limit: int = 10,
+    ranked_only: bool = False,
 ) -> list[Hit]:
     """The best matches for ``text`` in one conversation and the history it shares.
 
@@ -172,6 +173,8 @@ def search_lineage(
     ``repository.lineage`` returns it): a fork finds its parent's messages up
     to the fork point, not the ones the parent added later. ``before`` keeps
     only positions below it (say, the tail already in the context).
+    ``ranked_only`` finds nothing when the words are too common to rank,
+    instead of the newest messages holding them (recall has no use for those).
     """
     limit = _check_limit(limit)
     if not segments:
@@ -189,7 +192,7 @@ def search_lineage(
         where += " AND m.position < :before"
         params["before"] = before
     scope = _Scope(where, params, conversations=tuple(c for c, _ in segments), latest="position")
-    return _search(conn, text, scope, limit)
+    return _search(conn, text, scope, limit, ranked_only=ranked_only)
 
 
 def search_user(conn: Connection, text: str, *, user: str | None, limit: int = 10) -> list[Hit]:
@@ -204,7 +207,9 @@ def search_user(conn: Connection, text: str, *, user: str | None, limit: int = 1
     return _search(conn, text, _Scope("c.user_id = :user", {"user": user}, user_join=True), limit)
 
 
-def _search(conn: Connection, text: str, scope: _Scope, limit: int) -> list[Hit]:
+def _search(
+    conn: Connection, text: str, scope: _Scope, limit: int, *, ranked_only: bool = False
+) -> list[Hit]:
     words = query_words(text)
     if not words:
         return []
@@ -225,6 +230,8 @@ def _search(conn: Connection, text: str, scope: _Scope, limit: int) -> list[Hit]
         total += count
     if total <= CANDIDATES:
         return backend.ranked(conn, kept, scope, limit)
+    if ranked_only:
+        return []
     # Rarest first: newest() snippets show the first word.
     return backend.newest(conn, [word for _, word in present], scope, limit)
 
