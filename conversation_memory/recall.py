@@ -40,15 +40,15 @@ _COMMON = """a about above after again all also am an and any are as at be becau
     our ours out over own please same she should so some such tell than that the their them
     then there these they this those through to too under until up very was we were what
     when where which while who whom why will with would you your yours yes ok okay thanks
-    thank know think said say again"""
+    thank know think said say"""
 STOP_WORDS = frozenset(_COMMON.split())
 """Words too common to say what a message is about; left out of a query."""
-FOLLOW_UP = 4
+FOLLOW_UP = 3
 """A user message with fewer content words than this is a follow-up: the previous
 user message's words join the query."""
 MAX_QUERY_WORDS = 8
 _WORD = re.compile(r"\w+", re.UNICODE)
-_DELEGATED = frozenset({"summary_cap", "hierarchical", "overlap", "fold_point"})
+_DELEGATED = frozenset({"summary_cap", "hierarchical", "overlap"})
 
 
 def _words(message: Mapping[str, Any]) -> list[str]:
@@ -127,7 +127,7 @@ class Recall:
             )
 
     def __getattr__(self, name: str) -> Any:
-        # A summarizing base stays one: compaction sees its summary_cap, fold point,
+        # A summarizing base stays one: compaction and the read see its summary_cap,
         # overlap and hierarchy through this wrapper (absent when the base lacks them).
         if name in _DELEGATED:
             return getattr(object.__getattribute__(self, "base"), name)

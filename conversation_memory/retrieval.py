@@ -47,7 +47,7 @@ def _text(message: Mapping[str, Any]) -> str:
     else:
         pieces = []
     for call in message.get("tool_calls") or ():
-        function = call.get("function") or {} if isinstance(call, Mapping) else {}
+        function = (call.get("function") or {}) if isinstance(call, Mapping) else {}
         pieces.append(f"{function.get('name', '')}({function.get('arguments', '')})")
     return " ".join(" ".join(piece.split()) for piece in pieces if piece)
 

@@ -379,3 +379,33 @@ def test_words_too_common_to_rank_recall_nothing(db_url: str, monkeypatch) -> No
             assert search.search_lineage(conn, segments, "dinner", ranked_only=True) == []
         chat.append(user("And the spare key of the warehouse door?"))
         assert [t.start for t in chat.context().recalled] == [4]
+
+
+def test_a_tool_result_brings_back_its_whole_turn(db_url: str) -> None:
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "lookup", "arguments": '{"q":"x"}'},
+    }
+    with Memory(db_url, model="gpt-4o-mini") as memory:
+        chat = memory.conversation(strategy="recall", budget=400)
+        chat.extend(history(3, fact_at=99))
+        chat.extend(
+            [
+                user("Please look it up."),
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "Depot gate combination: 2468."},
+                reply("Found it."),
+            ]
+        )
+        chat.extend(history(30, fact_at=99))
+        chat.append(user("What was the depot gate combination again?"))
+        context = chat.context()
+        [turn] = context.recalled
+        assert [i.position for i in turn.items] == [6, 7, 8, 9]
+        assert context.messages[0]["content"].endswith(
+            "[6 user] Please look it up.\n"
+            '[7 assistant] lookup({"q":"x"})\n'
+            "[8 tool] Depot gate combination: 2468.\n"
+            "[9 assistant] Found it."
+        )
