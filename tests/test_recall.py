@@ -409,3 +409,21 @@ def test_a_tool_result_brings_back_its_whole_turn(db_url: str) -> None:
             "[8 tool] Depot gate combination: 2468.\n"
             "[9 assistant] Found it."
         )
+
+
+def test_a_turn_longer_than_the_window_is_not_recalled(db_url: str) -> None:
+    from conversation_memory.store.recall import WINDOW
+
+    def long_turn(question: str, replies: int, fact: str) -> list[dict[str, Any]]:
+        return [user(question), *(reply(f"Step {n}.") for n in range(replies)), reply(fact)]
+
+    with Memory(db_url, model="gpt-4o-mini") as memory:
+        chat = memory.conversation(strategy="recall:share=0.4,k=4", budget=1000)
+        chat.extend(long_turn("First job.", WINDOW - 2, "The boiler pressure reads 1.8 bar."))
+        chat.extend(long_turn("Second job.", WINDOW + 2, "The kettle descaler costs 7 euros."))
+        chat.extend(history(30, fact_at=99))
+        chat.append(user("What does the boiler pressure read?"))
+        [turn] = chat.context().recalled
+        assert (turn.start, turn.end) == (0, WINDOW - 1)
+        chat.append(user("How much was that kettle descaler?"))
+        assert chat.context().recalled == ()  # its question is too far back

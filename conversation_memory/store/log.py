@@ -206,7 +206,7 @@ class ConversationLog:
             snapshot = self._read(cur, tokens, cover, overlap)
             if (query := recall(snapshot)) is None:
                 return snapshot
-            found = candidates(conn, cur, self._sql, self._segments(cur, snapshot.head), query)
+            found = candidates(conn, self._segments(cur, snapshot.head), query)
         return replace(snapshot, recalled=found)
 
     def _read(self, cur: Any, tokens: Callable[[Head], int], cover: bool, lap: bool) -> Snapshot:
