@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 from conversation_memory._config import default_model
 from conversation_memory._lazy import loader
 from conversation_memory._tiktoken_data import get_encoding
-from conversation_memory.budget import Context, Report, budget_for, explain, summary_message
+from conversation_memory.budget import (
+    Context,
+    Report,
+    Retrieved,
+    budget_for,
+    explain,
+    summary_message,
+)
 from conversation_memory.compaction import Outcome
 from conversation_memory.embeddings import Embeddings
 from conversation_memory.engine import Conversation, Memory
@@ -52,6 +59,7 @@ from conversation_memory.export import read_export
 from conversation_memory.fitting import build, fit
 from conversation_memory.llm.retry import RetryPolicy
 from conversation_memory.messages import validate
+from conversation_memory.recall import Recall
 from conversation_memory.registry import (
     ModelInfo,
     ModelRegistry,
@@ -67,9 +75,9 @@ from conversation_memory.strategies import (
     Summarize,
     Truncate,
     Window,
-    as_strategy,
     keep_newest,
 )
+from conversation_memory.strategy_names import as_strategy
 from conversation_memory.streams import AsyncTurnStream, TurnStream
 from conversation_memory.summarize import (
     DEFAULT_PROMPT,
@@ -87,7 +95,7 @@ from conversation_memory.tokens import (
     counter_for,
 )
 from conversation_memory.turns import Reply
-from conversation_memory.types import Budget, Correction, Item, State, Summary
+from conversation_memory.types import Budget, Correction, Item, Recalled, State, Summary
 from conversation_memory.units import Selection
 from conversation_memory.usage import UsageTotals
 
@@ -151,8 +159,11 @@ __all__ = [
     "Outcome",
     "PromptTemplate",
     "RateLimited",
+    "Recall",
+    "Recalled",
     "Reply",
     "Report",
+    "Retrieved",
     "RetryPolicy",
     "SchemaOutdated",
     "SchemaTooNew",

@@ -34,7 +34,8 @@ from conversation_memory.state import COMPACTION_CHOICES, Setup
 from conversation_memory.store.opening import check_durability
 from conversation_memory.store.search import check_limit
 from conversation_memory.store.values import ConversationInfo, ConversationRow, SearchHit, now
-from conversation_memory.strategies import Strategy, StrategyLike, as_strategy
+from conversation_memory.strategies import Strategy, StrategyLike
+from conversation_memory.strategy_names import as_strategy
 from conversation_memory.summarize import AsyncSummarizer, Summarizer
 from conversation_memory.tokens import TokenCounter, counter_for
 from conversation_memory.turns import Prepared, incomplete_mode

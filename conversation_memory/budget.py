@@ -7,7 +7,9 @@ and the error for a request whose must-send part alone is over it
 
 The request: :func:`assemble` turns a strategy's
 :class:`~conversation_memory.units.Selection` into the exact message list (the
-summary messages, :func:`summary_message`, placed before the tail), checks it
+summary messages, :func:`summary_message`, then the recall message of earlier
+turns, :func:`~conversation_memory.retrieval.recall_message`, placed before the
+tail), checks it
 (the message rules and whole turns, :func:`~conversation_memory.messages.validate`,
 and the budget) and reports what each part costs (:class:`Report`, and
 :func:`explain` for people). Running the strategy that makes the selection is
@@ -31,14 +33,16 @@ from typing import Any
 from conversation_memory.errors import BudgetExceeded, InvalidPayload
 from conversation_memory.messages import validate
 from conversation_memory.registry import get_model
+from conversation_memory.retrieval import recall_message
 from conversation_memory.tokens import REPLY_PRIMING
-from conversation_memory.types import Budget, Item, State, Summary
+from conversation_memory.types import Budget, Item, Recalled, State, Summary
 from conversation_memory.units import Selection
 
 __all__ = [
     "MAX_RESERVE",
     "Context",
     "Report",
+    "Retrieved",
     "assemble",
     "budget_for",
     "explain",
@@ -147,6 +151,19 @@ def summary_message(summary: Summary) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class Retrieved:
+    """An earlier turn sent in the recall message: where it stands, its score, its cost."""
+
+    first: int
+    last: int
+    """Its positions, ``first..last``."""
+    score: float
+    """How well it matched the search (higher is better)."""
+    tokens: int
+    """What it adds to the recall message (an upper bound)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """Where the tokens of one request go, and what was left out."""
 
@@ -195,6 +212,15 @@ class Report:
     partial_turn: int | None = None
     """Position of the newest turn's question when that turn alone is larger than the
     budget and only its newest part is sent, without it (else None)."""
+    recall: int = 0
+    """Tokens of the recall message (0 when none is sent)."""
+    recalled: tuple[Retrieved, ...] = ()
+    """The earlier turns the recall message carries, oldest first."""
+
+    @property
+    def retrieved(self) -> frozenset[int]:
+        """Positions of the messages sent inside the recall message."""
+        return frozenset(p for turn in self.recalled for p in range(turn.first, turn.last + 1))
 
     @property
     def prompt(self) -> int:
@@ -217,7 +243,9 @@ class Context:
     """The strategy's request to fold messages up to here into a summary."""
     summary_index: int = 0
     """Where the summary messages start in ``messages``: before it stand ``items[:i]``,
-    then one message per summary, then the rest of ``items``."""
+    then one message per summary, the recall message (if any), then the rest of ``items``."""
+    recalled: tuple[Recalled, ...] = ()
+    """The earlier turns sent in the recall message, oldest first."""
 
 
 def assemble(state: State, budget: Budget, selection: Selection, *, strategy: str) -> Context:
@@ -230,10 +258,19 @@ def assemble(state: State, budget: Budget, selection: Selection, *, strategy: st
     items = selection.items
     summary = selection.summary
     sent_summaries = selection.summaries or ((summary,) if summary is not None else ())
+    recalled = selection.recalled
     tail_start = state.tail[0].position if state.tail else None
+    # The summaries, then the recall message: what stands between the system part and
+    # the tail (the recall message counts what its turns were counted for when read).
+    preamble = [summary_message(each) for each in sent_summaries]
+    recall = 0
+    if recalled:
+        _check_recalled(state, selection, strategy)
+        preamble.append(recall_message(recalled, state.tail[-1].position + 1))
+        recall = state.recall_overhead + sum(turn.tokens for turn in recalled)
     messages: list[dict[str, Any]] = []
     previous: int | None = None
-    placed = not sent_summaries
+    placed = not preamble
     summary_index = 0
     for item in items:
         if previous is not None and item.position <= previous:
@@ -250,19 +287,19 @@ def assemble(state: State, budget: Budget, selection: Selection, *, strategy: st
             and item is not state.system
         ):
             summary_index = len(messages)
-            messages.extend(summary_message(each) for each in sent_summaries)
+            messages.extend(preamble)
             placed = True
         messages.append(dict(item.message))
     if not placed:
         summary_index = len(messages)
-        messages.extend(summary_message(each) for each in sent_summaries)
+        messages.extend(preamble)
     if state.system is not None and (not items or items[0] is not state.system):
         raise InvalidPayload(
             f"strategy {strategy!r} left out the system prompt or did not put it first",
             index=0,
         )
-    validate(messages, history=_history_start(state, items, summary_index, len(sent_summaries)))
-    total = sum(item.tokens for item in items) + REPLY_PRIMING
+    validate(messages, history=_history_start(state, items, summary_index, len(preamble)))
+    total = sum(item.tokens for item in items) + REPLY_PRIMING + recall
     total += sum(each.tokens for each in sent_summaries)
     if not budget.fits(total):
         raise BudgetExceeded(
@@ -273,7 +310,13 @@ def assemble(state: State, budget: Budget, selection: Selection, *, strategy: st
             strategy=strategy,
         )
     report = _report(
-        state, budget, strategy=strategy, selection=selection, messages=messages, total=total
+        state,
+        budget,
+        strategy=strategy,
+        selection=selection,
+        messages=messages,
+        total=total,
+        recall=recall,
     )
     return Context(
         messages=messages,
@@ -283,7 +326,26 @@ def assemble(state: State, budget: Budget, selection: Selection, *, strategy: st
         summaries=tuple(sent_summaries),
         fold_through=selection.fold_through,
         summary_index=summary_index,
+        recalled=recalled,
     )
+
+
+def _check_recalled(state: State, selection: Selection, strategy: str) -> None:
+    """Recalled turns stand oldest first, apart, and none of their messages is sent raw."""
+    sent = {item.position for item in selection.items}
+    previous = -1
+    for turn in selection.recalled:
+        if not turn.items or turn.start <= previous or not state.tail:
+            raise InvalidPayload(
+                f"strategy {strategy!r} recalled turns out of order, overlapping or empty "
+                "(they must stand oldest first, apart)"
+            )
+        if any(item.position in sent for item in turn.items):
+            raise InvalidPayload(
+                f"strategy {strategy!r} recalled messages {turn.start} to {turn.end}, "
+                "which it also sends as they are"
+            )
+        previous = turn.end
 
 
 def _history_start(state: State, items: Sequence[Item], summary_index: int, summaries: int) -> int:
@@ -331,6 +393,7 @@ def _report(
     selection: Selection,
     messages: list[dict[str, Any]],
     total: int,
+    recall: int,
 ) -> Report:
     sent = {item.position: item for item in selection.items}
     dropped = {item.position for item in selection.dropped}
@@ -400,7 +463,7 @@ def _report(
         system=system,
         pinned=pinned,
         summary=summary,
-        messages=total - system - pinned - summary - REPLY_PRIMING,
+        messages=total - system - pinned - summary - recall - REPLY_PRIMING,
         priming=REPLY_PRIMING,
         tools=budget.tools,
         total=total,
@@ -425,6 +488,10 @@ def _report(
         and not selection.summaries,
         overlap=overlap,
         partial_turn=question if answered else None,
+        recall=recall,
+        recalled=tuple(
+            Retrieved(turn.start, turn.end, turn.score, turn.tokens) for turn in selection.recalled
+        ),
     )
 
 
@@ -463,6 +530,9 @@ def explain(context: Context) -> str:
         lines.append(f"  summary   {r.summary:>8}  (messages {first.start} to {s.end}{parts})")
     else:
         lines.append(f"  summary   {0:>8}" + ("  (left out: no room)" if r.summary_omitted else ""))
+    if r.recalled:
+        turns = f"{len(r.recalled)} earlier turn" + ("" if len(r.recalled) == 1 else "s")
+        lines.append(f"  recall    {r.recall:>8}  ({turns})")
     lines += [
         f"  messages  {r.messages:>8}  ({_messages(r.messages_sent)})",
         f"  priming   {r.priming:>8}",
@@ -481,6 +551,11 @@ def explain(context: Context) -> str:
         lines.append(f"{_messages(r.covered)} represented by the summary instead of sent")
     if r.overlap:
         lines.append(f"{_messages(r.overlap)} the summary represents also sent as they are")
+    for turn in r.recalled:
+        lines.append(
+            f"recalled messages {turn.first} to {turn.last} (score {turn.score:.3g}, "
+            f"{turn.tokens} tokens)"
+        )
     if r.partial_turn is not None:
         lines.append(
             f"the newest turn (from position {r.partial_turn}) is larger than the budget: "

@@ -1,7 +1,7 @@
 """Fitting a conversation into a budget: run a strategy, and assemble what it chose.
 
 :func:`build` is the step every request goes through: a strategy (an object,
-a function or a built-in's name, :func:`~conversation_memory.strategies.as_strategy`)
+a function or a built-in's name, :func:`~conversation_memory.strategy_names.as_strategy`)
 reads a :class:`~conversation_memory.types.State` and returns a
 :class:`~conversation_memory.units.Selection`, and
 :func:`~conversation_memory.budget.assemble` turns that into the checked
@@ -22,7 +22,8 @@ from conversation_memory.budget import Context, assemble, budget_for
 from conversation_memory.errors import ConfigurationError, InvalidPayload
 from conversation_memory.messages import check_message
 from conversation_memory.registry import default_registry
-from conversation_memory.strategies import TRUNCATE, StrategyLike, as_strategy
+from conversation_memory.strategies import TRUNCATE, StrategyLike
+from conversation_memory.strategy_names import as_strategy
 from conversation_memory.tokens import TokenCounter, counter_for
 from conversation_memory.types import Budget, Item, Message, State
 from conversation_memory.units import Selection

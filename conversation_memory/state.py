@@ -22,11 +22,12 @@ from conversation_memory.budget import budget_for
 from conversation_memory.errors import BudgetExceeded, ConfigurationError
 from conversation_memory.messages import check_metadata, normalize, to_row
 from conversation_memory.registry import ModelInfo, get_model
+from conversation_memory.retrieval import costed
 from conversation_memory.steps import Flow, SnapshotLog, UseLog
 from conversation_memory.store.values import Head, NewMessage, Snapshot
 from conversation_memory.strategies import Strategy
 from conversation_memory.tokens import REPLY_PRIMING, TokenCounter, counter_for
-from conversation_memory.types import Budget, Correction, Item, State
+from conversation_memory.types import Budget, Correction, Item, RecallQuery, State
 
 COMPACTION_CHOICES = ("after", "before", "manual")
 """When to fold old turns into summaries: after each reply (off the response
@@ -197,27 +198,40 @@ def read_state(
     extra: Sequence[NewMessage] = (),
     reserve: int | None = None,
     correction: Correction | None = None,
+    recall: bool = False,
 ) -> Flow[Reading]:
     """One snapshot read: head and calibration, summary, pinned and a bounded tail.
 
     ``extra`` are messages of the turn in progress, not stored yet: they join
     the tail at the positions they would get. ``correction`` budgets this
     request instead of the stored one (which is still what a reply calibrates).
+    With ``recall``, a strategy that recalls (``recall_query``) gets the earlier
+    turns its query finds, searched in the same snapshot (``State.recalled``).
     """
     plan = _Plan(setup, tools, reserve, correction)
     cover = setup.hierarchical
     overlap = bool(getattr(setup.strategy, "overlap", False))
+    asks: Any = getattr(setup.strategy, "recall_query", None) if recall else None
+
+    def query(snapshot: Snapshot) -> RecallQuery | None:
+        assert plan.budget is not None
+        return asks(state_of(snapshot, extra), plan.budget)
 
     def read(log: SnapshotLog) -> Snapshot:
-        return log.read(plan, cover=cover, overlap=overlap)
+        return log.read(plan, cover=cover, overlap=overlap, recall=query if asks else None)
 
     snapshot: Snapshot = yield UseLog(read)
     assert plan.budget is not None
-    return Reading(state_of(snapshot, extra), plan.budget, plan.known)
+    return Reading(state_of(snapshot, extra, setup=setup), plan.budget, plan.known)
 
 
-def state_of(snapshot: Snapshot, extra: Sequence[NewMessage] = ()) -> State:
-    """The strategy's view of a snapshot, with the turn's unsaved messages at its end."""
+def state_of(
+    snapshot: Snapshot, extra: Sequence[NewMessage] = (), *, setup: Setup | None = None
+) -> State:
+    """The strategy's view of a snapshot, with the turn's unsaved messages at its end.
+
+    Recalled turns are counted with ``setup``'s counter (without one, none are kept).
+    """
     head, summary, tail, pinned = snapshot.head, snapshot.summary, snapshot.tail, snapshot.pinned
     after = summary.end if summary is not None else -1
     start = tail[0].position if tail else head.next_position
@@ -246,6 +260,13 @@ def state_of(snapshot: Snapshot, extra: Sequence[NewMessage] = ()) -> State:
     for position in gap_pinned:  # sorted: skip pinned ones at the very start
         if position == older_from:
             older_from += 1
+    recalled, overhead = (), 0
+    if snapshot.recalled and setup is not None and tail:
+        counter = setup.counter
+        of = tail[-1].position + 1
+        recalled, overhead = costed(
+            snapshot.recalled, of, counter.count_text, counter.count_message
+        )
     return State(
         system=system,
         pinned=pinned,
@@ -255,6 +276,8 @@ def state_of(snapshot: Snapshot, extra: Sequence[NewMessage] = ()) -> State:
         older=max(0, start - (after + 1) - len(gap_pinned)),
         older_from=older_from,
         summaries=tuple(snapshot.cover),
+        recalled=recalled,
+        recall_overhead=overhead,
     )
 
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
         Snapshot,
         UsageRecord,
     )
-    from conversation_memory.types import Message, Summary
+    from conversation_memory.types import Message, RecallQuery, Summary
 
 T = TypeVar("T")
 L = TypeVar("L")
@@ -47,7 +47,12 @@ class SnapshotLog(Protocol):
     """Reads a conversation's state in one snapshot."""
 
     def read(
-        self, tokens: Callable[[Head], int], *, cover: bool = False, overlap: bool = False
+        self,
+        tokens: Callable[[Head], int],
+        *,
+        cover: bool = False,
+        overlap: bool = False,
+        recall: Callable[[Snapshot], RecallQuery | None] | None = None,
     ) -> Snapshot: ...
 
 

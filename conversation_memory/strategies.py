@@ -3,8 +3,10 @@
 A strategy is a plain object with a ``name`` and ``select(state, budget)``
 returning a :class:`~conversation_memory.units.Selection`; a bare function
 ``(state, budget) -> Selection`` is accepted wherever a strategy is, and so is
-a built-in's name (``"truncate"``, ``"window:8"``). Strategies are pure: the
-same state and budget give the same selection.
+a built-in's name (``"truncate"``, ``"window:8"``, ``"summary+recall"``: see
+:mod:`~conversation_memory.strategy_names`). Strategies are pure: the same
+state and budget give the same selection. Recalling earlier turns is a
+wrapper of these (:mod:`~conversation_memory.recall`).
 
 The built-ins share one rule, :func:`keep_newest`: the newest whole turns. A
 *turn* is a user message with everything that answers it (replies, tool calls
@@ -52,7 +54,6 @@ __all__ = [
     "Summarizing",
     "Truncate",
     "Window",
-    "as_strategy",
     "keep_newest",
 ]
 
@@ -421,82 +422,4 @@ def _as_one(cover: list[Summary]) -> Summary:
         end=cover[-1].end,
         text="",
         tokens=sum(each.tokens for each in cover),
-    )
-
-
-_CHOICES = (
-    "'truncate', 'window' or 'window:N' (N turns, at least 1), 'summary' or "
-    "'summary:high=H,low=L', 'hierarchical' or 'hierarchical:fanout=F'"
-)
-
-
-def _by_name(text: str) -> Strategy:
-    key, colon, argument = text.strip().lower().partition(":")
-    argument = argument.strip()
-    if key == "truncate" and not colon:
-        return TRUNCATE
-    if key == "window":
-        if not colon:
-            return Window()
-        if argument.isdigit() and int(argument) >= 1:
-            return Window(turns=int(argument))
-        # One message for 0, -1 and x alike, in the name's own terms (not the class's).
-        raise ConfigurationError(
-            f"strategy {text!r}: N in 'window:N' must be a whole number of turns, at least 1; "
-            "e.g. 'window:8'",
-            argument="strategy",
-        )
-    if key == "summary":
-        return _summary_from(text, argument if colon else "")
-    if key == "hierarchical":
-        return _summary_from(text, argument if colon else "", hierarchical=True)
-    raise ConfigurationError(
-        f"unknown strategy {text!r}; choose {_CHOICES}, or pass a strategy object "
-        "or a function (state, budget) -> Selection",
-        argument="strategy",
-        choices=("truncate", "window", "window:N", "summary", "hierarchical"),
-    )
-
-
-def _summary_from(text: str, arguments: str, *, hierarchical: bool = False) -> Strategy:
-    options: dict[str, float | int] = {}
-    for pair in filter(None, (part.strip() for part in arguments.split(","))):
-        key, equals, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        try:
-            if key in ("high", "low") and equals:
-                options[key] = float(value)
-                continue
-            if key in ("summary_tokens", "tokens") and equals:
-                options["summary_tokens"] = int(value)
-                continue
-            if key == "fanout" and equals and hierarchical:
-                options["fanout"] = int(value)
-                continue
-        except ValueError:
-            pass
-        raise ConfigurationError(
-            f"cannot read {pair!r} in strategy {text!r}; use e.g. 'summary:high=0.9,low=0.6'",
-            argument="strategy",
-        )
-    if hierarchical:
-        return Hierarchical(**options)  # type: ignore[arg-type]
-    return Summarize(**options)  # type: ignore[arg-type]
-
-
-def as_strategy(strategy: StrategyLike) -> Strategy:
-    """A :class:`Strategy` from a strategy object, a function, or a built-in's name."""
-    if isinstance(strategy, str):
-        return _by_name(strategy)
-    if not isinstance(strategy, type):
-        if callable(getattr(strategy, "select", None)) and isinstance(
-            getattr(strategy, "name", None), str
-        ):
-            return strategy  # type: ignore[return-value]
-        if callable(strategy):
-            return FunctionStrategy(strategy)
-    raise ConfigurationError(
-        f"strategy must be a strategy object (name and select(state, budget)), a function "
-        f"(state, budget) -> Selection, or one of {_CHOICES}; got {strategy!r}",
-        argument="strategy",
     )

@@ -184,7 +184,12 @@ def context(
     """
     tool_tokens = setup.counter.count_tools(tools) if tools else 0
     reading = yield from read_state(
-        setup, tools=tool_tokens, extra=pending, reserve=reserve, correction=correction
+        setup,
+        tools=tool_tokens,
+        extra=pending,
+        reserve=reserve,
+        correction=correction,
+        recall=True,
     )
     stored, initial = reading.known, setup.info.correction
     try:
@@ -198,7 +203,7 @@ def context(
     else:
         return Built(made, made.report.total + tool_tokens, stored)
     reading = yield from read_state(
-        setup, tools=tool_tokens, extra=pending, reserve=reserve, correction=initial
+        setup, tools=tool_tokens, extra=pending, reserve=reserve, correction=initial, recall=True
     )
     try:
         made = build(reading.state, reading.budget, setup.strategy)

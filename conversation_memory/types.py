@@ -136,6 +136,45 @@ class Budget:
 
 
 @dataclass(frozen=True, slots=True)
+class Recalled:
+    """An earlier turn a search brought back: a candidate for the recall message.
+
+    A *turn* is a user message with everything that answered it (replies, tool
+    calls with their results), so what is recalled is never half a question.
+    """
+
+    items: tuple[Item, ...]
+    """The whole turn, oldest first."""
+    score: float
+    """How well it matched the query: higher is better; compares candidates of one read."""
+    tokens: int = 0
+    """Tokens it adds to the recall message (its text, and its range in the header):
+    counted when read, an upper bound."""
+    text: str = ""
+    """The turn as the recall message shows it."""
+
+    @property
+    def start(self) -> int:
+        return self.items[0].position
+
+    @property
+    def end(self) -> int:
+        return self.items[-1].position
+
+
+@dataclass(frozen=True, slots=True)
+class RecallQuery:
+    """What a recalling strategy asks the store to search for while it reads a state."""
+
+    text: str
+    """The words to look for."""
+    before: int
+    """Search only positions below this one: what is newer is sent as it is."""
+    limit: int
+    """At most this many turns."""
+
+
+@dataclass(frozen=True, slots=True)
 class State:
     """What a strategy gets: the conversation as far as the store read it.
 
@@ -158,3 +197,7 @@ class State:
     """How many of those there are, pinned ones excepted (they were not read)."""
     older_from: int = 0
     """Position of the oldest of them (just after the summary, or 0)."""
+    recalled: Sequence[Recalled] = ()
+    """Earlier turns found for a recalling strategy, best match first (empty otherwise)."""
+    recall_overhead: int = 0
+    """Tokens of the recall message around its turns (role, header), when there are any."""

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from conversation_memory.types import Item, Summary
+from conversation_memory.types import Item, Recalled, Summary
 
 __all__ = ["Selection", "Unit", "group_units"]
 
@@ -152,3 +152,6 @@ class Selection:
     """A summarizing strategy's request: fold every message after the current
     summary up to this position (inclusive) into a new summary. Compaction acts
     on it; the messages to send are already chosen without it."""
+    recalled: tuple[Recalled, ...] = ()
+    """Earlier turns to send in the recall message (after the summaries, before the
+    tail), oldest first: a recalling strategy's choice from ``State.recalled``."""

@@ -23,12 +23,25 @@ FLOORS = [  # lowest first: each module may import only the ones before it
     "tokens",
     "messages",
     "units",
+    "retrieval",
     "budget",
     "strategies",
+    "recall",
+    "strategy_names",
     "fitting",
     "fusion",
 ]
-PURE = ["messages", "units", "budget", "strategies", "fitting", "fusion"]
+PURE = [
+    "messages",
+    "units",
+    "retrieval",
+    "budget",
+    "strategies",
+    "recall",
+    "strategy_names",
+    "fitting",
+    "fusion",
+]
 """No I/O, no clock, no randomness: only these standard modules."""
 PURE_STDLIB = {
     "__future__",

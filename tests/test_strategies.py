@@ -15,9 +15,9 @@ from conversation_memory.strategies import (
     Strategy,
     Truncate,
     Window,
-    as_strategy,
     keep_newest,
 )
+from conversation_memory.strategy_names import as_strategy
 from conversation_memory.types import Budget, Correction, Item, State, Summary
 from conversation_memory.units import Selection
 

@@ -6,7 +6,8 @@ import pytest
 
 from conversation_memory import Budget, ConfigurationError, Item, State, Summary
 from conversation_memory.errors import SummarizationFailed
-from conversation_memory.strategies import Summarize, as_strategy
+from conversation_memory.strategies import Summarize
+from conversation_memory.strategy_names import as_strategy
 from conversation_memory.summarize import (
     ModelSummarizer,
     check_summary,

@@ -239,9 +239,23 @@ def context_rows(context: Context) -> list[dict[str, Any]]:
         }
         for summary in context.summaries
     ]
+    # The recall message is one part; its turns, scores and tokens are in the report.
+    recalled: list[dict[str, Any]] = []
+    if context.recalled:
+        turns = context.recalled
+        recalled.append(
+            {
+                "kind": "recall",
+                "position": ", ".join(f"{t.start}-{t.end}" for t in turns),
+                "role": "system",
+                "tokens": context.report.recall,
+                "preview": " ".join(" ".join(t.text.split()) for t in turns)[:PREVIEW],
+            }
+        )
     return [
         *map(item_row, context.items[:split]),
         *summaries,
+        *recalled,
         *map(item_row, context.items[split:]),
     ]
 
@@ -278,7 +292,12 @@ def context_view(context: Context, *, model: str) -> Group:
     table.add_column("tokens", justify="right")
     table.add_column("content")
     for number, row in enumerate(context_rows(context), 1):
-        style = {"summary": "cyan", "system": "magenta", "pinned": "yellow"}.get(row["kind"], "")
+        style = {
+            "summary": "cyan",
+            "recall": "green",
+            "system": "magenta",
+            "pinned": "yellow",
+        }.get(row["kind"], "")
         table.add_row(
             str(number),
             Text(
@@ -297,6 +316,8 @@ def context_view(context: Context, *, model: str) -> Group:
     window.add_row("  system", f"{r.system:,}", _bar(r.system, r.window))
     window.add_row("  pinned", f"{r.pinned:,}", _bar(r.pinned, r.window))
     window.add_row("  summary", f"{r.summary:,}", _bar(r.summary, r.window))
+    if r.recall:
+        window.add_row("  recalled", f"{r.recall:,}", _bar(r.recall, r.window))
     window.add_row("  messages", f"{r.messages:,}", _bar(r.messages, r.window))
     window.add_row("  priming", f"{r.priming:,}", "")
     if r.tools:
@@ -324,6 +345,11 @@ def context_view(context: Context, *, model: str) -> Group:
         )
     if r.covered:
         notes.append(f"{r.covered} message(s) are represented by the summary instead of sent")
+    for turn in r.recalled:
+        notes.append(
+            f"recalled messages {turn.first}–{turn.last} (score {turn.score:.3g}, "
+            f"{turn.tokens} tokens): an earlier turn matching the newest question"
+        )
     if r.overlap:
         notes.append(
             f"{r.overlap} message(s) the summary represents are also sent as they are: the "

@@ -288,8 +288,9 @@ def read_terminal() -> str:
     "--strategy",
     "-s",
     default=None,
-    help="truncate | window:N | summary[:high=..,low=..] | hierarchical[:fanout=F] "
-    "(default: summary; truncate on the local model, whose summaries fail).",
+    help="truncate | window:N | summary[:high=..,low=..] | hierarchical[:fanout=F] | recall, "
+    "or any of them +recall, e.g. summary+recall (default: summary; truncate on the local "
+    "model, whose summaries fail).",
 )
 @click.option(
     "--budget",

@@ -109,8 +109,8 @@ def _sentences(value: str) -> tuple[int, int]:
     metavar="SPEC",
     help="A strategy to compare; repeat for several (default: truncate, summary, "
     "hierarchical). Built-in names take parameters (summary:high=0.9,low=0.6, window:8, "
-    "hierarchical:fanout=4); your own: package.module:Name or path/to/file.py:Name (an "
-    "object, a class, or a function (state, budget) -> Selection).",
+    "hierarchical:fanout=4, recall, summary+recall); your own: package.module:Name or "
+    "path/to/file.py:Name (an object, a class, or a function (state, budget) -> Selection).",
 )
 @click.option(
     "--budget",

@@ -9,10 +9,9 @@ it in one of three ways:
 
 - ``raw``: the message itself was sent (its stored position is among the
   items of ``Conversation.prepared``);
-- ``retrieved``: it was sent inside a retrieval message, which brings earlier
-  messages back into the context and lists their positions in its report (no
-  built-in strategy retrieves yet: :func:`_retrieved_positions` is where a
-  ``recall`` strategy's positions are read);
+- ``retrieved``: it was sent inside the recall message, which brings earlier
+  turns back into the context (the ``recall`` strategies) and lists their
+  positions in the context's report (read by :func:`_retrieved_positions`);
 - ``summary``: a summary that was sent covers it, and the probe's answer
   keywords (or its regex) appear in that summary's text — the summary kept
   what the question needs, not only the gist.
@@ -66,14 +65,9 @@ def sent_in(context: Any) -> Sent:
 
 
 def _retrieved_positions(context: Any) -> frozenset[int]:
-    """Positions sent inside a retrieval message.
-
-    The hook for a ``recall`` strategy: it sends earlier messages inside one
-    delimited message and lists their positions in the context's report;
-    read them here, and retention counts them as ``retrieved``. No built-in
-    strategy retrieves yet, so there are none.
-    """
-    return frozenset()
+    """Positions sent inside the recall message: a ``recall`` strategy sends earlier
+    turns in one delimited message and its report lists them (``Report.recalled``)."""
+    return frozenset(context.report.retrieved)
 
 
 def whole_history(count: int) -> Sent:

@@ -14,7 +14,7 @@ from conversation_memory.errors import ConfigurationError
 
 __all__ = ["BUILTIN", "load_strategy"]
 
-BUILTIN = ("truncate", "window", "summary", "hierarchical")
+BUILTIN = ("truncate", "window", "summary", "hierarchical", "recall")
 
 
 def load_strategy(spec: Any) -> Strategy:
@@ -27,13 +27,14 @@ def load_strategy(spec: Any) -> Strategy:
     if not isinstance(spec, str):
         return as_strategy(spec)
     text = spec.strip()
-    if text.split(":", 1)[0].strip().lower() in BUILTIN:
-        return as_strategy(text)
+    if text.split("+", 1)[0].split(":", 1)[0].strip().lower() in BUILTIN:
+        return as_strategy(text)  # summary:high=0.8 and summary+recall alike
     where, colon, name = text.rpartition(":")
     if not colon or not where or not all(part.isidentifier() for part in name.split(".")):
         raise ConfigurationError(
             f"unknown strategy {spec!r}: give a built-in ({', '.join(BUILTIN)}, with "
-            "parameters such as 'summary:high=0.9,low=0.6'), 'package.module:Name' or "
+            "parameters such as 'summary:high=0.9,low=0.6', or NAME+recall such as "
+            "'summary+recall'), 'package.module:Name' or "
             "'path/to/file.py:Name'",
             argument="strategy",
         )

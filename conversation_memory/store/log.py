@@ -32,6 +32,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -39,6 +41,7 @@ from conversation_memory.errors import ConfigurationError, ConversationNotFound
 from conversation_memory.messages import dumps, from_row
 from conversation_memory.store import leases, queries
 from conversation_memory.store.database import Database
+from conversation_memory.store.recall import candidates
 from conversation_memory.store.statements import Statements
 from conversation_memory.store.tailcache import TailCache
 from conversation_memory.store.values import (
@@ -56,7 +59,7 @@ from conversation_memory.store.values import (
     aware,
     now,
 )
-from conversation_memory.types import Correction, Summary
+from conversation_memory.types import Correction, RecallQuery, Summary
 
 Learn = Callable[[Correction | None], Calibration | None]
 """What a commit learns from a reply: given the stored correction (None: nothing
@@ -180,7 +183,12 @@ class ConversationLog:
     # -- the snapshot read --------------------------------------------------------------
 
     def read(
-        self, tokens: Callable[[Head], int], *, cover: bool = False, overlap: bool = False
+        self,
+        tokens: Callable[[Head], int],
+        *,
+        cover: bool = False,
+        overlap: bool = False,
+        recall: Callable[[Snapshot], RecallQuery | None] | None = None,
     ) -> Snapshot:
         """The conversation as the next request sees it, in one read transaction.
 
@@ -188,34 +196,23 @@ class ConversationLog:
         depends on the head's calibration). ``cover`` reads the whole summary
         cover (hierarchical summaries), ``overlap`` reads the tail past the
         newest summary (a strategy that re-sends covered turns beside it).
+        ``recall(snapshot)`` may ask for earlier turns, found in the same
+        transaction (``store.recall``).
         """
-        with self._db.cursor(write=False) as cur:
-            head = self._head(cur)
-            need = tokens(head)
-            segments = self._segments(cur, head)
-            summaries: list[Summary] = []
-            if cover:
-                summaries = queries.cover(cur, self._sql, segments)
-                summary = summaries[-1] if summaries else None
-            else:
-                summary = queries.newest_summary(cur, self._sql, segments)
-            after = summary.end if summary is not None else -1
-            # Read until the tail alone would overflow: anything older can't fit.
-            cache = self._tail_cache
-            tail, has_older, rows = queries.tail(
-                cur,
-                self._sql,
-                segments,
-                tokens=need,
-                after=-1 if overlap else after,
-                first_page=head.page_for(need),
-                cached=cache.rows(head),
-            )
-            cache.keep(head, rows)
-            has_older = has_older and (not tail or tail[0].position > after + 1)
-            start = tail[0].position if tail else head.next_position
-            pinned = queries.pinned_before(cur, self._sql, segments, start)
-        return Snapshot(head, summary, summaries, tail, has_older, pinned)
+        if recall is None:
+            with self._db.cursor(write=False) as cur:
+                return self._read(cur, tokens, cover, overlap)
+        with self._db.read() as conn, closing(conn.connection.cursor()) as cur:
+            snapshot = self._read(cur, tokens, cover, overlap)
+            if (query := recall(snapshot)) is None:
+                return snapshot
+            found = candidates(conn, self._segments(cur, snapshot.head), query)
+        return replace(snapshot, recalled=found)
+
+    def _read(self, cur: Any, tokens: Callable[[Head], int], cover: bool, lap: bool) -> Snapshot:
+        head, sql, cache = self._head(cur), self._sql, self._tail_cache
+        segments = self._segments(cur, head)
+        return queries.snapshot(cur, sql, head, segments, tokens(head), cover, lap, cache)
 
     def lineage(self) -> list[Segment]:
         """Itself, then the conversations it was forked from, each up to its fork point."""

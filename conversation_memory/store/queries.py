@@ -17,7 +17,7 @@ from typing import Any
 from conversation_memory.errors import InvalidMessage
 from conversation_memory.messages import dumps, from_row
 from conversation_memory.store.statements import Statements
-from conversation_memory.store.values import ConversationRow, Entry, Segment
+from conversation_memory.store.values import ConversationRow, Entry, Head, Segment, Snapshot
 from conversation_memory.types import Item, Summary
 
 NO_LIMIT = 2**62
@@ -122,6 +122,43 @@ def tail(
             page = min(page * 4, 4096)
     collected.reverse()
     return collected, False, used
+
+
+def snapshot(  # noqa: PLR0917 - the log's read, split in two
+    cur: Any,
+    sql: Statements,
+    head: Head,
+    segments: Sequence[Segment],
+    need: int,
+    whole_cover: bool,
+    overlap: bool,
+    cache: Any,
+) -> Snapshot:
+    """The rest of ``ConversationLog.read`` once the head is read: the newest summary
+    (or the whole cover), a tail of ``need`` tokens (reusing the ``TailCache``'s rows),
+    and the pinned messages before it."""
+    summaries: list[Summary] = []
+    if whole_cover:
+        summaries = cover(cur, sql, segments)
+        summary = summaries[-1] if summaries else None
+    else:
+        summary = newest_summary(cur, sql, segments)
+    after = summary.end if summary is not None else -1
+    # Read until the tail alone would overflow: anything older can't fit.
+    items, has_older, rows = tail(
+        cur,
+        sql,
+        segments,
+        tokens=need,
+        after=-1 if overlap else after,
+        first_page=head.page_for(need),
+        cached=cache.rows(head),
+    )
+    cache.keep(head, rows)
+    has_older = has_older and (not items or items[0].position > after + 1)
+    start = items[0].position if items else head.next_position
+    pinned = pinned_before(cur, sql, segments, start)
+    return Snapshot(head, summary, summaries, items, has_older, pinned)
 
 
 def pinned_before(

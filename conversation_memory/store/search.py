@@ -149,6 +149,7 @@ def search_lineage(
     *,
     before: int | None = None,
     limit: int = 10,
+    ranked_only: bool = False,
 ) -> list[SearchHit]:
     """The best matches for ``text`` in one conversation and the history it shares.
 
@@ -156,6 +157,8 @@ def search_lineage(
     ``ConversationLog.lineage`` returns it): a fork finds its parent's messages up
     to the fork point, not the ones the parent added later. ``before`` keeps
     only positions below it (say, the tail already in the context).
+    ``ranked_only`` finds nothing when the words are too common to rank,
+    instead of the newest messages holding them (recall has no use for those).
     """
     limit = check_limit(limit)
     if not segments:
@@ -173,7 +176,7 @@ def search_lineage(
         where += " AND m.position < :before"
         params["before"] = before
     scope = _Scope(where, params, conversations=tuple(c for c, _ in segments), latest="position")
-    return _search(conn, text, scope, limit)
+    return _search(conn, text, scope, limit, ranked_only=ranked_only)
 
 
 def search_user(
@@ -190,7 +193,9 @@ def search_user(
     return _search(conn, text, _Scope("c.user_id = :user", {"user": user}, user_join=True), limit)
 
 
-def _search(conn: Connection, text: str, scope: _Scope, limit: int) -> list[SearchHit]:
+def _search(
+    conn: Connection, text: str, scope: _Scope, limit: int, *, ranked_only: bool = False
+) -> list[SearchHit]:
     words = query_words(text)
     if not words:
         return []
@@ -211,6 +216,8 @@ def _search(conn: Connection, text: str, scope: _Scope, limit: int) -> list[Sear
         total += count
     if total <= CANDIDATES:
         return backend.ranked(conn, kept, scope, limit)
+    if ranked_only:
+        return []
     # Rarest first: newest() snippets show the first word.
     return backend.newest(conn, [word for _, word in present], scope, limit)
 

@@ -100,6 +100,9 @@ class Snapshot:
     """Whether messages older than ``tail`` and not covered by ``summary`` exist."""
     pinned: list[Item]
     """Pinned messages older than ``tail``."""
+    recalled: tuple[tuple[float, tuple[Item, ...]], ...] = ()
+    """Earlier whole turns a recalling strategy's search found, best first, each with
+    its score (``store.recall``)."""
 
 
 @dataclass(frozen=True, slots=True)
