@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -46,6 +47,8 @@ from conversation_memory.local import (
 )
 from conversation_memory.registry import ModelRegistry
 
+RECALL_HEAD = "Earlier messages that may be relevant"
+"""How the recall message begins (``conversation_memory.retrieval``)."""
 WINDOW = 2048
 REPLY_TOKENS = 32
 """max_tokens of every chat request: short replies keep the slow test fast."""
@@ -74,13 +77,16 @@ def alive(pid: int) -> bool:
 
 
 class StatusLog:
-    """Records the status of every HTTP response a client receives."""
+    """Records the status of every HTTP response a client receives, and what was sent."""
 
     def __init__(self) -> None:
         self.statuses: list[tuple[str, int]] = []
+        self.bodies: list[dict[str, Any]] = []
 
     def __call__(self, response: Any) -> None:
         self.statuses.append((response.request.url.path, response.status_code))
+        if response.request.url.path.endswith("/chat/completions"):
+            self.bodies.append(json.loads(response.request.content))
 
     def client(self, server: LocalServer) -> openai.OpenAI:
         http = openai.DefaultHttpxClient(event_hooks={"response": [self]}, trust_env=False)
@@ -537,13 +543,14 @@ def test_sixty_turns_stay_inside_the_window_while_the_naive_history_overflows(
 ) -> None:
     turns = scripted_turns(60)
 
-    # With memory: 60 turns, every request accepted.
+    # With memory (recall, the CLI's default on this model): 60 turns, every request
+    # accepted, and earlier turns beyond the window brought back when they match.
     log = StatusLog()
     with (
         log.client(server) as client,
         Memory(tmp_path / "local.db", client=client, model=LOCAL_MODEL) as memory,
     ):
-        chat = memory.conversation(system=LOCAL_SYSTEM)
+        chat = memory.conversation(system=LOCAL_SYSTEM, strategy="recall")
         for text in turns:
             reply = chat.send(text, **SAMPLING)
             assert reply.complete
@@ -574,8 +581,23 @@ def test_sixty_turns_stay_inside_the_window_while_the_naive_history_overflows(
     # ...while the history was far longer, and the window was actually used.
     assert stored > 2 * WINDOW
     assert max(prompts) > 0.8 * WINDOW
+    # Recall reached past the window: requests carried earlier user turns, quoted in the
+    # recall message, that the same request did not send as they are.
+    recalled = 0
+    for body in log.bodies:
+        quoted = " ".join(
+            m["content"]
+            for m in body["messages"]
+            if m["role"] == "system" and m["content"].startswith(RECALL_HEAD)
+        )
+        raw = {m["content"] for m in body["messages"] if m["role"] == "user"}
+        back = [text for text in turns if text in quoted]
+        assert not raw.intersection(back), "a recalled turn was also sent as it is"
+        recalled += bool(back)
+    assert recalled > 0, "no earlier turn was ever recalled"
     print(
         f"\nnaive history of 60 turns refused; with memory: 60/60 accepted, "
+        f"{recalled} requests with recalled turns, "
         f"prompts up to {max(prompts)} server tokens, history {stored} of our tokens, "
         f"calibrated {correction}"
     )

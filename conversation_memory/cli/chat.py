@@ -61,9 +61,11 @@ request has none; sending ours keeps the count exact.
 """
 
 DEFAULT_STRATEGY = "summary"
-LOCAL_STRATEGY = "truncate"
-"""The local model's default: SmolLM2-135M's summaries run past their size cap and are
-refused (measured: 24 of 24 in a 40-turn chat), so summarizing would only add waits."""
+LOCAL_STRATEGY = "recall"
+"""The local model's default: the newest turns, plus the earlier turns that match the new
+question, searched in the archive (no model needed). Not summaries: SmolLM2-135M's run
+past their size cap and are refused (measured: 24 of 24 in a 40-turn chat), so
+summarizing would only add waits."""
 
 HELP = """\
 /context   what the next request will send, with its tokens
@@ -289,7 +291,7 @@ def read_terminal() -> str:
     "-s",
     default=None,
     help="truncate | window:N | summary[:high=..,low=..] | hierarchical[:fanout=F] | recall, "
-    "or any of them +recall, e.g. summary+recall (default: summary; truncate on the local "
+    "or any of them +recall, e.g. summary+recall (default: summary; recall on the local "
     "model, whose summaries fail).",
 )
 @click.option(
