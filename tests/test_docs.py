@@ -71,21 +71,25 @@ def test_ruff_is_clean():
 
 
 @pytest.mark.slow
-def test_the_readme_lab_table_is_what_its_command_writes(tmp_path):
-    """The README's "Comparing strategies" command, rerun: same table as the README's and
-    as docs/lab/results.md (the lab is deterministic against its test model)."""
+@pytest.mark.parametrize(
+    ("heading", "folder"),
+    [("## Comparing strategies", "docs/lab"), ("## Remembering beyond the window", "docs/recall")],
+)
+def test_the_readme_lab_table_is_what_its_command_writes(tmp_path, heading, folder):
+    """A README lab command, rerun: same table as the README's and as its folder's
+    results.md (the lab is deterministic against its test model)."""
     from click.testing import CliRunner
 
     from conversation_memory.cli import cli
 
-    section = README.split("## Comparing strategies", 1)[1]
+    section = README.split(heading, 1)[1].split("\n## ", 1)[0]
     command = re.search(r"```bash\n(convmem lab .*?)\n```", section, flags=re.DOTALL)
     assert command is not None
     args = command.group(1).replace("\\\n", " ").split()[1:]
-    assert args[-2:] == ["--out", "docs/lab"]
+    assert args[-2:] == ["--out", folder]
     out = tmp_path / "lab"
     result = CliRunner().invoke(cli, [*args[:-1], str(out), "--no-plots"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     table = (out / "results.md").read_text(encoding="utf-8").strip()
-    assert table == (ROOT / "docs" / "lab" / "results.md").read_text(encoding="utf-8").strip()
-    assert table in README
+    assert table == (ROOT / folder / "results.md").read_text(encoding="utf-8").strip()
+    assert table in section
