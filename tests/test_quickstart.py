@@ -10,6 +10,7 @@ creates a database.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -68,10 +69,10 @@ def test_quick_start_chats_with_the_local_model(tmp_path):
     ).stdout, "the quick start installs the package, not the checkout"  # fmt: skip
     with sqlite3.connect(tmp_path / "chats.db") as db:
         rows = db.execute("SELECT role, content FROM messages ORDER BY position").fetchall()
-        [(model, strategy)] = db.execute("SELECT model, strategy FROM conversations").fetchall()
+        [(model, settings)] = db.execute("SELECT model, settings FROM conversations").fetchall()
     assert [role for role, _ in rows] == ["user", "assistant"]
     assert rows[0][1] == "What is the capital of France?"
     assert rows[1][1].strip() == done.stdout.strip()
     assert model == "smollm2-135m-instruct"
-    assert strategy == "recall", "the local model remembers beyond its window by recall"
+    assert json.loads(settings)["strategy"] == "recall", "the local model recalls by default"
     print(f"quick start: {time.monotonic() - started:.1f} s")
