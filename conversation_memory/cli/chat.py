@@ -65,7 +65,8 @@ LOCAL_STRATEGY = "recall"
 """The local model's default: the newest turns, plus the earlier turns that match the new
 question, searched in the archive (no model needed). Not summaries: SmolLM2-135M's run
 past their size cap and are refused (measured: 24 of 24 in a 40-turn chat), so
-summarizing would only add waits."""
+summarizing would only add waits. A request carrying recalled turns costs llama.cpp a
+fresh read of its window (its cache is reused only up to where two prompts differ)."""
 
 HELP = """\
 /context   what the next request will send, with its tokens
