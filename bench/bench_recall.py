@@ -4,7 +4,7 @@
     python bench/bench_recall.py --quick      # 4 conversations × 300 turns
     python bench/bench_recall.py --out DIR    # also write the lab's results and plots
     python bench/bench_recall.py --literal    # probes that keep the facts' words (a reference)
-    python bench/bench_recall.py --budget N   # another budget (default 4,000)
+    python bench/bench_recall.py --budget N   # another budget (default 4,000; N,M: both)
     python bench/bench_recall.py --embeddings minilm   # recall by meaning too (real model)
     python bench/bench_recall.py --embeddings hash     # ... with the test server's hashed words
     python bench/bench_recall.py --strategies truncate,recall   # some strategies only
@@ -92,73 +92,15 @@ def embedder(name: str | None) -> Memoized | None:
     return Memoized(hashed_model)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 conversations instead of 20")
-    parser.add_argument("--conversations", type=int, default=None)
-    parser.add_argument("--turns", type=int, default=300)
-    parser.add_argument("--sessions", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write results.json/.csv/.md and plots here")
-    parser.add_argument(
-        "--literal", action="store_true", help="probes in the facts' own words (paraphrase=False)"
-    )
-    parser.add_argument("--budget", type=int, default=BUDGET, help="prompt budget in tokens")
-    parser.add_argument(
-        "--embeddings", choices=("minilm", "hash"), default=None, help="recall by meaning too"
-    )
-    parser.add_argument(
-        "--min-similarity", type=float, default=DEFAULT_MIN_SIMILARITY, help="with --embeddings"
-    )
-    parser.add_argument(
-        "--strategies", default=",".join(STRATEGIES), help="comma-separated strategy names"
-    )
-    args = parser.parse_args(argv)
-    strategies = tuple(name.strip() for name in args.strategies.split(",") if name.strip())
-    model = embedder(args.embeddings)
-    settings = Embeddings(args.embeddings, min_similarity=args.min_similarity) if model else None
-    count = args.conversations or (4 if args.quick else 20)
-    budget = args.budget
-    started = time.perf_counter()
-    corpus = lab.generate_corpus(
-        count,
-        turns=args.turns,
-        sessions=args.sessions,
-        seed=args.seed,
-        paraphrase=not args.literal,
-    )
-    print(
-        f"{count} conversations × {args.turns} turns × {len(strategies)} strategies "
-        f"at {budget:,} tokens, and the full history ...",
-        file=sys.stderr,
-    )
-    results = lab.run(
-        corpus,
-        strategies=strategies,
-        budgets=[budget],
-        model=MODEL,
-        embeddings=settings,
-        embedder=model,
-    )
-    if args.out:
-        results.write(args.out)
-    full = results.baseline
-    assert full is not None
-    tokens = [t["tokens"] for t in results.meta["transcripts"]]
-    probes = sum(len(t.probes) for t in corpus)
-    rows = [
-        Row("conversations × turns (sessions each)", f"{count} × {args.turns} ({args.sessions})"),
-        Row(
-            "tokens per conversation (min / mean / max)",
-            f"{min(tokens):,} / {mean(tokens):,.0f} / {max(tokens):,}",
-        ),
-        Row("probes (evidence messages)", f"{probes:,} ({full.evidence:,})"),
-        Row(f"{lab.BASELINE}: evidence retained", full.retention_shown),
-        Row(f"{lab.BASELINE}: recall by the stand-in reader", full.recall_shown),
-    ]
+def _rows(
+    results: lab.Results, strategies: Sequence[str], budget: int, full: Any, *, tag: bool
+) -> list[Row]:
+    """The table's rows for each strategy at ``budget`` (named with it when ``tag``)."""
+    rows: list[Row] = []
     truncate = results.run("truncate", budget) if "truncate" in strategies else None
-    for name in strategies:
-        run = results.run(name, budget)
+    for strategy in strategies:
+        run = results.run(strategy, budget)
+        name = f"{strategy}@{budget}" if tag else strategy
         by = run.retained_by
         share = run.tokens_total / full.tokens_total
         at_probes = mean(p.tokens for p in run.probes) / mean(p.tokens for p in full.probes)
@@ -185,10 +127,82 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if run.error:
             rows.append(Row(f"{name}: stopped early", run.error, "no error", False))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 conversations instead of 20")
+    parser.add_argument("--conversations", type=int, default=None)
+    parser.add_argument("--turns", type=int, default=300)
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write results.json/.csv/.md and plots here")
+    parser.add_argument(
+        "--literal", action="store_true", help="probes in the facts' own words (paraphrase=False)"
+    )
+    parser.add_argument(
+        "--budget", default=str(BUDGET), help="prompt budget(s) in tokens, comma-separated"
+    )
+    parser.add_argument(
+        "--embeddings", choices=("minilm", "hash"), default=None, help="recall by meaning too"
+    )
+    parser.add_argument(
+        "--min-similarity", type=float, default=DEFAULT_MIN_SIMILARITY, help="with --embeddings"
+    )
+    parser.add_argument(
+        "--strategies", default=",".join(STRATEGIES), help="comma-separated strategy names"
+    )
+    args = parser.parse_args(argv)
+    strategies = tuple(name.strip() for name in args.strategies.split(",") if name.strip())
+    model = embedder(args.embeddings)
+    settings = Embeddings(args.embeddings, min_similarity=args.min_similarity) if model else None
+    count = args.conversations or (4 if args.quick else 20)
+    budgets = [int(each) for each in args.budget.split(",")]
+    started = time.perf_counter()
+    corpus = lab.generate_corpus(
+        count,
+        turns=args.turns,
+        sessions=args.sessions,
+        seed=args.seed,
+        paraphrase=not args.literal,
+    )
+    print(
+        f"{count} conversations × {args.turns} turns × {len(strategies)} strategies "
+        f"at {', '.join(f'{b:,}' for b in budgets)} tokens, and the full history ...",
+        file=sys.stderr,
+    )
+    results = lab.run(
+        corpus,
+        strategies=strategies,
+        budgets=budgets,
+        model=MODEL,
+        embeddings=settings,
+        embedder=model,
+    )
+    if args.out:
+        results.write(args.out)
+    full = results.baseline
+    assert full is not None
+    tokens = [t["tokens"] for t in results.meta["transcripts"]]
+    probes = sum(len(t.probes) for t in corpus)
+    rows = [
+        Row("conversations × turns (sessions each)", f"{count} × {args.turns} ({args.sessions})"),
+        Row(
+            "tokens per conversation (min / mean / max)",
+            f"{min(tokens):,} / {mean(tokens):,.0f} / {max(tokens):,}",
+        ),
+        Row("probes (evidence messages)", f"{probes:,} ({full.evidence:,})"),
+        Row(f"{lab.BASELINE}: evidence retained", full.retention_shown),
+        Row(f"{lab.BASELINE}: recall by the stand-in reader", full.recall_shown),
+    ]
+    for budget in budgets:
+        rows += _rows(results, strategies, budget, full, tag=len(budgets) > 1)
     return print_table(
         f"conversation_memory recall bench (generate_corpus({count}, turns={args.turns}, "
         f"sessions={args.sessions}, seed={args.seed}), "
-        f"{'literal' if args.literal else 'paraphrased'} probes; budget {budget:,}; "
+        f"{'literal' if args.literal else 'paraphrased'} probes; "
+        f"budget {', '.join(f'{b:,}' for b in budgets)}; "
         f"embeddings {args.embeddings or 'none'}"
         f"{f' (min_similarity {args.min_similarity:g})' if model else ''}; "
         f"model {MODEL} counted with tiktoken, replay mode, test backend; "

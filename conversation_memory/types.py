@@ -179,7 +179,7 @@ class RecallQuery:
     model: str | None = None
     """The embeddings model ``vector`` is of (the stored vectors it is compared with)."""
     min_similarity: float = 0.0
-    """Messages less similar to ``vector`` than this are not found by it."""
+    """Messages this similar to ``vector`` or less are not found by it."""
 
 
 @dataclass(frozen=True, slots=True)
