@@ -7,7 +7,7 @@
     python bench/bench_recall.py --budget N   # another budget (default 4,000; N,M: both)
     python bench/bench_recall.py --embeddings minilm   # recall by meaning too (real model)
     python bench/bench_recall.py --embeddings hash     # ... with the test server's hashed words
-    python bench/bench_recall.py --strategies truncate,recall   # some strategies only
+    python bench/bench_recall.py --strategies truncate recall:k=8,share=0.3   # some only
 
 The corpus is ``lab.generate_corpus(20, turns=300, sessions=10)``: conversations
 of about 21,000 tokens, each held over 10 dated sessions between two named
@@ -150,11 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-similarity", type=float, default=DEFAULT_MIN_SIMILARITY, help="with --embeddings"
     )
-    parser.add_argument(
-        "--strategies", default=",".join(STRATEGIES), help="comma-separated strategy names"
-    )
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help="strategy names")
     args = parser.parse_args(argv)
-    strategies = tuple(name.strip() for name in args.strategies.split(",") if name.strip())
+    strategies = tuple(args.strategies)
     model = embedder(args.embeddings)
     settings = Embeddings(args.embeddings, min_similarity=args.min_similarity) if model else None
     count = args.conversations or (4 if args.quick else 20)
