@@ -28,11 +28,11 @@ history's: over every turn of the replay, and at the probes.
 Issue 11's targets are for the recall strategies (``recall``,
 ``summary+recall``): at the same budget, >= 3x the evidence that ``truncate``
 keeps, and >= 80% of the full history's retention while sending <= 15% of its
-tokens. They are printed for every strategy, as a reference. The recall
-strategies search words (the full-text index), and the paraphrased probes
-share no content word with their facts; ``--literal`` replays the same corpus
-with probes asked in the facts' own words (``paraphrase=False``), as the
-reference for what word search can find.
+tokens. They are printed for every strategy, as a reference. Without
+``--embeddings`` the recall strategies search words (the full-text index),
+and the paraphrased probes share no content word with their facts;
+``--literal`` replays the same corpus with probes asked in the facts' own
+words (``paraphrase=False``), as the reference for what word search can find.
 
 ``--embeddings`` replays with a memory that embeds every stored message (the
 lab's ``embeddings=``, synchronously after each stored turn), so that the
