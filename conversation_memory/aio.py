@@ -53,7 +53,7 @@ from conversation_memory.embeddings import AsyncEmbedder, Embeddings
 from conversation_memory.errors import ConfigurationError, UserNotFound
 from conversation_memory.export import Parsed, write_export
 from conversation_memory.state import Setup, read_state
-from conversation_memory.steps import CallModel, Flow, Summarize, UseLog
+from conversation_memory.steps import CallModel, Embed, Flow, Summarize, UseLog
 from conversation_memory.store.database import Database
 from conversation_memory.store.opening import Store, open_store
 from conversation_memory.store.values import (
@@ -255,6 +255,10 @@ class AsyncMemory(BaseMemory):
             model=step.model, messages=step.messages, tools=step.tools, **step.params
         )
 
+    async def _embed(self, step: Embed) -> bytes:
+        assert self._embedder is not None  # a flow embeds only with embeddings
+        return await self._embedder.embed_question(step.text)
+
     async def _summarize(self, setup: Setup, step: Summarize) -> SummaryText:
         summarizer: Summarizer | AsyncSummarizer | None = self.summarizer
         if summarizer is None:
@@ -393,6 +397,8 @@ class AsyncConversation(BaseConversation):
                     value = await memory._in_thread(step.run, log)
                 elif isinstance(step, CallModel):
                     value = await memory._call(step)
+                elif isinstance(step, Embed):
+                    value = await memory._embed(step)
                 else:
                     value = await memory._summarize(setup, step)
                 failed = False

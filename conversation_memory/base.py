@@ -281,6 +281,8 @@ class BaseMemory:
             summarizer_model=self._summarizer_model(chosen),
             compaction=self.compaction,
             on_incomplete=self.on_incomplete,
+            embeddings_model=self.embeddings.model if self.embeddings else None,
+            min_similarity=self.embeddings.min_similarity if self.embeddings else 0.0,
         )
 
     def _created(self, request: Request) -> tuple[ConversationRow, Setup]:

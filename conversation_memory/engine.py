@@ -38,7 +38,7 @@ from conversation_memory.embeddings import Embedder, Embeddings
 from conversation_memory.errors import ConfigurationError, UserNotFound
 from conversation_memory.export import Parsed, write_export
 from conversation_memory.state import Setup, read_state
-from conversation_memory.steps import CallModel, Flow, Summarize, UseLog
+from conversation_memory.steps import CallModel, Embed, Flow, Summarize, UseLog
 from conversation_memory.store.database import Database
 from conversation_memory.store.opening import Store, open_store
 from conversation_memory.store.values import (
@@ -187,6 +187,10 @@ class Memory(BaseMemory):
         return self.llm.complete(
             model=step.model, messages=step.messages, tools=step.tools, **step.params
         )
+
+    def _embed(self, step: Embed) -> bytes:
+        assert self._embedder is not None  # a flow embeds only with embeddings
+        return self._embedder.embed_question(step.text)
 
     def _summarize(self, setup: Setup, step: Summarize) -> SummaryText:
         summarizer = self.summarizer
@@ -348,6 +352,8 @@ class Conversation(BaseConversation):
                     value = step.run(log)
                 elif isinstance(step, CallModel):
                     value = memory._call(step)
+                elif isinstance(step, Embed):
+                    value = memory._embed(step)
                 else:
                     value = memory._summarize(setup, step)
                 failed = False

@@ -7,7 +7,9 @@ send as it is: the new user message's words (and, for a short follow-up such
 as "and what about the second one?", the previous user message's too). The
 store runs that search in the same snapshot read as the rest of the state and
 brings back the best-matching whole turns (``State.recalled``); nothing is
-stored, the archive is only read.
+stored, the archive is only read. When the memory has embeddings, the engine
+embeds :func:`vector_text` first and the store fuses the messages nearest that
+vector with the words' hits, so a turn is found by meaning too.
 
 :meth:`Recall.select` lets the wrapped strategy choose within ``1 - share``
 of the budget, then fills what is left with the best candidates, whole turns
@@ -31,7 +33,7 @@ from conversation_memory.tokens import REPLY_PRIMING
 from conversation_memory.types import Budget, Item, Recalled, RecallQuery, State
 from conversation_memory.units import Selection
 
-__all__ = ["STOP_WORDS", "Recall", "query_text"]
+__all__ = ["STOP_WORDS", "Recall", "query_text", "vector_text"]
 
 _COMMON = """a about above after again all also am an and any are as at be because been before
     being below between both but by can could did do does doing down during each else few
@@ -85,6 +87,18 @@ def query_text(tail: Sequence[Item]) -> str:
         if asked == 2 or len(words) >= FOLLOW_UP:
             break
     return " ".join(words[:MAX_QUERY_WORDS])
+
+
+def vector_text(new: Sequence[Mapping[str, Any]]) -> str:
+    """The text to embed for a turn's new messages (empty: none to embed): their
+    query's words, as :func:`query_text` takes them from the newest user message.
+
+    The engine embeds it before the snapshot read (a network call never runs inside
+    a transaction), so it sees only the new messages: a short follow-up's vector is
+    of its own words; the previous question's words join the words' search only.
+    """
+    items = [Item(position=n, message=message, tokens=0) for n, message in enumerate(new)]
+    return query_text(items)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,10 @@ class Setup:
     limit: int = 0
     """The plain prompt budget (no tools, no calibration) every new message is checked
     against; set by :meth:`of`."""
+    embeddings_model: str | None = None
+    """The memory's embeddings model (None: it has none, recall goes by words)."""
+    min_similarity: float = 0.0
+    """How similar to the question a message must be for its vector to recall it."""
 
     @classmethod
     def of(
@@ -70,6 +74,8 @@ class Setup:
         summarizer_model: str,
         compaction: str = "after",
         on_incomplete: str = "store",
+        embeddings_model: str | None = None,
+        min_similarity: float = 0.0,
     ) -> Setup:
         """A setup, checked now: a budget that can't work fails here, not at the first turn."""
         setup = cls(
@@ -84,6 +90,8 @@ class Setup:
             summarizer_model=summarizer_model,
             compaction=compaction,
             on_incomplete=on_incomplete,
+            embeddings_model=embeddings_model,
+            min_similarity=min_similarity,
         )
         return replace(setup, limit=setup.budget().limit)
 
@@ -199,6 +207,7 @@ def read_state(
     reserve: int | None = None,
     correction: Correction | None = None,
     recall: bool = False,
+    vector: bytes | None = None,
 ) -> Flow[Reading]:
     """One snapshot read: head and calibration, summary, pinned and a bounded tail.
 
@@ -206,7 +215,8 @@ def read_state(
     the tail at the positions they would get. ``correction`` budgets this
     request instead of the stored one (which is still what a reply calibrates).
     With ``recall``, a strategy that recalls (``recall_query``) gets the earlier
-    turns its query finds, searched in the same snapshot (``State.recalled``).
+    turns its query finds, searched in the same snapshot (``State.recalled``);
+    ``vector`` (the new question embedded) finds them by meaning too.
     """
     plan = _Plan(setup, tools, reserve, correction)
     cover = setup.hierarchical
@@ -215,7 +225,12 @@ def read_state(
 
     def query(snapshot: Snapshot) -> RecallQuery | None:
         assert plan.budget is not None
-        return asks(state_of(snapshot, extra), plan.budget)
+        found: RecallQuery | None = asks(state_of(snapshot, extra), plan.budget)
+        if found is None or vector is None or setup.embeddings_model is None:
+            return found
+        return replace(
+            found, vector=vector, model=setup.embeddings_model, min_similarity=setup.min_similarity
+        )
 
     def read(log: SnapshotLog) -> Snapshot:
         return log.read(plan, cover=cover, overlap=overlap, recall=query if asks else None)

@@ -6,13 +6,15 @@ the result back (or throws the error in at the ``yield``), until the flow
 returns its value. Two drivers run every flow: ``Conversation`` in the
 calling thread, ``AsyncConversation`` on the event loop (the shape of httpx's
 ``auth_flow`` driven by ``sync_auth_flow`` and ``async_auth_flow``). There are
-three kinds of step:
+four kinds of step:
 
 - :class:`UseLog`: one transaction of the conversation log (the sync driver
   runs it inline, the async one in a worker thread);
 - :class:`CallModel`: the chat model call (``LLM`` or ``AsyncLLM``);
 - :class:`Summarize`: the summarizer call (a sync summarizer, or an
-  ``async def summarize`` awaited on the loop).
+  ``async def summarize`` awaited on the loop);
+- :class:`Embed`: the new question embedded for recall, before the snapshot
+  read (the memory's embeddings endpoint).
 
 The log is reached only through the narrow protocols below, never through
 the conversation object: a flow can read a snapshot, commit a turn, store a
@@ -119,12 +121,21 @@ class Summarize:
     max_tokens: int
 
 
-Step: TypeAlias = "UseLog[Any, Any] | CallModel | Summarize"
+@dataclass(frozen=True, slots=True)
+class Embed:
+    """The memory's embeddings model called on ``text``; its vector (float32 bytes) is
+    sent back, or its failure thrown in."""
+
+    text: str
+
+
+Step: TypeAlias = "UseLog[Any, Any] | CallModel | Summarize | Embed"
 Flow: TypeAlias = Generator[Step, Any, T]
 
 
 __all__ = [
     "CallModel",
+    "Embed",
     "Flow",
     "SnapshotLog",
     "Step",

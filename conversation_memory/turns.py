@@ -9,7 +9,9 @@ it yields the snapshot read, the model call and the commit to its driver,
 
 1. the new message(s), checked and counted (``Setup.turn_input``);
 2. compaction first, with ``compaction="before"`` (:func:`before_turn`);
-3. the context (:func:`context`): one snapshot read, the strategy's
+3. the context (:func:`context`): for a recalling strategy with the
+   memory's embeddings, the new question embedded first (:func:`embed_question`;
+   if that fails, recall goes by words); one snapshot read, the strategy's
    selection, the validated messages and their token report;
 4. the model call; on a context-length error, once: the correction its
    numbers imply (never stored), a re-fitted context, the call again
@@ -40,7 +42,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from conversation_memory import calibration, compaction
+from conversation_memory import calibration, compaction, recall
 from conversation_memory.budget import Context
 from conversation_memory.errors import (
     BudgetExceeded,
@@ -50,7 +52,7 @@ from conversation_memory.errors import (
 )
 from conversation_memory.fitting import build
 from conversation_memory.state import Setup, read_state
-from conversation_memory.steps import CallModel, Flow, SummaryLog, TurnLog, UseLog
+from conversation_memory.steps import CallModel, Embed, Flow, SummaryLog, TurnLog, UseLog
 from conversation_memory.store.values import Committed, NewMessage, UsageRecord
 from conversation_memory.strategies import Summarizing
 from conversation_memory.types import Correction
@@ -98,6 +100,8 @@ class Built:
     known: Correction
     """The correction in force when it was read (what a context-length error's
     numbers are learnt from)."""
+    vector: bytes | None = None
+    """The new question embedded for recall (None: not embedded); a re-fit reuses it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +167,25 @@ def prompt_ceiling(
     return len(payload.encode("utf-8")) + counted + TEMPLATE_ALLOWANCE
 
 
+def embed_question(setup: Setup, pending: Sequence[NewMessage]) -> Flow[bytes | None]:
+    """The new question embedded, when the strategy recalls and the memory has
+    embeddings; None otherwise, and when the endpoint fails (recall goes by words).
+
+    It runs before the snapshot read: a network call never runs inside a
+    transaction. The text is the query's words (``recall.vector_text``).
+    """
+    if setup.embeddings_model is None or not hasattr(setup.strategy, "recall_query"):
+        return None
+    text = recall.vector_text([each.message for each in pending])
+    if not text:
+        return None
+    try:
+        vector: bytes = yield Embed(text)
+    except Exception:  # the endpoint down or its answer malformed: never the turn's failure
+        return None
+    return vector
+
+
 def context(
     setup: Setup,
     pending: Sequence[NewMessage],
@@ -170,6 +193,7 @@ def context(
     tools: Sequence[Mapping[str, Any]] | None,
     reserve: int | None = None,
     correction: Correction | None = None,
+    vector: bytes | None = None,
 ) -> Flow[Built]:
     """The context for this turn and our count of its prompt (tools included).
 
@@ -181,8 +205,11 @@ def context(
     would be sent, no reply could ever correct it. So that request is built
     instead: if it is too long the server says so and the turn re-fits once from
     its numbers; if not, its reply's usage replaces the stored correction.
+    ``vector`` is the question already embedded (a re-fit's); else it is embedded now.
     """
     tool_tokens = setup.counter.count_tools(tools) if tools else 0
+    if vector is None:
+        vector = yield from embed_question(setup, pending)
     reading = yield from read_state(
         setup,
         tools=tool_tokens,
@@ -190,6 +217,7 @@ def context(
         reserve=reserve,
         correction=correction,
         recall=True,
+        vector=vector,
     )
     stored, initial = reading.known, setup.info.correction
     try:
@@ -201,9 +229,15 @@ def context(
             raise
         refused = exc
     else:
-        return Built(made, made.report.total + tool_tokens, stored)
+        return Built(made, made.report.total + tool_tokens, stored, vector)
     reading = yield from read_state(
-        setup, tools=tool_tokens, extra=pending, reserve=reserve, correction=initial, recall=True
+        setup,
+        tools=tool_tokens,
+        extra=pending,
+        reserve=reserve,
+        correction=initial,
+        recall=True,
+        vector=vector,
     )
     try:
         made = build(reading.state, reading.budget, setup.strategy)
@@ -212,7 +246,7 @@ def context(
     counted = made.report.total + tool_tokens
     if stored.apply(counted) <= prompt_ceiling(made.messages, tools, counted):
         raise refused  # a plausible correction: the request is too long
-    return Built(made, counted, stored)
+    return Built(made, counted, stored, vector)
 
 
 def refit_correction(
@@ -270,7 +304,7 @@ def call(
         if correction is None:
             raise
         built = yield from context(
-            setup, pending, tools=tools, reserve=reserve, correction=correction
+            setup, pending, tools=tools, reserve=reserve, correction=correction, vector=built.vector
         )
         request = CallModel(setup.model, built.context.messages, tools, params, stream=stream)
         result = yield request

@@ -172,6 +172,14 @@ class RecallQuery:
     """Search only positions below this one: what is newer is sent as it is."""
     limit: int
     """At most this many turns."""
+    vector: bytes | None = None
+    """The new question embedded (float32 bytes), when the memory has embeddings and
+    the endpoint answered: the messages nearest it are found too, fused with the
+    words' ranking. None: by words alone."""
+    model: str | None = None
+    """The embeddings model ``vector`` is of (the stored vectors it is compared with)."""
+    min_similarity: float = 0.0
+    """Messages this similar to ``vector`` or less are not found by it."""
 
 
 @dataclass(frozen=True, slots=True)

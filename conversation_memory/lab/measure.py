@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from conversation_memory import ModelInfo, TokenCounter, count_tokens
+from conversation_memory import Embeddings, ModelInfo, TokenCounter, count_tokens
 from conversation_memory.errors import ModelError
 from conversation_memory.lab.results import ProbeResult
 from conversation_memory.lab.scoring import judge_messages, judge_verdict
@@ -52,6 +52,9 @@ class Lab:
     progress: Progress | None
     total: int
     done: int = 0
+    embeddings: Embeddings | None = None
+    """How the replayed memories embed their messages (recall by meaning), embedding
+    each stored turn before the next request; None: recall by words."""
 
     def tick(self, label: str) -> None:
         self.done += 1

@@ -9,7 +9,10 @@ context ``prepare(question)`` gives, and never stored; what that context
 carries of the probe's evidence is read from ``Conversation.prepared``
 (:func:`~conversation_memory.lab.retention.sent_in`), with each transcript
 message found at the position the replay stored it. Summaries are made
-through a :class:`Meter`, which notes what each one cost.
+through a :class:`Meter`, which notes what each one cost. With the lab's
+embeddings, what each step stored is embedded right after it, in this thread
+(``Embeddings(background=False)`` and ``embed_pending``), so that a recalling
+strategy's next request finds it by meaning and the results stay deterministic.
 """
 
 from __future__ import annotations
@@ -96,7 +99,9 @@ def run_strategy(
     meter = Meter(ModelSummarizer(lab.llm, model=lab.summary_model), lab.counter)
     tally = Tally()
     limit = budget_for(lab.model, cap=budget).limit
-    with Memory(db, model=lab.model, summarizer=meter, compaction="after") as memory:
+    with Memory(
+        db, model=lab.model, summarizer=meter, compaction="after", embeddings=lab.embeddings
+    ) as memory:
         for transcript in transcripts:
             conversation = memory.conversation(
                 user=LAB_USER,
@@ -171,6 +176,7 @@ def _replay(
                 reply, sent, tokens = _live_call(lab, conversation, pending, sent, tokens)
                 completion = lab.reply_tokens_of(reply["choices"][0]["message"])
             position = conversation.record(reply).position
+            _embed(lab, conversation)
             if position is not None:
                 first = position - len(pending) - 1
                 stored.update((each, first + n) for n, each in enumerate(waiting, start=1))
@@ -185,6 +191,7 @@ def _replay(
         elif lab.mode == "replay":
             # Nothing new was said to it: no request.
             stored[index] = conversation.append(dict(message)).position
+            _embed(lab, conversation)
         if lab.mode == "live" or not message.get("tool_calls"):
             while probes and probes[0].after <= index + 1:
                 _ask(
@@ -199,6 +206,7 @@ def _replay(
     if pending:
         for each, message_stored in zip(waiting, conversation.extend(pending), strict=True):
             stored[each] = message_stored.position
+        _embed(lab, conversation)
     for probe in probes:
         _ask(
             lab,
@@ -209,6 +217,12 @@ def _replay(
             tally=tally,
             stored=stored,
         )
+
+
+def _embed(lab: Lab, conversation: Conversation) -> None:
+    """Embed what was just stored, with the lab's embeddings (if any)."""
+    if lab.embeddings is not None:
+        conversation.embed_pending()
 
 
 def _prompt_tokens(conversation: Conversation) -> int:

@@ -36,14 +36,16 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from conversation_memory import (
     DEFAULT_PROMPT,
     TRUNCATE,
+    Embeddings,
     Strategy,
     counter_for,
     default_model,
@@ -87,6 +89,8 @@ def run(
     probe_tokens: int = 64,
     reply_tokens: int = 256,
     progress: Progress | None = None,
+    embeddings: str | Embeddings | None = None,
+    embedder: Callable[[Sequence[str], int | None], Sequence[Sequence[float]]] | None = None,
 ) -> Results:
     """Replay ``transcripts`` through each strategy at each budget; see the module docstring.
 
@@ -100,6 +104,12 @@ def run(
     (default: ``CONVMEM_MODEL`` or gpt-4o-mini); ``summary_model`` and
     ``judge_model`` default to it. ``db`` keeps the replayed conversations (a
     path or URL); by default they go to a temporary SQLite file, removed after.
+    ``embeddings`` names an embeddings model (or is an ``Embeddings``, its
+    ``min_similarity`` say) the replayed memories embed every stored message
+    with, through ``client``, so that the recalling strategies find earlier
+    turns by meaning too; ``embedder`` is the model behind the
+    lab's test server's embeddings route (``ChatServer(embedder=...)``; default:
+    its hashed bag of words), only without a ``client``.
     """
     items = _transcripts(transcripts)
     chosen = _strategies(strategies)
@@ -113,6 +123,15 @@ def run(
     for name, value in (("probe_tokens", probe_tokens), ("reply_tokens", reply_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigurationError(f"{name} must be a whole number >= 1, got {value!r}")
+    settings = None
+    if embeddings is not None:
+        settings = embeddings if isinstance(embeddings, Embeddings) else Embeddings(embeddings)
+    if embedder is not None and (client is not None or embeddings is None):
+        raise ConfigurationError(
+            "embedder= is the lab's test server's embeddings model: give it with "
+            "embeddings='<model name>' and without client=",
+            argument="embedder",
+        )
     model = model or default_model()
     info = get_model(model)
     summary_model = summary_model or model
@@ -123,7 +142,7 @@ def run(
     started = time.perf_counter()
     with ExitStack() as stack:
         if client is None:
-            server = stack.enter_context(testmodel.lab_server(model=model))
+            server = stack.enter_context(testmodel.lab_server(model=model, embedder=embedder))
             client = server.client()
             stack.callback(client.close)
             backend = backend or "test"
@@ -143,6 +162,7 @@ def run(
             reply_tokens=reply_tokens,
             progress=progress,
             total=steps * (len(chosen) * len(caps) + (1 if baseline else 0)),
+            embeddings=(replace(settings, client=client, background=False) if settings else None),
         )
         if db is None:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="convmem-lab-"))
@@ -273,6 +293,7 @@ def _meta(
         "reply_max_tokens": lab.reply_tokens if lab.mode == "live" else None,
         "strategies": strategies,
         "budgets": budgets,
+        "embeddings": lab.embeddings.model if lab.embeddings is not None else None,
         "transcripts": described,
         "skipped": [t.name for t in transcripts if not t.messages],
     }

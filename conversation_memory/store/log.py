@@ -59,6 +59,7 @@ from conversation_memory.store.values import (
     aware,
     now,
 )
+from conversation_memory.store.vectors import VectorStore
 from conversation_memory.types import Correction, RecallQuery, Summary
 
 Learn = Callable[[Correction | None], Calibration | None]
@@ -77,9 +78,9 @@ class ConversationLog:
         *,
         model: str | None = None,
         unsaved: bool = False,
+        vectors: VectorStore | None = None,
     ) -> None:
-        self._db = db
-        self._sql = sql
+        self._db, self._sql, self._vectors = db, sql, vectors
         self.id = row.id
         self.user = row.user_id
         self.model = model or row.model
@@ -197,7 +198,7 @@ class ConversationLog:
         cover (hierarchical summaries), ``overlap`` reads the tail past the
         newest summary (a strategy that re-sends covered turns beside it).
         ``recall(snapshot)`` may ask for earlier turns, found in the same
-        transaction (``store.recall``).
+        transaction (``store.recall``; by meaning too, with the store's vectors).
         """
         if recall is None:
             with self._db.cursor(write=False) as cur:
@@ -206,7 +207,7 @@ class ConversationLog:
             snapshot = self._read(cur, tokens, cover, overlap)
             if (query := recall(snapshot)) is None:
                 return snapshot
-            found = candidates(conn, self._segments(cur, snapshot.head), query)
+            found = candidates(conn, self._segments(cur, snapshot.head), query, self._vectors)
         return replace(snapshot, recalled=found)
 
     def _read(self, cur: Any, tokens: Callable[[Head], int], cover: bool, lap: bool) -> Snapshot:

@@ -62,7 +62,9 @@ class Store:
     ) -> ConversationLog:
         """The log of the conversation ``row`` (``unsaved``: its row is written with
         its first turn)."""
-        return ConversationLog(self.database, self._statements, row, model=model, unsaved=unsaved)
+        return ConversationLog(
+            self.database, self._statements, row, model=model, unsaved=unsaved, vectors=self.vectors
+        )
 
     def close(self) -> None:
         self.database.dispose()

@@ -8,8 +8,11 @@ to the next user message (a tool call stays with its results). It runs
 inside the caller's read transaction (the snapshot the rest of the state is
 read in), reads the index and one bounded window of rows around each of the
 few best hits (one statement per lineage segment for all of them), and
-writes nothing. A second source of candidates (a query vector, fused with the
-words' ranking) would join here.
+writes nothing. When the query carries a vector (the question embedded) and
+the store has vectors, the hits are those of the fused search
+(``store.vectors.fused_search``): the words' ranking and the messages nearest
+the vector, at least ``query.min_similarity`` similar, by reciprocal rank. A
+message without a vector yet is still found by its words.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sqlalchemy import Connection, text
 from conversation_memory.store.queries import item_of
 from conversation_memory.store.search import search_lineage
 from conversation_memory.store.values import Segment
+from conversation_memory.store.vectors import VectorStore, fused_search
 from conversation_memory.types import Item, RecallQuery
 
 __all__ = ["WINDOW", "candidates"]
@@ -35,35 +39,65 @@ _COLUMNS = (
 
 
 def candidates(
-    conn: Connection, segments: Sequence[Segment], query: RecallQuery
+    conn: Connection,
+    segments: Sequence[Segment],
+    query: RecallQuery,
+    vectors: VectorStore | None = None,
 ) -> tuple[tuple[float, tuple[Item, ...]], ...]:
-    """The best whole turns for ``query``, best first, each with its search score.
+    """The best whole turns for ``query``, best first, each with its score (the
+    words' search score; the fused score when a vector took part).
 
     Only ranked hits count (words too common to rank say nothing about the
     question); several hits in one turn bring it back once.
     """
     if query.before <= 0:
         return ()
-    hits = search_lineage(
-        conn, segments, query.text, before=query.before, limit=query.limit + 2, ranked_only=True
-    )
-    hits = [hit for hit in hits if hit.score > 0]
+    hits = _hits(conn, segments, query, vectors)
     if not hits:
         return ()
-    rows = _near(conn, segments, [hit.position for hit in hits], query.before)
+    rows = _near(conn, segments, [position for _, position in hits], query.before)
     found: list[tuple[float, tuple[Item, ...]]] = []
     seen: set[int] = set()
-    for hit in hits:
-        if hit.position in seen:
+    for score, position in hits:
+        if position in seen:
             continue
-        turn = _turn_around(rows, hit.position, query.before)
+        turn = _turn_around(rows, position, query.before)
         if turn is None:
             continue
         seen.update(item.position for item in turn)
-        found.append((hit.score, turn))
+        found.append((score, turn))
         if len(found) == query.limit:
             break
     return tuple(found)
+
+
+def _hits(
+    conn: Connection, segments: Sequence[Segment], query: RecallQuery, vectors: VectorStore | None
+) -> list[tuple[float, int]]:
+    """The messages that match ``query`` best, as (score, position), best first."""
+    limit = query.limit + 2
+    if vectors is None or query.vector is None or query.model is None:
+        hits = search_lineage(
+            conn, segments, query.text, before=query.before, limit=limit, ranked_only=True
+        )
+        return [(hit.score, hit.position) for hit in hits if hit.score > 0]
+    fused = fused_search(
+        conn,
+        vectors,
+        segments,
+        query.text,
+        model=query.model,
+        query=query.vector,
+        before=query.before,
+        limit=limit,
+        min_similarity=query.min_similarity,
+        ranked_only=True,
+    )
+    return [
+        (each.score, each.position)
+        for each in fused
+        if each.similarity is not None or (each.hit is not None and each.hit.score > 0)
+    ]
 
 
 def _near(

@@ -338,6 +338,7 @@ def fused_search(
     limit: int = 10,
     depth: int | None = None,
     min_similarity: float = 0.0,
+    ranked_only: bool = False,
 ) -> list[Candidate]:
     """The best candidates for recall in a lineage: full-text hits for ``text`` and,
     given ``vectors``, ``model`` and the ``query`` vector (the same text embedded),
@@ -352,15 +353,16 @@ def fused_search(
     all-MiniLM-L6-v2, say) keeps the vector list to what is related. Each
     list is read ``depth`` deep (default: three times ``limit``), so that an
     item ranked low by one list and high by the other can still make it. Without
-    a query vector this is the full-text ranking alone. Reads on ``conn``, whose
-    transaction the caller owns (one snapshot for both lists).
+    a query vector this is the full-text ranking alone. ``ranked_only`` is
+    :func:`~conversation_memory.store.search.search_lineage`'s. Reads on ``conn``,
+    whose transaction the caller owns (one snapshot for both lists).
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise ConfigurationError(
             f"limit must be a whole number from 1 to {MAX_LIMIT}, got {limit!r}"
         )
     depth = min(MAX_LIMIT, 3 * limit) if depth is None else depth
-    hits = search_lineage(conn, segments, text, before=before, limit=depth)
+    hits = search_lineage(conn, segments, text, before=before, limit=depth, ranked_only=ranked_only)
     near: list[Near] = []
     if vectors is not None and model is not None and query is not None:
         found = vectors.nearest(conn, segments, model, query, limit=depth, before=before)
