@@ -325,6 +325,7 @@ def insert_row(
             row.next_position,
             row.message_count,
             row.total_tokens,
+            row.key,
         ),
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 _COLUMNS = (
     "id, user_id, title, model, system, system_tokens, counter, settings, created_at, "
-    "updated_at, forked_from, fork_position, next_position, message_count, total_tokens"
+    "updated_at, forked_from, fork_position, next_position, message_count, total_tokens, key"
 )
 _ITEMS = "position, role, content, parts, name, tool_calls, tool_call_id, tokens, pinned, complete"
 _SUMMARY_COLUMNS = "id, start_position, end_position, text, tokens, level"
@@ -23,7 +23,7 @@ _SUMMARY_COLUMNS = "id, start_position, end_position, text, tokens, level"
 ROW = f"SELECT {_COLUMNS} FROM conversations WHERE id = ? AND user_id = ?"
 INSERT_ROW = f"""
 INSERT INTO conversations ({_COLUMNS})
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 # A lazily created conversation's row, inserted by its first turn; DO NOTHING: two
 # threads sharing one new Conversation object may both try, and the second appends.

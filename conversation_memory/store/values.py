@@ -52,6 +52,8 @@ class ConversationRow:
     next_position: int
     message_count: int
     total_tokens: int
+    key: str | None = None
+    """The application's own name for it, unique per user (None: it has none)."""
 
 
 @dataclass(frozen=True, slots=True)
