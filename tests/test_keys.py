@@ -9,8 +9,13 @@ conversation holding every append.
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import sqlalchemy as sa
 
+from conversation_memory import ConfigurationError, ConversationNotFound
+from conversation_memory.aio import AsyncMemory
 from conversation_memory.engine import Memory
 from conversation_memory.store import migrate
 
@@ -32,3 +37,124 @@ def test_migration_0005_goes_down_and_up_again(db_url):
         indexes = {i["name"]: i for i in sa.inspect(db.engine).get_indexes("conversations")}
         assert indexes["ix_conversations_user_key"]["unique"]
         assert migrate.check(db) == []
+
+
+def _user(n: int) -> dict[str, str]:
+    return {"role": "user", "content": f"message {n}"}
+
+
+def test_a_key_creates_then_resumes_the_same_conversation(db_url):
+    with Memory(db_url) as memory:
+        chat = memory.conversation(key="telegram:12345", user="ann", system="Be brief.")
+        assert chat.key == "telegram:12345"
+        chat.append(_user(0))
+        again = memory.conversation(key="telegram:12345", user="ann")
+        assert again.id == chat.id
+        assert again.system == "Be brief."
+        again.append(_user(1))
+        assert [m["content"] for m in chat.history()] == ["message 0", "message 1"]
+        [listed] = memory.conversations(user="ann")
+        assert (listed.id, listed.key) == (chat.id, "telegram:12345")
+
+
+def test_a_key_is_per_user_and_conversations_without_one_never_collide(db_url):
+    with Memory(db_url) as memory:
+        ann = memory.conversation(key="chat-1", user="ann")
+        bob = memory.conversation(key="chat-1", user="bob")
+        assert ann.id != bob.id
+        plain = [memory.conversation(user="ann") for _ in range(3)]
+        assert len({c.id for c in plain}) == 3
+        assert all(c.key is None for c in plain)
+        assert memory.count(user="ann") == 4
+
+
+def test_create_false_raises_for_a_missing_key_and_says_how_to_create_it(db_url):
+    with Memory(db_url) as memory:
+        with pytest.raises(ConversationNotFound, match="create=True"):
+            memory.conversation(key="nope", user="ann", create=False)
+        assert memory.count(user="ann") == 0
+        made = memory.conversation(key="nope", user="ann")
+        assert memory.conversation(key="nope", user="ann", create=False).id == made.id
+
+
+@pytest.mark.parametrize(
+    ("arguments", "wrong"),
+    [
+        ({"key": ""}, "non-empty string"),
+        ({"key": 12345}, "non-empty string"),
+        ({"key": "k" * 256}, "at most 255"),
+        ({"key": "line\nbreak"}, "control characters"),
+        ({"key": "nul\x00"}, "control characters"),
+        ({"key": "k", "create": "yes"}, "create must be True or False"),
+        ({"create": False}, "create=False applies to a key"),
+    ],
+)
+def test_bad_keys_are_refused_with_what_to_do(tmp_path, arguments, wrong):
+    with Memory(tmp_path / "c.db") as memory:
+        with pytest.raises(ConfigurationError, match=wrong):
+            memory.conversation(**arguments)
+        assert memory.count(all_users=True) == 0
+        assert memory.conversation(key="k" * 255).key == "k" * 255
+
+
+def test_id_and_key_together_are_ambiguous(tmp_path):
+    with Memory(tmp_path / "c.db") as memory:
+        chat = memory.conversation(key="a")
+        with pytest.raises(ConfigurationError, match="not both"):
+            memory.conversation(chat.id, key="a")
+
+
+def test_a_resumed_key_takes_settings_as_resuming_by_id_does(tmp_path):
+    with Memory(tmp_path / "c.db") as memory:
+        memory.conversation(key="a", system="Be brief.", strategy="window:4")
+        with pytest.raises(ConfigurationError, match="already has a system prompt"):
+            memory.conversation(key="a", system="Be verbose.")
+        assert memory.conversation(key="a").strategy.name == "window:4"
+        assert memory.conversation(key="a", strategy="window:8").strategy.name == "window:8"
+
+
+def test_a_lazy_keyed_conversation_is_stored_with_its_first_message(db_url):
+    with Memory(db_url) as memory:
+        chat = memory.conversation(key="lazy", user="ann", lazy=True)
+        assert memory.conversations(user="ann") == []
+        with pytest.raises(ConversationNotFound):
+            memory.conversation(key="lazy", user="ann", create=False)
+        chat.append(_user(0))
+        resumed = memory.conversation(key="lazy", user="ann", create=False)
+        assert resumed.id == chat.id
+        assert resumed.history() == [_user(0)]
+
+
+def test_two_lazy_creators_of_one_key_end_in_one_conversation(db_url):
+    with Memory(db_url) as first_memory, Memory(db_url) as second_memory:
+        first = first_memory.conversation(key="k", user="ann", lazy=True)
+        second = second_memory.conversation(key="k", user="ann", lazy=True)
+        assert first.id != second.id  # neither is stored yet
+        first.append(_user(0))
+        second.append(_user(1))
+        assert second.id == first.id  # the second took the conversation the first stored
+        [listed] = first_memory.conversations(user="ann")
+        assert listed.id == first.id
+        assert listed.message_count == 2
+        assert [m["content"] for m in second.history()] == ["message 0", "message 1"]
+
+
+def test_async_keys_create_and_resume(db_url):
+    async def main():
+        async with AsyncMemory(db_url) as memory:
+            chat = await memory.conversation(key="telegram:1", user="ann")
+            await chat.append(_user(0))
+            again = await memory.conversation(key="telegram:1", user="ann", create=False)
+            assert again.id == chat.id
+            assert again.key == "telegram:1"
+            with pytest.raises(ConversationNotFound, match="create=True"):
+                await memory.conversation(key="other", user="ann", create=False)
+            lazy = await memory.conversation(key="lazy", user="ann", lazy=True)
+            assert [c.key for c in await memory.conversations(user="ann")] == ["telegram:1"]
+            await lazy.append(_user(1))
+            assert {c.key for c in await memory.conversations(user="ann")} == {
+                "telegram:1",
+                "lazy",
+            }
+
+    asyncio.run(main())

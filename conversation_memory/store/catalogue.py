@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from conversation_memory.errors import ConversationExists
 from conversation_memory.messages import dumps
@@ -49,6 +50,7 @@ LISTING_COLUMNS = [
     conversations.c.created_at,
     conversations.c.updated_at,
     conversations.c.forked_from,
+    conversations.c.key,
 ]
 
 
@@ -61,7 +63,7 @@ def _row(found: Any) -> ConversationRow:
 
 
 def _info(row: Any) -> ConversationInfo:
-    id_, user, title, model, count, tokens, created, updated, parent = row
+    id_, user, title, model, count, tokens, created, updated, parent, key = row
     return ConversationInfo(
         id=id_,
         user=user,
@@ -72,6 +74,7 @@ def _info(row: Any) -> ConversationInfo:
         created_at=aware(created),
         updated_at=aware(updated),
         forked_from=parent,
+        key=key,
     )
 
 
@@ -86,6 +89,13 @@ def _get(conn: Connection, conversation_id: str, user: str) -> ConversationRow |
         select(*_ROW_COLUMNS).where(
             conversations.c.id == conversation_id, conversations.c.user_id == user
         )
+    ).first()
+    return None if found is None else _row(found)
+
+
+def _by_key(conn: Connection, user: str, key: str) -> ConversationRow | None:
+    found = conn.execute(
+        select(*_ROW_COLUMNS).where(conversations.c.user_id == user, conversations.c.key == key)
     ).first()
     return None if found is None else _row(found)
 
@@ -121,6 +131,30 @@ class Catalogue:
     def create(self, row: ConversationRow) -> None:
         with self._db.write() as conn:
             conn.execute(insert(conversations).values(**_values(row)))
+
+    def by_key(self, user: str, key: str) -> ConversationRow | None:
+        """The conversation ``user`` gave ``key`` (the unique index finds it)."""
+        with self._db.read() as conn:
+            return _by_key(conn, user, key)
+
+    def create_keyed(self, row: ConversationRow) -> ConversationRow:
+        """Store ``row`` unless its user already has a conversation with its key; the
+        stored conversation with that key either way (compare ids to tell which).
+
+        Atomic: the insert leaves the row alone if the unique index on (user, key)
+        holds one already, so of processes racing on a new key one creates it and
+        the others read what it created (PostgreSQL's insert waits for theirs to
+        commit; SQLite's writers take turns).
+        """
+        assert row.key is not None
+        dialect = sqlite if self._db.target.is_sqlite else postgresql
+        with self._db.write() as conn:
+            conn.execute(
+                dialect.insert(conversations).values(**_values(row)).on_conflict_do_nothing()
+            )
+            stored = _by_key(conn, row.user_id, row.key)
+        assert stored is not None
+        return stored
 
     def list(self, user: str | None, *, limit: int | None = None) -> list[ConversationInfo]:
         """The conversations of ``user`` (None: everyone's), newest activity first.

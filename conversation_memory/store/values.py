@@ -230,6 +230,8 @@ class ConversationInfo:
     updated_at: datetime
     """Last activity."""
     forked_from: str | None
+    key: str | None = None
+    """The application's own name for it (``memory.conversation(key=...)``)."""
 
 
 @dataclass(frozen=True, slots=True)
