@@ -10,6 +10,12 @@ conversation holding every append.
 from __future__ import annotations
 
 import asyncio
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +24,12 @@ from conversation_memory import ConfigurationError, ConversationNotFound
 from conversation_memory.aio import AsyncMemory
 from conversation_memory.engine import Memory
 from conversation_memory.store import migrate
+from conversation_memory.tokens import counter_for
+
+RACERS = 8
+PER_RACER = 10
+RACE_KEY = "telegram:12345"
+RACE_TIMEOUT = 120.0
 
 
 def _key_columns(db) -> set[str]:
@@ -158,3 +170,63 @@ def test_async_keys_create_and_resume(db_url):
             }
 
     asyncio.run(main())
+
+
+# -- processes racing on one new key -------------------------------------------------
+
+
+def _race_worker(db: str, worker: int, barrier: object, out: str) -> None:
+    """Child process: at the barrier, get-or-create the key and append PER_RACER
+    messages; odd workers create lazily (the row comes with their first append)."""
+    try:
+        with Memory(db, model="gpt-4o-mini") as memory:
+            barrier.wait(RACE_TIMEOUT)  # type: ignore[attr-defined]
+            chat = memory.conversation(key=RACE_KEY, user="ann", lazy=worker % 2 == 1)
+            positions = [chat.append(_user(worker * 100 + n)).position for n in range(PER_RACER)]
+        Path(out).write_text(json.dumps({"id": chat.id, "positions": positions}))
+    except BaseException:
+        Path(f"{out}.error").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks child processes")
+def test_processes_racing_on_one_new_key_end_in_one_conversation(db_url, tmp_path):
+    # fork, not spawn: each process still has its own engine and connections (the
+    # parent holds none), without paying for an interpreter's start-up eight times.
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(RACERS)
+    outputs = [tmp_path / f"racer-{n}.json" for n in range(RACERS)]
+    with Memory(db_url):
+        pass  # the schema, created before the race
+    counter_for("gpt-4o-mini").count_text("load the tokenizer before forking")
+    processes = [
+        ctx.Process(target=_race_worker, args=(db_url, n, barrier, str(outputs[n])))
+        for n in range(RACERS)
+    ]
+    started = time.monotonic()
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join(max(1.0, RACE_TIMEOUT - (time.monotonic() - started)))
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    errors = [p.read_text() for p in (Path(f"{o}.error") for o in outputs) if p.exists()]
+    assert not errors, errors
+    assert all(p.exitcode == 0 for p in processes)
+
+    results = [json.loads(o.read_text()) for o in outputs]
+    with Memory(db_url) as memory:
+        [listed] = memory.conversations(user="ann")
+        chat = memory.conversation(key=RACE_KEY, user="ann", create=False)
+        history = [m["content"] for m in chat.history()]
+    assert listed.key == RACE_KEY
+    assert {r["id"] for r in results} == {listed.id}
+    assert listed.message_count == RACERS * PER_RACER
+    assert sorted(p for r in results for p in r["positions"]) == list(range(RACERS * PER_RACER))
+    for worker, result in enumerate(results):
+        mine = [f"message {worker * 100 + n}" for n in range(PER_RACER)]
+        assert [history[p] for p in result["positions"]] == mine
