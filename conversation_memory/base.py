@@ -26,6 +26,7 @@ from conversation_memory.errors import (
     AmbiguousReference,
     ConfigurationError,
     ConversationNotFound,
+    ImportFormatError,
 )
 from conversation_memory.export import Parsed, read_export
 from conversation_memory.messages import normalize, to_row
@@ -451,6 +452,12 @@ class BaseMemory:
         get_model(model)
         counter = counter_for(model)
         system = header.get("system")
+        key = header.get("key")
+        if key is not None:
+            try:
+                check_key(key)
+            except ConfigurationError as exc:
+                raise ImportFormatError(f"line 1: the header's {exc}", line=1) from None
         rows = [
             {
                 "position": position,
@@ -481,6 +488,7 @@ class BaseMemory:
             next_position=len(rows),
             message_count=len(rows),
             total_tokens=sum(row["tokens"] for row in rows),
+            key=key,
         )
         return row, rows
 

@@ -230,3 +230,60 @@ def test_processes_racing_on_one_new_key_end_in_one_conversation(db_url, tmp_pat
     for worker, result in enumerate(results):
         mine = [f"message {worker * 100 + n}" for n in range(PER_RACER)]
         assert [history[p] for p in result["positions"]] == mine
+
+
+# -- the command line, export and import ---------------------------------------------
+
+
+def test_sessions_and_show_give_the_key(tmp_path):
+    from test_cli import run, run_json
+
+    db = str(tmp_path / "c.db")
+    with Memory(db) as memory:
+        memory.conversation(key="telegram:[12345]", user="ann", title="keyed").append(_user(0))
+        memory.conversation(user="ann", title="plain").append(_user(1))
+    listed = {row["title"]: row["key"] for row in run_json("sessions", "--db", db)}
+    assert listed == {"keyed": "telegram:[12345]", "plain": None}
+    table = run("sessions", "--db", db).stdout
+    assert "key" in table.splitlines()[2]
+    assert "telegram:[12345]" in table  # as text, not rich markup
+    assert run_json("show", "keyed", "--db", db)["conversation"]["key"] == "telegram:[12345]"
+    assert "key telegram:[12345]" in run("show", "keyed", "--db", db).stdout
+    assert "key" not in run("show", "plain", "--db", db).stdout.splitlines()[0]
+
+
+def test_sessions_of_an_application_without_keys_have_no_key_column(tmp_path):
+    from test_cli import run
+
+    db = str(tmp_path / "c.db")
+    with Memory(db) as memory:
+        memory.conversation(user="ann", title="plain").append(_user(1))
+    assert "key" not in run("sessions", "--db", db).stdout
+
+
+def test_export_carries_the_key_and_import_restores_it_or_refuses_a_clash(db_url):
+    from conversation_memory import ConversationExists, ImportFormatError
+
+    with Memory(db_url) as memory:
+        chat = memory.conversation(key="ticket-7", user="ann", title="t")
+        chat.append(_user(0))
+        exported = chat.export()
+        assert json.loads(exported.splitlines()[0])["key"] == "ticket-7"
+        plain = memory.conversation(user="ann")
+        plain.append(_user(1))
+        assert "key" not in json.loads(plain.export().splitlines()[0])
+
+        with pytest.raises(ConversationExists, match="already has a conversation with key"):
+            memory.import_conversation(exported, new_id=True)
+        assert memory.count(user="ann") == 2
+        bob = memory.import_conversation(exported, user="bob", new_id=True)
+        assert bob.key == "ticket-7"
+        again = memory.conversation(key="ticket-7", user="bob", create=False)
+        assert again.id == bob.id
+        assert again.export().splitlines()[1:] == exported.splitlines()[1:]
+        assert json.loads(again.export().splitlines()[0])["key"] == "ticket-7"
+
+        bad = exported.replace('"key":"ticket-7"', '"key":"two\\nlines"')
+        with pytest.raises(ImportFormatError, match="line 1: the header's key"):
+            memory.import_conversation(bad, user="carol")
+        assert memory.count(user="carol") == 0

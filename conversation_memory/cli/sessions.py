@@ -55,7 +55,8 @@ def sessions(
     """List conversations, most recent activity first.
 
     Shows id (the first 12 characters are enough anywhere an ID is asked
-    for), title, user, messages, tokens and last activity.
+    for), title, user, messages, tokens and last activity, and the key of
+    conversations an application keyed.
     """
     with Memory(db, create=False) as memory:
         rows = memory.conversations(

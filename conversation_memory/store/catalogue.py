@@ -252,6 +252,15 @@ class Catalogue:
                     "import a copy with a fresh id (new_id=True; `convmem import --new-id`)",
                     conversation_id=row.id,
                 )
+            keyed = None if row.key is None else _by_key(conn, row.user_id, row.key)
+            if keyed is not None:
+                raise ConversationExists(
+                    f"user {row.user_id!r} already has a conversation with key {row.key!r} "
+                    f"({keyed.id}); delete it first, or import it for another user "
+                    "(user=...; `convmem import --user`)",
+                    conversation_id=keyed.id,
+                    key=row.key,
+                )
             conn.execute(insert(conversations).values(**_values(row)))
             if rows:
                 conn.execute(
