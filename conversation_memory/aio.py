@@ -345,7 +345,7 @@ class AsyncMemory(BaseMemory):
         return await self._in_thread(self._check_open().catalogue.count, user_id)
 
     async def find(self, ref: str, *, user: str | None = None) -> ConversationInfo:
-        """The conversation ``ref`` names: an id, a title, or a unique id prefix (see
+        """The conversation ``ref`` names: an id, a key, a title, or a unique id prefix (see
         ``Memory.find``)."""
         user_id = self._reference(ref, user)
         kind, rows = await self._in_thread(

@@ -414,10 +414,19 @@ class BaseMemory:
         if not rows:
             whose = "" if user is None else f" of user {user!r}"
             raise ConversationNotFound(
-                f"no conversation{whose} has the id, id prefix or title {ref!r}; "
+                f"no conversation{whose} has the id, id prefix, key or title {ref!r}; "
                 "`convmem sessions` lists them",
                 conversation_id=ref,
                 user=user,
+            )
+        if kind == "key" and len(rows) > 1:
+            listed = "; ".join(f"{c.id[:12]} (user {c.user})" for c in rows[:AMBIGUOUS_LISTED])
+            raise AmbiguousReference(
+                f"several users have a conversation with key {ref!r}: {listed}; "
+                "say whose (user=...; --user)",
+                conversation_id=ref,
+                user=user,
+                candidates=rows[:AMBIGUOUS_LISTED],
             )
         if kind == "prefix" and len(rows) > 1:
             candidates = rows[:AMBIGUOUS_LISTED]

@@ -285,11 +285,12 @@ class Memory(BaseMemory):
         return self._store.catalogue.count(self._listing_user(user, all_users))
 
     def find(self, ref: str, *, user: str | None = None) -> ConversationInfo:
-        """The conversation ``ref`` names: an id, a title, or a unique id prefix.
+        """The conversation ``ref`` names: an id, a key, a title, or a unique id prefix.
 
-        An exact id wins over a title, and a title over a prefix; a title shared
-        by several conversations means the most recently active one. A prefix
-        that several ids start with raises ``AmbiguousReference`` listing them.
+        An exact id wins over a key, a key over a title, and a title over a
+        prefix; a title shared by several conversations means the most recently
+        active one. A prefix that several ids start with, or a key several
+        users gave (with ``user=None``), raises ``AmbiguousReference`` listing them.
         ``user=None`` looks across every user (what a command-line tool on its
         own database wants).
         """

@@ -287,3 +287,24 @@ def test_export_carries_the_key_and_import_restores_it_or_refuses_a_clash(db_url
         with pytest.raises(ImportFormatError, match="line 1: the header's key"):
             memory.import_conversation(bad, user="carol")
         assert memory.count(user="carol") == 0
+
+
+def test_find_and_the_command_line_take_a_key_as_a_reference(tmp_path):
+    from test_cli import run, run_json
+
+    from conversation_memory import AmbiguousReference
+
+    db = str(tmp_path / "c.db")
+    with Memory(db) as memory:
+        ann = memory.conversation(key="chat-1", user="ann", title="ann's")
+        ann.append(_user(0))
+        memory.conversation(title="chat-1").append(_user(1))  # a title: the key wins
+        assert memory.find("chat-1").id == ann.id
+        bob = memory.conversation(key="chat-1", user="bob")
+        assert memory.find("chat-1", user="bob").id == bob.id
+        with pytest.raises(AmbiguousReference, match=r"several users .* key 'chat-1'"):
+            memory.find("chat-1")
+    assert run_json("show", "chat-1", "--user", "ann", "--db", db)["conversation"]["id"] == ann.id
+    refused = run("show", "chat-1", "--db", db, check=False)
+    assert refused.returncode != 0
+    assert "--user" in refused.stderr

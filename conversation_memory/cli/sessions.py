@@ -82,8 +82,8 @@ def sessions(
 def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool) -> None:
     """Print a conversation's full history, with its summaries where they sit.
 
-    ID is an id, a title (the most recent one with that title), or a
-    unique id prefix.
+    ID is an id, a key, a title (the most recent one with that title),
+    or a unique id prefix.
     """
     with Memory(db, create=False) as memory:
         info, conversation = resolve(memory, ref, user)

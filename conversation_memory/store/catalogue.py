@@ -183,7 +183,8 @@ class Catalogue:
         self, ref: str, user: str | None, *, limit: int = 2
     ) -> tuple[str, list[ConversationInfo]]:
         """``(kind, conversations)`` of what ``ref`` may mean: the conversation with that
-        id ("id"), else the most recently active one with that title ("title"), else,
+        id ("id"), else, newest first, at most ``limit`` with that key ("key": one per
+        user), else the most recently active one with that title ("title"), else,
         newest first, at most ``limit`` whose id starts with it ("prefix"); ``("", [])``.
 
         A title is looked up before a prefix so that a title a person typed is never
@@ -196,6 +197,11 @@ class Catalogue:
             row = conn.execute(base.where(conversations.c.id == ref)).first()
             if row is not None:
                 return "id", [_info(row)]
+            keyed = conn.execute(
+                base.where(conversations.c.key == ref).order_by(*newest).limit(limit)
+            ).all()
+            if keyed:
+                return "key", [_info(row) for row in keyed]
             row = conn.execute(
                 base.where(conversations.c.title == ref).order_by(*newest).limit(1)
             ).first()
