@@ -287,9 +287,12 @@ class AsyncMemory(BaseMemory):
         reserve: int | None = None,
         title: str | None = None,
         lazy: bool = False,
+        key: str | None = None,
+        create: bool = True,
     ) -> AsyncConversation:
         """Create a conversation (``id=None``) or resume one of this user's (see
-        ``Memory.conversation``; ``lazy=True`` stores a new one with its first message)."""
+        ``Memory.conversation``; ``lazy=True`` stores a new one with its first message,
+        ``key=`` resumes or creates the user's conversation with that key)."""
         store = self._check_open()
         request = self._request(
             id,
@@ -301,7 +304,18 @@ class AsyncMemory(BaseMemory):
             reserve=reserve,
             title=title,
             lazy=lazy,
+            key=key,
+            create=create,
         )
+        if request.key is not None:
+            row, setup, new = self._keyed(
+                request, await self._in_thread(store.catalogue.by_key, request.user, request.key)
+            )
+            if new and not lazy:
+                stored = await self._in_thread(store.catalogue.create_keyed, row)
+                if stored.id != row.id:  # another process created it first
+                    row, setup = stored, self._resumed(request, stored)
+            return self._opened(row, setup, unsaved=new and lazy)
         if request.id is not None:
             row = await self._in_thread(store.catalogue.get, request.id, request.user)
             return self._opened(row, self._resumed(request, row))  # type: ignore[arg-type]
@@ -331,7 +345,7 @@ class AsyncMemory(BaseMemory):
         return await self._in_thread(self._check_open().catalogue.count, user_id)
 
     async def find(self, ref: str, *, user: str | None = None) -> ConversationInfo:
-        """The conversation ``ref`` names: an id, a title, or a unique id prefix (see
+        """The conversation ``ref`` names: an id, a key, a title, or a unique id prefix (see
         ``Memory.find``)."""
         user_id = self._reference(ref, user)
         kind, rows = await self._in_thread(

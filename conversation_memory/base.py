@@ -26,12 +26,14 @@ from conversation_memory.errors import (
     AmbiguousReference,
     ConfigurationError,
     ConversationNotFound,
+    ImportFormatError,
 )
 from conversation_memory.export import Parsed, read_export
 from conversation_memory.messages import normalize, to_row
 from conversation_memory.registry import get_model, load_models
 from conversation_memory.state import COMPACTION_CHOICES, Setup
 from conversation_memory.store.opening import check_durability
+from conversation_memory.store.schema import KEY_LENGTH
 from conversation_memory.store.search import check_limit
 from conversation_memory.store.values import ConversationInfo, ConversationRow, SearchHit, now
 from conversation_memory.strategies import Strategy, StrategyLike
@@ -62,6 +64,22 @@ def check_user(user: Any) -> str:
     if "\x00" in user:
         raise ConfigurationError("user must not contain NUL characters")
     return user
+
+
+def check_key(key: Any) -> str:
+    """The application's key for a conversation, checked: a non-empty string of at
+    most ``KEY_LENGTH`` (255) characters without control characters."""
+    if not isinstance(key, str) or not key or len(key) > KEY_LENGTH:
+        raise ConfigurationError(
+            f"key must be a non-empty string of at most {KEY_LENGTH} characters, got {key!r:.80}",
+            argument="key",
+        )
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in key):
+        raise ConfigurationError(
+            f"key must not contain control characters (newlines, tabs, NUL), got {key!r:.80}",
+            argument="key",
+        )
+    return key
 
 
 def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> int:
@@ -96,6 +114,10 @@ class Request:
     reserve: int | None
     title: str | None
     lazy: bool
+    key: str | None = None
+    """The application's name for the conversation: resume it, or create it."""
+    create: bool = True
+    """With ``key``: create the conversation if the user has none with that key."""
 
 
 class BaseMemory:
@@ -193,10 +215,28 @@ class BaseMemory:
         reserve: int | None,
         title: str | None,
         lazy: bool,
+        key: str | None = None,
+        create: bool = True,
     ) -> Request:
         user_id = check_user(user)
         if not isinstance(lazy, bool):
             raise ConfigurationError(f"lazy must be True or False, got {lazy!r}")
+        if not isinstance(create, bool):
+            raise ConfigurationError(f"create must be True or False, got {create!r}")
+        if key is not None:
+            check_key(key)
+            if id is not None:
+                raise ConfigurationError(
+                    "give a conversation's id or its key, not both: memory.conversation(id) "
+                    "resumes by id, memory.conversation(key=...) resumes or creates by key",
+                    argument="key",
+                )
+        elif not create:
+            raise ConfigurationError(
+                "create=False applies to a key: memory.conversation(key=..., create=False) "
+                "resumes the conversation with that key and never creates one",
+                argument="create",
+            )
         if budget is not None:
             check_positive("budget", budget)
         if reserve is not None:
@@ -211,7 +251,32 @@ class BaseMemory:
                 raise ConfigurationError(
                     "lazy=True is for a new conversation; an existing one is resumed by id"
                 )
-        return Request(id, user_id, system, model, chosen, budget, reserve, title, lazy)
+        return Request(
+            id, user_id, system, model, chosen, budget, reserve, title, lazy, key, create
+        )
+
+    def _keyed(
+        self, request: Request, row: ConversationRow | None
+    ) -> tuple[ConversationRow, Setup, bool]:
+        """What a request with a key opens, given the user's conversation with that key
+        (None: none yet): ``(row, setup, new)``; ``new`` rows are still to be stored.
+
+        A stored one resumes as by id (the settings given must agree with it); a
+        new one is created with them, unless ``create=False``.
+        """
+        if row is not None:
+            return row, self._resumed(request, row), False
+        if not request.create:
+            raise ConversationNotFound(
+                f"user {request.user!r} has no conversation with key {request.key!r}; "
+                "pass create=True to create it, or list them with "
+                "memory.conversations(user=...)",
+                conversation_id=None,
+                user=request.user,
+                key=request.key,
+            )
+        row, setup = self._created(request)
+        return row, setup, True
 
     def _resumed(self, request: Request, row: ConversationRow | None) -> Setup:
         """How the stored conversation ``row`` (None: not found) resumes for ``request``."""
@@ -317,6 +382,7 @@ class BaseMemory:
             next_position=0,
             message_count=0,
             total_tokens=0,
+            key=request.key,
         )
         return row, self._setup(row, strategy=strategy)
 
@@ -348,10 +414,19 @@ class BaseMemory:
         if not rows:
             whose = "" if user is None else f" of user {user!r}"
             raise ConversationNotFound(
-                f"no conversation{whose} has the id, id prefix or title {ref!r}; "
+                f"no conversation{whose} has the id, id prefix, key or title {ref!r}; "
                 "`convmem sessions` lists them",
                 conversation_id=ref,
                 user=user,
+            )
+        if kind == "key" and len(rows) > 1:
+            listed = "; ".join(f"{c.id[:12]} (user {c.user})" for c in rows[:AMBIGUOUS_LISTED])
+            raise AmbiguousReference(
+                f"several users have a conversation with key {ref!r}: {listed}; "
+                "say whose (user=...; --user)",
+                conversation_id=ref,
+                user=user,
+                candidates=rows[:AMBIGUOUS_LISTED],
             )
         if kind == "prefix" and len(rows) > 1:
             candidates = rows[:AMBIGUOUS_LISTED]
@@ -386,6 +461,12 @@ class BaseMemory:
         get_model(model)
         counter = counter_for(model)
         system = header.get("system")
+        key = header.get("key")
+        if key is not None:
+            try:
+                check_key(key)
+            except ConfigurationError as exc:
+                raise ImportFormatError(f"line 1: the header's {exc}", line=1) from None
         rows = [
             {
                 "position": position,
@@ -416,6 +497,7 @@ class BaseMemory:
             next_position=len(rows),
             message_count=len(rows),
             total_tokens=sum(row["tokens"] for row in rows),
+            key=key,
         )
         return row, rows
 
@@ -427,12 +509,19 @@ class BaseConversation:
         self._setup = setup
         self._log = log
         self._prepared: Prepared | None = None
-        self.id = row.id
         self.user = row.user_id
+        self.key = row.key
+        """The application's name for it (``memory.conversation(key=...)``), or None."""
         self.title = row.title
         self.system = row.system
         self.model = setup.model
         """The model its requests name (the stored one unless resumed with another)."""
+
+    @property
+    def id(self) -> str:
+        """Its id. A lazy keyed conversation that another process created first takes
+        that one's id with its first turn (which is stored there)."""
+        return self._log.id
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} user={self.user!r} model={self.model!r}>"
@@ -475,4 +564,11 @@ class BaseConversation:
         return incomplete_mode(on_incomplete or self._setup.on_incomplete)
 
 
-__all__ = ["AMBIGUOUS_LISTED", "DEFAULT_USER", "BaseConversation", "BaseMemory", "Request"]
+__all__ = [
+    "AMBIGUOUS_LISTED",
+    "DEFAULT_USER",
+    "BaseConversation",
+    "BaseMemory",
+    "Request",
+    "check_key",
+]

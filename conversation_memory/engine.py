@@ -214,6 +214,8 @@ class Memory(BaseMemory):
         reserve: int | None = None,
         title: str | None = None,
         lazy: bool = False,
+        key: str | None = None,
+        create: bool = True,
     ) -> Conversation:
         """Create a conversation (``id=None``) or resume one of this user's.
 
@@ -223,6 +225,15 @@ class Memory(BaseMemory):
         first call that fails, or a user who says nothing, leaves no empty
         conversation behind. Create it eagerly (the default) to hand its id
         to other processes before anything is said.
+
+        ``key`` is the application's own name for the conversation (a chat
+        id such as ``"telegram:12345"``; at most 255 characters, no control
+        characters), unique per user: the user's conversation with that key
+        is resumed, or created if there is none (``create=False``: raise
+        :class:`ConversationNotFound` instead). Creation is atomic: processes
+        racing on one new key end with one conversation. A resumed one takes
+        the settings given as resuming by id does; with ``lazy=True`` a new one
+        is stored with its first turn. Give ``id`` or ``key``, not both.
         """
         request = self._request(
             id,
@@ -234,7 +245,18 @@ class Memory(BaseMemory):
             reserve=reserve,
             title=title,
             lazy=lazy,
+            key=key,
+            create=create,
         )
+        if request.key is not None:
+            row, setup, new = self._keyed(
+                request, self._store.catalogue.by_key(request.user, request.key)
+            )
+            if new and not lazy:
+                stored = self._store.catalogue.create_keyed(row)
+                if stored.id != row.id:  # another process created it first
+                    row, setup = stored, self._resumed(request, stored)
+            return self._open(row, setup, unsaved=new and lazy)
         if request.id is not None:
             row = self._store.catalogue.get(request.id, request.user)
             return self._open(row, self._resumed(request, row))  # type: ignore[arg-type]
@@ -263,11 +285,12 @@ class Memory(BaseMemory):
         return self._store.catalogue.count(self._listing_user(user, all_users))
 
     def find(self, ref: str, *, user: str | None = None) -> ConversationInfo:
-        """The conversation ``ref`` names: an id, a title, or a unique id prefix.
+        """The conversation ``ref`` names: an id, a key, a title, or a unique id prefix.
 
-        An exact id wins over a title, and a title over a prefix; a title shared
-        by several conversations means the most recently active one. A prefix
-        that several ids start with raises ``AmbiguousReference`` listing them.
+        An exact id wins over a key, a key over a title, and a title over a
+        prefix; a title shared by several conversations means the most recently
+        active one. A prefix that several ids start with, or a key several
+        users gave (with ``user=None``), raises ``AmbiguousReference`` listing them.
         ``user=None`` looks across every user (what a command-line tool on its
         own database wants).
         """

@@ -1,7 +1,9 @@
 """The JSONL export format: a header line, then one OpenAI-format message per line.
 
 Header: ``{"convmem": 1, "type": "conversation", "id", "user", "title",
-"model", "system", "settings", "created_at", "updated_at"}``. Each message line
+"model", "system", "settings", "created_at", "updated_at"}``, and ``"key"``
+after ``"user"`` for a conversation the application keyed (only then, so
+exports of others keep their bytes). Each message line
 is the OpenAI message plus a ``convmem`` object holding what the API has no
 field for: ``created_at`` always; ``pinned``, ``complete`` and ``metadata``
 only when set. A fork is written whole, so an export stands alone.
@@ -33,6 +35,7 @@ def write_export(row: ConversationRow, entries: Iterable[Entry]) -> str:
         "type": "conversation",
         "id": row.id,
         "user": row.user_id,
+        **({"key": row.key} if row.key is not None else {}),
         "title": row.title,
         "model": row.model,
         "system": row.system,

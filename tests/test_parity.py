@@ -112,7 +112,7 @@ def test_instances_carry_the_same_attributes(tmp_path: Path) -> None:
 
     async_memory, async_chat = asyncio.run(main())
     assert async_memory == sync_memory
-    assert set(sync_chat) == {"id", "user", "title", "system", "model"}
+    assert set(sync_chat) == {"id", "user", "key", "title", "system", "model"}
     assert async_chat == sync_chat
 
 

@@ -88,6 +88,9 @@ def sessions_table(rows: Sequence[Any], *, total: int) -> Table:
     table.add_column("tokens", justify="right")
     table.add_column("last activity", no_wrap=True)
     table.add_column("model", style="dim")
+    keyed = any(row.key is not None for row in rows)
+    if keyed:  # only for an application that keys its conversations
+        table.add_column("key", no_wrap=True)
     for row in rows:
         title = Text(row.title or "")  # text, never markup: a title may hold "[draft]"
         if row.forked_from:
@@ -101,6 +104,7 @@ def sessions_table(rows: Sequence[Any], *, total: int) -> Table:
             f"{row.tokens:,}",
             ago(row.updated_at),
             escape(row.model),
+            *([Text(row.key or "")] if keyed else []),
         )
     return table
 
@@ -135,6 +139,7 @@ def history_view(
         Text.assemble(
             (f"{info.title or 'untitled'}", "bold"),
             f"  {info.id}  user {info.user}  model {info.model}  ",
+            f"key {info.key}  " if info.key is not None else "",
             (f"{info.message_count} messages, {info.tokens:,} tokens", "dim"),
         )
     ]

@@ -330,7 +330,7 @@ def chat(
 ) -> None:
     """Chat with memory; resumes the most recent conversation.
 
-    ID resumes a conversation by id, id prefix or title; --new starts one.
+    ID resumes a conversation by id, key, id prefix or title; --new starts one.
     Replies stream as they arrive. With stdin not a terminal, each line is
     one message and each reply is printed, so a chat can be scripted:
 

@@ -55,7 +55,8 @@ def sessions(
     """List conversations, most recent activity first.
 
     Shows id (the first 12 characters are enough anywhere an ID is asked
-    for), title, user, messages, tokens and last activity.
+    for), title, user, messages, tokens and last activity, and the key of
+    conversations an application keyed.
     """
     with Memory(db, create=False) as memory:
         rows = memory.conversations(
@@ -81,8 +82,8 @@ def sessions(
 def show(db: str | None, ref: str, user: str | None, as_json: bool, debug: bool) -> None:
     """Print a conversation's full history, with its summaries where they sit.
 
-    ID is an id, a title (the most recent one with that title), or a
-    unique id prefix.
+    ID is an id, a key, a title (the most recent one with that title),
+    or a unique id prefix.
     """
     with Memory(db, create=False) as memory:
         info, conversation = resolve(memory, ref, user)

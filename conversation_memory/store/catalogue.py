@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from conversation_memory.errors import ConversationExists
 from conversation_memory.messages import dumps
@@ -49,6 +50,7 @@ LISTING_COLUMNS = [
     conversations.c.created_at,
     conversations.c.updated_at,
     conversations.c.forked_from,
+    conversations.c.key,
 ]
 
 
@@ -61,7 +63,7 @@ def _row(found: Any) -> ConversationRow:
 
 
 def _info(row: Any) -> ConversationInfo:
-    id_, user, title, model, count, tokens, created, updated, parent = row
+    id_, user, title, model, count, tokens, created, updated, parent, key = row
     return ConversationInfo(
         id=id_,
         user=user,
@@ -72,6 +74,7 @@ def _info(row: Any) -> ConversationInfo:
         created_at=aware(created),
         updated_at=aware(updated),
         forked_from=parent,
+        key=key,
     )
 
 
@@ -86,6 +89,13 @@ def _get(conn: Connection, conversation_id: str, user: str) -> ConversationRow |
         select(*_ROW_COLUMNS).where(
             conversations.c.id == conversation_id, conversations.c.user_id == user
         )
+    ).first()
+    return None if found is None else _row(found)
+
+
+def _by_key(conn: Connection, user: str, key: str) -> ConversationRow | None:
+    found = conn.execute(
+        select(*_ROW_COLUMNS).where(conversations.c.user_id == user, conversations.c.key == key)
     ).first()
     return None if found is None else _row(found)
 
@@ -122,6 +132,30 @@ class Catalogue:
         with self._db.write() as conn:
             conn.execute(insert(conversations).values(**_values(row)))
 
+    def by_key(self, user: str, key: str) -> ConversationRow | None:
+        """The conversation ``user`` gave ``key`` (the unique index finds it)."""
+        with self._db.read() as conn:
+            return _by_key(conn, user, key)
+
+    def create_keyed(self, row: ConversationRow) -> ConversationRow:
+        """Store ``row`` unless its user already has a conversation with its key; the
+        stored conversation with that key either way (compare ids to tell which).
+
+        Atomic: the insert leaves the row alone if the unique index on (user, key)
+        holds one already, so of processes racing on a new key one creates it and
+        the others read what it created (PostgreSQL's insert waits for theirs to
+        commit; SQLite's writers take turns).
+        """
+        assert row.key is not None
+        dialect = sqlite if self._db.target.is_sqlite else postgresql
+        with self._db.write() as conn:
+            conn.execute(
+                dialect.insert(conversations).values(**_values(row)).on_conflict_do_nothing()
+            )
+            stored = _by_key(conn, row.user_id, row.key)
+        assert stored is not None
+        return stored
+
     def list(self, user: str | None, *, limit: int | None = None) -> list[ConversationInfo]:
         """The conversations of ``user`` (None: everyone's), newest activity first.
 
@@ -149,7 +183,8 @@ class Catalogue:
         self, ref: str, user: str | None, *, limit: int = 2
     ) -> tuple[str, list[ConversationInfo]]:
         """``(kind, conversations)`` of what ``ref`` may mean: the conversation with that
-        id ("id"), else the most recently active one with that title ("title"), else,
+        id ("id"), else, newest first, at most ``limit`` with that key ("key": one per
+        user), else the most recently active one with that title ("title"), else,
         newest first, at most ``limit`` whose id starts with it ("prefix"); ``("", [])``.
 
         A title is looked up before a prefix so that a title a person typed is never
@@ -162,6 +197,11 @@ class Catalogue:
             row = conn.execute(base.where(conversations.c.id == ref)).first()
             if row is not None:
                 return "id", [_info(row)]
+            keyed = conn.execute(
+                base.where(conversations.c.key == ref).order_by(*newest).limit(limit)
+            ).all()
+            if keyed:
+                return "key", [_info(row) for row in keyed]
             row = conn.execute(
                 base.where(conversations.c.title == ref).order_by(*newest).limit(1)
             ).first()
@@ -217,6 +257,15 @@ class Catalogue:
                     f"conversation {row.id!r} already exists; delete it first, or "
                     "import a copy with a fresh id (new_id=True; `convmem import --new-id`)",
                     conversation_id=row.id,
+                )
+            keyed = None if row.key is None else _by_key(conn, row.user_id, row.key)
+            if keyed is not None:
+                raise ConversationExists(
+                    f"user {row.user_id!r} already has a conversation with key {row.key!r} "
+                    f"({keyed.id}); delete it first, or import it for another user "
+                    "(user=...; `convmem import --user`)",
+                    conversation_id=keyed.id,
+                    key=row.key,
                 )
             conn.execute(insert(conversations).values(**_values(row)))
             if rows:

@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from conversation_memory.errors import ConfigurationError, ConversationNotFound
-from conversation_memory.messages import dumps, from_row
+from conversation_memory.messages import from_row
 from conversation_memory.store import leases, queries
 from conversation_memory.store.database import Database
 from conversation_memory.store.recall import candidates
@@ -292,23 +292,13 @@ class ConversationLog:
         return Committed(stored, learnt)
 
     def _create(self, cur: Any, stamp: Any) -> None:
-        """Insert a lazy conversation's row (with its first commit)."""
-        row = self._row
-        cur.execute(
-            self._sql.create,
-            (
-                row.id,
-                row.user_id,
-                row.title,
-                row.model,
-                row.system,
-                row.system_tokens,
-                row.counter,
-                dumps(row.settings),
-                stamp,
-                stamp,
-            ),
-        )
+        """Insert a lazy conversation's row (with its first commit). If another process
+        stored this user's conversation with its key first, this turn goes there."""
+        stored = queries.create(cur, self._sql, self._row, stamp)
+        if stored != self.id:
+            self.id, self._row = stored, replace(self._row, id=stored)
+            self._lineage = None
+            self._tail_cache.clear()
 
     def _claim(
         self, cur: Any, batch: Sequence[NewMessage], stamp: Any, *, learning: bool

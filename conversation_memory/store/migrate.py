@@ -34,7 +34,7 @@ OUR_TABLES = frozenset(metadata.tables)
 Progress = Callable[[str], None]
 """Receives progress lines from a running migration."""
 
-HEAD = "0004"
+HEAD = "0005"
 """The newest migration's revision. Opening a database compares against this
 constant rather than loading the scripts, so the common case (a database
 already at head) never imports Alembic, a tenth of a second of start-up for

@@ -325,8 +325,36 @@ def insert_row(
             row.next_position,
             row.message_count,
             row.total_tokens,
+            row.key,
         ),
     )
+
+
+def create(cur: Any, sql: Statements, row: ConversationRow, stamp: Any) -> str:
+    """Insert a new conversation's row unless it is stored (by id, or by its user's
+    key); the id of the conversation that now holds it (another's, for a key that
+    another process stored first: PostgreSQL's insert waited for that commit,
+    SQLite's writers take turns)."""
+    cur.execute(
+        sql.create,
+        (
+            row.id,
+            row.user_id,
+            row.title,
+            row.model,
+            row.system,
+            row.system_tokens,
+            row.counter,
+            dumps(row.settings),
+            stamp,
+            stamp,
+            row.key,
+        ),
+    )
+    if cur.rowcount or row.key is None:
+        return row.id
+    cur.execute(sql.keyed, (row.user_id, row.key))
+    return str(cur.fetchone()[0])
 
 
 def delete(cur: Any, sql: Statements, row: ConversationRow) -> None:

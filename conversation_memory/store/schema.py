@@ -47,6 +47,9 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+KEY_LENGTH = 255
+"""The longest key an application may give a conversation (characters)."""
+
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 # SQLite only makes INTEGER PRIMARY KEY an alias of the rowid (and so
@@ -74,11 +77,16 @@ conversations = Table(
     Column("next_position", Integer, nullable=False, server_default=text("0")),
     Column("message_count", Integer, nullable=False, server_default=text("0")),
     Column("total_tokens", BigInteger, nullable=False, server_default=text("0")),
+    # The application's own name for the conversation (migration 0005), unique per
+    # user; NULL (no key) never collides. The unique index makes get-or-create by
+    # key atomic: of two inserts of one new key, only one succeeds.
+    Column("key", String(KEY_LENGTH), nullable=True),
     # Not (user_id, updated_at): every append moves updated_at, and keeping
     # that index in step cost ~20% of an append (measured). A user's
     # conversations are sorted after the index finds them.
     Index("ix_conversations_user", "user_id"),
     Index("ix_conversations_forked_from", "forked_from"),
+    Index("ix_conversations_user_key", "user_id", "key", unique=True),
 )
 
 

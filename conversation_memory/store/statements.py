@@ -14,7 +14,7 @@ from __future__ import annotations
 
 _COLUMNS = (
     "id, user_id, title, model, system, system_tokens, counter, settings, created_at, "
-    "updated_at, forked_from, fork_position, next_position, message_count, total_tokens"
+    "updated_at, forked_from, fork_position, next_position, message_count, total_tokens, key"
 )
 _ITEMS = "position, role, content, parts, name, tool_calls, tool_call_id, tokens, pinned, complete"
 _SUMMARY_COLUMNS = "id, start_position, end_position, text, tokens, level"
@@ -23,16 +23,20 @@ _SUMMARY_COLUMNS = "id, start_position, end_position, text, tokens, level"
 ROW = f"SELECT {_COLUMNS} FROM conversations WHERE id = ? AND user_id = ?"
 INSERT_ROW = f"""
 INSERT INTO conversations ({_COLUMNS})
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 # A lazily created conversation's row, inserted by its first turn; DO NOTHING: two
-# threads sharing one new Conversation object may both try, and the second appends.
+# threads sharing one new Conversation object may both try, and the second appends;
+# two processes creating one new key both try too, and the second appends to the
+# first's (ConversationLog._create).
 CREATE = """
 INSERT INTO conversations (id, user_id, title, model, system, system_tokens, counter, settings,
-                           created_at, updated_at, next_position, message_count, total_tokens)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0)
-ON CONFLICT (id) DO NOTHING
+                           created_at, updated_at, next_position, message_count, total_tokens,
+                           key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?)
+ON CONFLICT DO NOTHING
 """
+KEYED = "SELECT id FROM conversations WHERE user_id = ? AND key = ?"
 # Reserves positions, moves the running totals and takes the row's write lock.
 # PostgreSQL returns the claim in the same statement. On SQLite, whose writers
 # are already one at a time (BEGIN IMMEDIATE), a plain UPDATE and a SELECT of
@@ -210,6 +214,7 @@ class Statements:
     row: str
     insert_row: str
     create: str
+    keyed: str
     claim: str
     claim_update: str
     claimed: str

@@ -52,6 +52,8 @@ class ConversationRow:
     next_position: int
     message_count: int
     total_tokens: int
+    key: str | None = None
+    """The application's own name for it, unique per user (None: it has none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,8 @@ class ConversationInfo:
     updated_at: datetime
     """Last activity."""
     forked_from: str | None
+    key: str | None = None
+    """The application's own name for it (``memory.conversation(key=...)``)."""
 
 
 @dataclass(frozen=True, slots=True)
