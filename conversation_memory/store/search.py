@@ -142,6 +142,20 @@ class _Scope:
     message of other conversations."""
 
 
+def lineage_where(segments: Sequence[Segment]) -> tuple[str, dict[str, Any]]:
+    """The SQL condition (on messages ``m``) and parameters for a lineage's messages:
+    each segment's conversation, up to its fork point."""
+    clauses, params = [], {}
+    for n, (conversation_id, upto) in enumerate(segments):
+        params[f"c{n}"] = conversation_id
+        if upto is None:
+            clauses.append(f"m.conversation_id = :c{n}")
+        else:
+            params[f"u{n}"] = upto
+            clauses.append(f"(m.conversation_id = :c{n} AND m.position <= :u{n})")
+    return "(" + " OR ".join(clauses) + ")", params
+
+
 def search_lineage(
     conn: Connection,
     segments: Sequence[Segment],
@@ -163,15 +177,7 @@ def search_lineage(
     limit = check_limit(limit)
     if not segments:
         return []
-    clauses, params = [], {}
-    for n, (conversation_id, upto) in enumerate(segments):
-        params[f"c{n}"] = conversation_id
-        if upto is None:
-            clauses.append(f"m.conversation_id = :c{n}")
-        else:
-            params[f"u{n}"] = upto
-            clauses.append(f"(m.conversation_id = :c{n} AND m.position <= :u{n})")
-    where = "(" + " OR ".join(clauses) + ")"
+    where, params = lineage_where(segments)
     if before is not None:
         where += " AND m.position < :before"
         params["before"] = before

@@ -40,7 +40,12 @@ from sqlalchemy import Connection, text
 from conversation_memory.errors import ConfigurationError
 from conversation_memory.fusion import fuse
 from conversation_memory.store.database import Database
-from conversation_memory.store.search import MAX_LIMIT, _message_text, search_lineage
+from conversation_memory.store.search import (
+    MAX_LIMIT,
+    _message_text,
+    lineage_where,
+    search_lineage,
+)
 from conversation_memory.store.values import SearchHit, Segment
 
 BATCH = 64
@@ -118,18 +123,6 @@ class Candidate:
     """The cosine similarity when the vector scan found it."""
 
 
-def _lineage(segments: Sequence[Segment]) -> tuple[str, dict[str, Any]]:
-    clauses, params = [], {}
-    for n, (conversation_id, upto) in enumerate(segments):
-        params[f"c{n}"] = conversation_id
-        if upto is None:
-            clauses.append(f"m.conversation_id = :c{n}")
-        else:
-            params[f"u{n}"] = upto
-            clauses.append(f"(m.conversation_id = :c{n} AND m.position <= :u{n})")
-    return "(" + " OR ".join(clauses) + ")", params
-
-
 def pending(
     conn: Connection, segments: Sequence[Segment], model: str, *, after: int = -1, limit: int
 ) -> list[Unembedded]:
@@ -137,7 +130,7 @@ def pending(
     oldest first, at most ``limit``."""
     if not segments:
         return []
-    where, params = _lineage(segments)
+    where, params = lineage_where(segments)
     rows = conn.execute(
         text(
             "SELECT m.conversation_id, m.position, m.content, m.parts, m.tool_calls "
