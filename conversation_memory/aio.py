@@ -394,9 +394,10 @@ class AsyncConversation(BaseConversation):
         super().__init__(row, setup, log)
         self._memory = memory
 
-    async def _run(self, flow: Flow[T]) -> T:
+    async def _run(self, flow: Flow[T], *, stores: bool = True) -> T:
         """Drive ``flow`` to its end on the event loop (see ``steps``): log steps in a
-        worker thread, model and async summarizer calls awaited here."""
+        worker thread, model and async summarizer calls awaited here. ``stores``: the
+        flow may store messages (then they are handed to the embedder)."""
         memory, log, setup = self._memory, self._log, self._setup
         value: Any = None
         failed = False
@@ -404,7 +405,8 @@ class AsyncConversation(BaseConversation):
             try:
                 step = flow.throw(value) if failed else flow.send(value)
             except StopIteration as done:
-                await self._stored()
+                if stores:
+                    await self._stored()
                 return done.value  # type: ignore[no-any-return]
             try:
                 if isinstance(step, UseLog):
@@ -465,11 +467,11 @@ class AsyncConversation(BaseConversation):
 
     async def state(self) -> State:
         """What the strategy sees for the next request."""
-        return (await self._run(read_state(self._setup))).state
+        return (await self._run(read_state(self._setup), stores=False)).state
 
     async def context(self, *, tools: Sequence[Mapping[str, Any]] | None = None) -> Context:
         """The exact messages the next request would send, with a token report."""
-        return (await self._run(turns.context(self._setup, (), tools=tools))).context
+        return (await self._run(turns.context(self._setup, (), tools=tools), stores=False)).context
 
     async def summary_cover(self) -> list[Summary]:
         """The stored summaries that together cover the summarized range, oldest first."""
@@ -534,7 +536,7 @@ class AsyncConversation(BaseConversation):
     ) -> list[dict[str, Any]]:
         """The exact messages to send with your own client (``message`` is not stored yet)."""
         flow = turns.prepare(self._setup, message, tools=tools, max_tokens=max_tokens)
-        self._prepared = await self._run(flow)
+        self._prepared = await self._run(flow, stores=False)
         return self._prepared.context.messages
 
     async def record(self, reply: Any) -> Reply:
@@ -545,7 +547,7 @@ class AsyncConversation(BaseConversation):
 
     async def compact(self) -> compaction.Outcome:
         """Fold old messages into a summary now, if the strategy asks for it."""
-        return await self._run(compaction.compact(self._setup))
+        return await self._run(compaction.compact(self._setup), stores=False)
 
     # -- calibration ---------------------------------------------------------------------
 

@@ -359,8 +359,9 @@ class Conversation(BaseConversation):
         super().__init__(row, setup, log)
         self._memory = memory
 
-    def _run(self, flow: Flow[T]) -> T:
-        """Drive ``flow`` to its end in this thread (see ``steps``)."""
+    def _run(self, flow: Flow[T], *, stores: bool = True) -> T:
+        """Drive ``flow`` to its end in this thread (see ``steps``). ``stores``: the flow
+        may store messages (then they are handed to the embedder)."""
         memory, log, setup = self._memory, self._log, self._setup
         value: Any = None
         failed = False
@@ -368,7 +369,8 @@ class Conversation(BaseConversation):
             try:
                 step = flow.throw(value) if failed else flow.send(value)
             except StopIteration as done:
-                self._stored()
+                if stores:
+                    self._stored()
                 return done.value  # type: ignore[no-any-return]
             try:
                 if isinstance(step, UseLog):
@@ -434,11 +436,11 @@ class Conversation(BaseConversation):
 
     def state(self) -> State:
         """What the strategy sees for the next request."""
-        return self._run(read_state(self._setup)).state
+        return self._run(read_state(self._setup), stores=False).state
 
     def context(self, *, tools: Sequence[Mapping[str, Any]] | None = None) -> Context:
         """The exact messages the next request would send, with a token report."""
-        return self._run(turns.context(self._setup, (), tools=tools)).context
+        return self._run(turns.context(self._setup, (), tools=tools), stores=False).context
 
     def summary_cover(self) -> list[Summary]:
         """The stored summaries that together cover the summarized range, oldest first."""
@@ -517,7 +519,7 @@ class Conversation(BaseConversation):
     ) -> list[dict[str, Any]]:
         """The exact messages to send with your own client (``message`` is not stored yet)."""
         flow = turns.prepare(self._setup, message, tools=tools, max_tokens=max_tokens)
-        self._prepared = self._run(flow)
+        self._prepared = self._run(flow, stores=False)
         return self._prepared.context.messages
 
     def record(self, reply: Any) -> Reply:
@@ -528,7 +530,7 @@ class Conversation(BaseConversation):
 
     def compact(self) -> compaction.Outcome:
         """Fold old messages into a summary now, if the strategy asks for it."""
-        return self._run(compaction.compact(self._setup))
+        return self._run(compaction.compact(self._setup), stores=False)
 
     # -- calibration ---------------------------------------------------------------------
 

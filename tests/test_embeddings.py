@@ -384,6 +384,23 @@ def test_an_in_memory_database_embeds_right_after_the_turn_and_never_fails_it():
         assert [p for _, p, _ in stored_vectors(memory)] == [0, 1, 2, 3, 4]
 
 
+def test_reading_a_conversation_never_embeds():
+    """Only what stores messages hands them to the embedder: context(), state(),
+    prepare() and compact() read, and cost no embeddings request."""
+    with served(":memory:") as (server, memory):
+        chat = memory.conversation()
+        server.fail(Fault.status(500), route="embeddings")
+        chat.append({"role": "user", "content": "numbats eat termites"})  # left unembedded
+        asked = len(server.embedding_requests)
+        chat.context()
+        chat.state()
+        chat.prepare("and ants?")
+        chat.compact()
+        assert len(server.embedding_requests) == asked
+        chat.append({"role": "assistant", "content": "They do."})
+        assert len(server.embedding_requests) == asked + 1
+
+
 def test_async_memory_refuses_a_sync_embeddings_client(tmp_path):
     async def main():
         with ChatServer() as server, server.client() as sync_client:
